@@ -1,0 +1,126 @@
+"""A pool of HBONE connections keyed by (source identity, destination identity, destination address).
+
+Streams share a connection up to its stream limit (100 by default), then a new connection is dialled;
+a connection without streams for `idle_timeout` is closed, and a failed or draining one is dropped.
+Connection setup for one key is serialised, so a burst of new streams fills one connection before the
+next is made (as ztunnel's pool does).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+
+from agent.proxy.hbone import IpAddress
+from agent.proxy.tunnel import HboneClient, Stream, accepted
+from api.spiffe import SpiffeId
+
+log = logging.getLogger(__name__)
+
+IDLE_TIMEOUT = 300.0
+
+
+@dataclass(frozen=True, slots=True)
+class PoolKey:
+    """Which connections may carry a stream: same source and destination identities, same address."""
+
+    src_identity: SpiffeId
+    dst_identity: SpiffeId
+    dst_addr: tuple[str, int]
+
+
+@dataclass(slots=True)
+class _Entry:
+    client: HboneClient
+    idle_since: float | None = None
+
+
+@dataclass(slots=True)
+class _Slot:
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    entries: list[_Entry] = field(default_factory=list)
+
+
+Dialer = Callable[[PoolKey], Awaitable[HboneClient]]
+
+
+class HbonePool:
+    """Shares HBONE connections between streams; `open_stream` is the only call the proxy needs."""
+
+    def __init__(
+        self, dial: Dialer, *, idle_timeout: float = IDLE_TIMEOUT, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self._dial = dial
+        self._idle_timeout = idle_timeout
+        self._clock = clock
+        self._slots: dict[PoolKey, _Slot] = {}
+
+    def connection_count(self, key: PoolKey) -> int:
+        slot = self._slots.get(key)
+        return 0 if slot is None else sum(1 for e in slot.entries if e.client.usable)
+
+    async def open_stream(
+        self,
+        key: PoolKey,
+        target: tuple[str | IpAddress, int],
+        source: tuple[str | IpAddress, int] | None = None,
+        *,
+        traceparent: str | None = None,
+    ) -> Stream:
+        """A CONNECT stream to `target` over a pooled connection; HboneError unless answered 200."""
+        slot = self._slots.setdefault(key, _Slot())
+        async with slot.lock:
+            self._prune(slot)
+            entry = next((e for e in slot.entries if e.client.available_streams > 0), None)
+            if entry is None:
+                client = await self._dial(key)
+                entry = _Entry(client)
+                slot.entries.append(entry)
+                log.info("event=hbone_pool_connect key=%s connections=%d", key, len(slot.entries))
+            # taken synchronously, under the lock: the next waiter sees this slot as used
+            stream = entry.client.start_stream(target, source, traceparent=traceparent)
+            entry.idle_since = None
+        await accepted(stream)
+        return stream
+
+    @staticmethod
+    def _prune(slot: _Slot) -> None:
+        slot.entries = [e for e in slot.entries if e.client.usable]
+
+    async def reap(self) -> int:
+        """Close connections idle for `idle_timeout` and forget dead ones; returns how many were closed."""
+        now = self._clock()
+        closed = 0
+        for key, slot in list(self._slots.items()):
+            keep: list[_Entry] = []
+            for entry in slot.entries:
+                if not entry.client.usable:
+                    continue
+                if entry.client.active_streams:
+                    entry.idle_since = None
+                elif entry.idle_since is None:
+                    entry.idle_since = now
+                elif now - entry.idle_since >= self._idle_timeout:
+                    await entry.client.close()
+                    closed += 1
+                    continue
+                keep.append(entry)
+            slot.entries = keep
+            if not keep and not slot.lock.locked():
+                del self._slots[key]
+        return closed
+
+    async def run_reaper(self, interval: float = 30.0) -> None:
+        """Reap forever (run as a task; cancel to stop)."""
+        while True:
+            await asyncio.sleep(interval)
+            await self.reap()
+
+    async def close(self) -> None:
+        for slot in self._slots.values():
+            for entry in slot.entries:
+                await entry.client.close()
+        self._slots.clear()

@@ -1,0 +1,663 @@
+"""The asyncio layer around the HBONE core: one TLS+HTTP/2 connection carrying many CONNECT streams.
+
+`HboneClient` dials (or adopts a socket made inside the source pod's netns), checks the server's SPIFFE
+ID before sending a byte, and opens CONNECT streams. `HboneServer` takes an accepted socket, presents
+the destination workload's certificate (picked by the local IP), checks the client's SVID, validates
+each CONNECT with `hbone.validate_connect` and hands it to `on_stream`. HTTP/2 flow control is the
+backpressure: received bytes are acknowledged only when the consumer reads them, and `write` waits for
+window and for the transport's buffer to drain.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import os
+import socket
+import ssl
+from collections.abc import Awaitable, Callable, Iterable
+
+import h2.connection
+import h2.errors
+import h2.events
+import h2.exceptions
+
+from agent.proxy import hbone
+from agent.proxy.hbone import ConnectTarget, HboneError, IpAddress, Status
+from agent.proxy.tls import PeerIdentityError, check_server_identity, peer_spiffe_id
+from api.spiffe import SpiffeId
+
+log = logging.getLogger(__name__)
+
+HANDSHAKE_TIMEOUT = 10.0
+
+
+class TunnelError(ConnectionError):
+    """The HBONE connection failed or closed under a stream (handshake, identity, reset, GOAWAY)."""
+
+
+class StreamLimitReached(TunnelError):
+    """The connection already carries its maximum number of concurrent streams."""
+
+
+class Stream:
+    """One CONNECT stream: `read()` / `write()` / `write_eof()` / `close()`, flow controlled both ways."""
+
+    def __init__(self, proto: _H2Protocol, stream_id: int) -> None:
+        self._proto = proto
+        self.stream_id = stream_id
+        self._chunks: collections.deque[bytes] = collections.deque()
+        self._readable = asyncio.Event()
+        self._writable = asyncio.Event()
+        self._writable.set()
+        self._eof = False
+        self._local_closed = False
+        self._error: BaseException | None = None
+        self.status: int | None = None
+        self._response: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+
+    # -- fed by the protocol --
+    def _feed(self, data: bytes) -> None:
+        if data:
+            self._chunks.append(data)
+            self._readable.set()
+
+    def _feed_eof(self) -> None:
+        self._eof = True
+        self._readable.set()
+
+    def _fail(self, exc: BaseException) -> None:
+        if self._error is None:
+            self._error = exc
+        if self._chunks:  # unread bytes still hold connection window: give it back
+            unread = sum(len(c) for c in self._chunks)
+            self._chunks.clear()
+            self._proto._consumed(self.stream_id, unread)
+        self._eof = True
+        self._readable.set()
+        self._writable.set()
+        if not self._response.done():
+            self._response.set_exception(exc)
+            self._response.exception()  # mark retrieved: nobody may be waiting
+
+    # -- user API --
+    async def read(self, n: int = -1) -> bytes:
+        """Up to `n` bytes (a whole received chunk when n < 0); b"" at end of stream."""
+        while not self._chunks:
+            if self._eof:
+                if self._error is not None and not isinstance(self._error, EOFError):
+                    raise TunnelError(str(self._error)) from self._error
+                return b""
+            self._readable.clear()
+            await self._readable.wait()
+        chunk = self._chunks.popleft()
+        if 0 <= n < len(chunk):
+            self._chunks.appendleft(chunk[n:])
+            chunk = chunk[:n]
+        self._proto._consumed(self.stream_id, len(chunk))
+        return chunk
+
+    async def write(self, data: bytes) -> None:
+        """Send `data`, waiting for HTTP/2 window and transport buffer space (backpressure)."""
+        offset, total = 0, len(data)
+        while offset < total:
+            if self._error is not None:
+                raise TunnelError(str(self._error)) from self._error
+            if self._local_closed:
+                raise TunnelError(f"stream {self.stream_id} is closed for writing")
+            try:
+                sent = self._proto._send_data(self.stream_id, data, offset)
+            except (h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError) as exc:
+                self._fail(TunnelError(f"stream {self.stream_id} closed: {exc!r}"))
+                raise TunnelError(f"stream {self.stream_id} is closed") from exc
+            if sent:
+                offset += sent
+                await self._proto._drain()
+            else:
+                self._writable.clear()
+                await self._writable.wait()
+
+    def write_eof(self) -> None:
+        """Half-close: END_STREAM after what was written."""
+        if not self._local_closed and self._error is None:
+            self._local_closed = True
+            self._proto._end_stream(self.stream_id)
+
+    def close(self) -> None:
+        """Tear the stream down (RST_STREAM CANCEL unless both sides already ended)."""
+        if self._error is None:
+            self._proto._reset(self.stream_id)
+        self._fail(EOFError("closed locally"))
+
+    @property
+    def buffered(self) -> int:
+        """Bytes received and not read yet (bounded by the 4 MiB stream window)."""
+        return sum(len(c) for c in self._chunks)
+
+    @property
+    def at_eof(self) -> bool:
+        return self._eof and not self._chunks
+
+
+class ServerStream(Stream):
+    """An inbound CONNECT stream: answer it with `respond(status)` before piping bytes."""
+
+    def respond(self, status: int) -> None:
+        if self.status is not None:
+            return
+        self.status = int(status)
+        self._proto._respond(self.stream_id, self.status, end_stream=self.status != Status.OK)
+        if self.status != Status.OK:
+            self._local_closed = True
+
+
+class _H2Protocol(asyncio.Protocol):
+    """Shared HTTP/2 plumbing of both ends: event dispatch, windows, transport backpressure."""
+
+    def __init__(self, *, client_side: bool, max_streams: int) -> None:
+        self.conn = hbone.new_h2_connection(client_side=client_side, max_streams=max_streams)
+        self.transport: asyncio.Transport | None = None
+        self.streams: dict[int, Stream] = {}
+        self.max_streams = max_streams
+        self.peer: SpiffeId | None = None
+        self.ready: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.closed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._can_write = asyncio.Event()
+        self._can_write.set()
+        self.goaway = False
+        self._pings: dict[bytes, asyncio.Future[None]] = {}
+
+    # -- asyncio.Protocol --
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        ssl_object = transport.get_extra_info("ssl_object")
+        try:
+            self.peer = self._check_peer(ssl_object)
+        except PeerIdentityError as exc:
+            log.warning("event=hbone_peer_rejected reason=%r", exc.reason)
+            self._set_ready_error(exc)
+            transport.abort()
+            return
+        hbone.start(self.conn)
+        self._flush()
+        if not self.ready.done():
+            self.ready.set_result(None)
+
+    def _check_peer(self, ssl_object: ssl.SSLObject) -> SpiffeId:
+        raise NotImplementedError
+
+    def _set_ready_error(self, exc: BaseException) -> None:
+        if not self.ready.done():
+            self.ready.set_exception(exc)
+            self.ready.exception()
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            events = self.conn.receive_data(data)
+        except h2.exceptions.ProtocolError as exc:
+            log.warning("event=hbone_protocol_error error=%r", exc)
+            self._flush()
+            self._shutdown(TunnelError(f"HTTP/2 protocol error: {exc}"))
+            return
+        for event in events:
+            self._dispatch(event)
+        self._flush()
+
+    def _dispatch(self, event: h2.events.Event) -> None:
+        if isinstance(event, h2.events.DataReceived):
+            stream = self.streams.get(event.stream_id)
+            if stream is None:
+                self.conn.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
+                return
+            stream._feed(event.data)
+            padding = event.flow_controlled_length - len(event.data)
+            if padding:
+                self.conn.acknowledge_received_data(padding, event.stream_id)
+        elif isinstance(event, h2.events.WindowUpdated):
+            if event.stream_id == 0:
+                for stream in self.streams.values():
+                    stream._writable.set()
+            elif (stream := self.streams.get(event.stream_id)) is not None:
+                stream._writable.set()
+        elif isinstance(event, h2.events.PingAckReceived):
+            waiter = self._pings.pop(event.ping_data, None)
+            if waiter is not None and not waiter.done():
+                waiter.set_result(None)
+        elif isinstance(event, h2.events.RemoteSettingsChanged):
+            for stream in self.streams.values():
+                stream._writable.set()
+        elif isinstance(event, h2.events.StreamEnded):
+            if (stream := self.streams.get(event.stream_id)) is not None:
+                stream._feed_eof()
+                self._forget_if_done(event.stream_id)
+        elif isinstance(event, h2.events.StreamReset):
+            if (stream := self.streams.pop(event.stream_id, None)) is not None:
+                stream._fail(TunnelError(f"stream {event.stream_id} reset by peer code={event.error_code}"))
+        elif isinstance(event, h2.events.ConnectionTerminated):
+            self.goaway = True
+            # last_stream_id names streams *we* initiated that the peer processed (RFC 9113 §6.8);
+            # only a client initiates streams here.
+            last = event.last_stream_id or 0
+            for sid, stream in list(self.streams.items()):
+                if self.conn.config.client_side and sid > last:
+                    stream._fail(TunnelError(f"connection GOAWAY code={event.error_code}"))
+                    del self.streams[sid]
+            if not self.streams and self.transport is not None:
+                self.transport.close()
+        else:
+            self._dispatch_side(event)
+
+    def _dispatch_side(self, event: h2.events.Event) -> None:
+        pass
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        err = TunnelError(f"connection lost: {exc}" if exc else "connection closed")
+        self._set_ready_error(exc if isinstance(exc, ssl.SSLError) else err)
+        self._shutdown(err)
+
+    def _shutdown(self, err: BaseException) -> None:
+        for stream in self.streams.values():
+            stream._fail(err)
+        self.streams.clear()
+        self.goaway = True
+        if self.transport is not None:
+            self.transport.close()
+        if not self.closed.done():
+            self.closed.set_result(None)
+
+    def pause_writing(self) -> None:
+        self._can_write.clear()
+
+    def resume_writing(self) -> None:
+        self._can_write.set()
+
+    # -- used by Stream --
+    def _flush(self) -> None:
+        data = self.conn.data_to_send()
+        if data and self.transport is not None and not self.transport.is_closing():
+            self.transport.write(data)
+
+    async def _drain(self) -> None:
+        if not self._can_write.is_set():
+            await self._can_write.wait()
+
+    def _consumed(self, stream_id: int, n: int) -> None:
+        if n and self.transport is not None and not self.transport.is_closing():
+            self.conn.acknowledge_received_data(
+                n, stream_id
+            )  # a closed stream: h2 credits the connection only
+            self._flush()
+
+    def _send_data(self, stream_id: int, data: bytes, offset: int) -> int:
+        window = self.conn.local_flow_control_window(stream_id)
+        size = min(window, self.conn.max_outbound_frame_size, len(data) - offset)
+        if size <= 0:
+            return 0
+        # the common case (a read chunk that fits the window) goes out without a copy
+        chunk = data if offset == 0 and size == len(data) else data[offset : offset + size]
+        self.conn.send_data(stream_id, chunk)
+        self._flush()
+        return size
+
+    def _end_stream(self, stream_id: int) -> None:
+        try:
+            self.conn.end_stream(stream_id)
+        except h2.exceptions.StreamClosedError:
+            return
+        self._flush()
+        self._forget_if_done(stream_id)
+
+    def _reset(self, stream_id: int) -> None:
+        self.streams.pop(stream_id, None)
+        try:
+            self.conn.reset_stream(stream_id, h2.errors.ErrorCodes.CANCEL)
+        except (h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError):
+            return
+        self._flush()
+
+    def _respond(self, stream_id: int, status: int, *, end_stream: bool) -> None:
+        try:
+            self.conn.send_headers(stream_id, hbone.response_headers(status), end_stream=end_stream)
+        except (h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError) as exc:
+            log.info("event=hbone_respond_failed stream=%d status=%d error=%r", stream_id, status, exc)
+            self.streams.pop(stream_id, None)
+            return
+        self._flush()
+        if end_stream:
+            self.streams.pop(stream_id, None)
+
+    def _forget_if_done(self, stream_id: int) -> None:
+        stream = self.streams.get(stream_id)
+        if stream is not None and stream._eof and stream._local_closed:
+            del self.streams[stream_id]
+
+    async def ping(self, timeout: float) -> None:
+        """An HTTP/2 PING round trip (RFC 9113 §6.7); TimeoutError when unanswered in `timeout`."""
+        opaque = os.urandom(8)
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._pings[opaque] = waiter
+        try:
+            self.conn.ping(opaque)
+            self._flush()
+            await asyncio.wait_for(asyncio.shield(waiter), timeout)
+        finally:
+            self._pings.pop(opaque, None)
+
+    def close(self) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.conn.close_connection()
+            self._flush()
+            self.transport.close()
+
+
+class _ClientProtocol(_H2Protocol):
+    def __init__(self, expected: SpiffeId | Iterable[SpiffeId], max_streams: int) -> None:
+        super().__init__(client_side=True, max_streams=max_streams)
+        self.expected = expected
+
+    def _check_peer(self, ssl_object: ssl.SSLObject) -> SpiffeId:
+        return check_server_identity(ssl_object, self.expected)
+
+    def _dispatch_side(self, event: h2.events.Event) -> None:
+        if isinstance(event, h2.events.ResponseReceived):
+            stream = self.streams.get(event.stream_id)
+            if stream is None:
+                return
+            try:
+                status = hbone.response_status(event.headers)
+            except ValueError as exc:
+                stream._fail(TunnelError(f"bad response: {exc}"))
+                self._reset(event.stream_id)
+                return
+            stream.status = status
+            if not stream._response.done():
+                stream._response.set_result(status)
+            if status != Status.OK:
+                self._reset(event.stream_id)
+
+
+class HboneClient:
+    """One HBONE connection from a source workload to a destination address (port 15008)."""
+
+    def __init__(self, proto: _ClientProtocol, dst: tuple[str, int]) -> None:
+        self._proto = proto
+        self.dst = dst
+        self.pings_acked = 0
+        self._keepalive: asyncio.Task[None] | None = None
+
+    @classmethod
+    async def connect(
+        cls,
+        dst: tuple[str, int],
+        ssl_context: ssl.SSLContext,
+        expected: SpiffeId | Iterable[SpiffeId],
+        *,
+        sock: socket.socket | None = None,
+        sock_factory: Callable[[], socket.socket] | None = None,
+        max_streams: int = hbone.MAX_STREAMS_PER_CONNECTION,
+        handshake_timeout: float = HANDSHAKE_TIMEOUT,
+    ) -> HboneClient:
+        """Dial `dst` (or adopt `sock`, or one `sock_factory` makes, e.g. in a pod netns) and handshake.
+
+        Raises TunnelError (or PeerIdentityError, ssl.SSLError) before any HTTP/2 byte is sent when the
+        server is not one of `expected`.
+        """
+        loop = asyncio.get_running_loop()
+        expected_ids = expected if isinstance(expected, SpiffeId) else tuple(expected)
+        if sock is None and sock_factory is not None:
+            sock = sock_factory()
+        if sock is not None:
+            sock.setblocking(False)
+            try:
+                sock.getpeername()
+            except OSError:  # not connected yet: connect it (it keeps the namespace it was made in)
+                await loop.sock_connect(sock, dst)
+        try:
+            async with asyncio.timeout(handshake_timeout):
+                if sock is None:
+                    _, proto = await loop.create_connection(
+                        lambda: _ClientProtocol(expected_ids, max_streams),
+                        host=dst[0],
+                        port=dst[1],
+                        ssl=ssl_context,
+                        server_hostname="",  # no SNI: the server picks its certificate by IP
+                        ssl_handshake_timeout=handshake_timeout,
+                    )
+                else:
+                    _, proto = await loop.create_connection(
+                        lambda: _ClientProtocol(expected_ids, max_streams),
+                        sock=sock,
+                        ssl=ssl_context,
+                        server_hostname="",
+                        ssl_handshake_timeout=handshake_timeout,
+                    )
+                await proto.ready
+        except (OSError, TimeoutError) as exc:
+            if isinstance(exc, ssl.SSLError | TunnelError):
+                raise
+            raise TunnelError(f"HBONE connect to {dst[0]}:{dst[1]} failed: {exc!r}") from exc
+        log.debug("event=hbone_connected dst=%s:%s peer=%s", dst[0], dst[1], proto.peer)
+        return cls(proto, dst)
+
+    @property
+    def peer(self) -> SpiffeId | None:
+        return self._proto.peer
+
+    @property
+    def active_streams(self) -> int:
+        return len(self._proto.streams)
+
+    @property
+    def usable(self) -> bool:
+        """Open, not draining (no GOAWAY): may take new streams."""
+        return not self._proto.goaway and not self._proto.closed.done()
+
+    @property
+    def available_streams(self) -> int:
+        limit = min(self._proto.max_streams, self._proto.conn.remote_settings.max_concurrent_streams)
+        return max(0, limit - len(self._proto.streams)) if self.usable else 0
+
+    @property
+    def closed(self) -> asyncio.Future[None]:
+        return self._proto.closed
+
+    def start_stream(
+        self,
+        target: tuple[str | IpAddress, int],
+        source: tuple[str | IpAddress, int] | None = None,
+        *,
+        traceparent: str | None = None,
+    ) -> Stream:
+        """Send a CONNECT now (synchronously: the slot is taken before any await); see `Stream.accepted`."""
+        if not self.usable:
+            raise TunnelError(f"HBONE connection to {self.dst[0]}:{self.dst[1]} is closed or draining")
+        if self.available_streams <= 0:
+            raise StreamLimitReached(f"{self.active_streams} streams open to {self.dst[0]}:{self.dst[1]}")
+        conn = self._proto.conn
+        stream_id = conn.get_next_available_stream_id()
+        stream = Stream(self._proto, stream_id)
+        self._proto.streams[stream_id] = stream
+        conn.send_headers(stream_id, hbone.connect_headers(target, source, traceparent=traceparent))
+        self._proto._flush()
+        return stream
+
+    async def open_stream(
+        self,
+        target: tuple[str | IpAddress, int],
+        source: tuple[str | IpAddress, int] | None = None,
+        *,
+        traceparent: str | None = None,
+    ) -> Stream:
+        """CONNECT to `target` and wait for the answer; HboneError(status) unless it is 200."""
+        stream = self.start_stream(target, source, traceparent=traceparent)
+        await accepted(stream)
+        return stream
+
+    def start_keepalive(self, interval: float, timeout: float) -> None:
+        """PING every `interval` s; a PING unanswered within `timeout` s closes the connection (the pool
+        then drops it)."""
+        if self._keepalive is None:
+            self._keepalive = asyncio.get_running_loop().create_task(self._run_keepalive(interval, timeout))
+
+    async def _run_keepalive(self, interval: float, timeout: float) -> None:
+        while self.usable:
+            await asyncio.sleep(interval)
+            if not self.usable:
+                return
+            try:
+                await self._proto.ping(timeout)
+            except (TimeoutError, h2.exceptions.ProtocolError) as exc:
+                log.warning("event=hbone_keepalive_failed dst=%s:%s error=%r", self.dst[0], self.dst[1], exc)
+                self._proto._shutdown(TunnelError(f"keepalive PING unanswered for {timeout}s"))
+                return
+            self.pings_acked += 1
+
+    async def close(self) -> None:
+        if self._keepalive is not None:
+            self._keepalive.cancel()
+        self._proto.close()
+        await asyncio.shield(self._proto.closed)
+
+
+async def accepted(stream: Stream) -> None:
+    """Wait for the server's answer to a CONNECT; raise HboneError unless it is 200."""
+    status = await stream._response
+    if status != Status.OK:
+        raise HboneError(status, "refused by the HBONE server")
+
+
+IdentityPicker = Callable[[IpAddress], ssl.SSLContext | None]
+StreamHandler = Callable[[SpiffeId, ConnectTarget, ServerStream], Awaitable[int | None]]
+
+
+class _ServerProtocol(_H2Protocol):
+    def __init__(self, server: HboneServer, local_ip: IpAddress) -> None:
+        super().__init__(client_side=False, max_streams=server.max_streams)
+        self.server = server
+        self.local_ip = local_ip
+        self.tasks: set[asyncio.Task[None]] = set()
+
+    def _check_peer(self, ssl_object: ssl.SSLObject) -> SpiffeId:
+        return peer_spiffe_id(ssl_object, self.server.trust_domain)
+
+    def _dispatch_side(self, event: h2.events.Event) -> None:
+        if not isinstance(event, h2.events.RequestReceived):
+            return
+        decision = hbone.validate_connect(event.headers or [], self.local_ip)
+        if isinstance(decision, HboneError):
+            log.info(
+                "event=hbone_connect_rejected peer=%s status=%d reason=%r",
+                self.peer,
+                decision.status,
+                decision.reason,
+            )
+            self.server.rejected += 1
+            self._respond(event.stream_id, decision.status, end_stream=True)
+            return
+        stream = ServerStream(self, event.stream_id)
+        self.streams[event.stream_id] = stream
+        if event.stream_ended:
+            stream._feed_eof()
+        task = asyncio.get_running_loop().create_task(self._handle(stream, decision))
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    async def _handle(self, stream: ServerStream, target: ConnectTarget) -> None:
+        assert self.peer is not None
+        status: int | None = None
+        try:
+            status = await self.server.on_stream(self.peer, target, stream)
+        except TunnelError as exc:  # the peer reset the stream or the connection went away
+            log.info(
+                "event=hbone_stream_aborted peer=%s target=%s error=%r", self.peer, target.authority, exc
+            )
+        except Exception as exc:
+            log.warning(
+                "event=hbone_handler_failed peer=%s target=%s error=%r", self.peer, target.authority, exc
+            )
+            status = Status.SERVICE_UNAVAILABLE
+        finally:
+            if stream.status is None and stream._error is None and not self.closed.done():
+                stream.respond(status if status is not None else Status.SERVICE_UNAVAILABLE)
+            elif stream.status == Status.OK and not self.closed.done():
+                stream.write_eof()
+                self._forget_if_done(stream.stream_id)
+
+
+class HboneServer:
+    """Serves HBONE on accepted sockets: TLS with the destination's certificate, then CONNECT streams.
+
+    `pick_identity(local_ip)` returns the server context of the workload owning `local_ip` (None: refuse).
+    `on_stream(peer, target, stream)` answers with `stream.respond(200|401|503)` then pipes bytes; if it
+    returns without answering, its return value (or 503) is sent.
+    """
+
+    def __init__(
+        self,
+        pick_identity: IdentityPicker,
+        on_stream: StreamHandler,
+        trust_domain: str,
+        *,
+        max_streams: int = hbone.MAX_STREAMS_PER_CONNECTION,
+        handshake_timeout: float = HANDSHAKE_TIMEOUT,
+    ) -> None:
+        self.pick_identity = pick_identity
+        self.on_stream = on_stream
+        self.trust_domain = trust_domain
+        self.max_streams = max_streams
+        self.handshake_timeout = handshake_timeout
+        self.handshake_failures = 0
+        self.rejected = 0
+        self._conns: set[_ServerProtocol] = set()
+
+    async def serve(self, sock: socket.socket) -> None:
+        """Handle one accepted TCP socket until its connection ends. Never raises for a bad peer."""
+        loop = asyncio.get_running_loop()
+        try:
+            local_ip = hbone.canonical_ip(sock.getsockname()[0])
+            peer_addr = sock.getpeername()
+        except OSError as exc:
+            log.info("event=hbone_accept_failed error=%r", exc)
+            sock.close()
+            return
+        context = self.pick_identity(local_ip)
+        if context is None:
+            log.info("event=hbone_no_identity local_ip=%s peer_addr=%s", local_ip, peer_addr)
+            sock.close()
+            return
+        sock.setblocking(False)
+        proto: _ServerProtocol | None = None
+
+        def factory() -> _ServerProtocol:
+            nonlocal proto
+            proto = _ServerProtocol(self, local_ip)
+            return proto
+
+        try:
+            async with asyncio.timeout(self.handshake_timeout):
+                await loop.connect_accepted_socket(
+                    factory, sock, ssl=context, ssl_handshake_timeout=self.handshake_timeout
+                )
+                assert proto is not None
+                await proto.ready
+        except (OSError, TimeoutError, PeerIdentityError) as exc:
+            self.handshake_failures += 1
+            log.info(
+                "event=hbone_handshake_failed local_ip=%s peer_addr=%s error=%r", local_ip, peer_addr, exc
+            )
+            sock.close()
+            return
+        self._conns.add(proto)
+        try:
+            await proto.closed
+            if proto.tasks:
+                await asyncio.gather(*proto.tasks, return_exceptions=True)
+        finally:
+            self._conns.discard(proto)
+
+    async def close(self) -> None:
+        """Send GOAWAY on every connection and close it."""
+        for proto in list(self._conns):
+            proto.close()

@@ -1,0 +1,241 @@
+"""Istio `security.istio.io/v1` (and `v1beta1`) AuthorizationPolicy and PeerAuthentication models.
+
+Field names and enums mirror the upstream CRDs (istio/api `security/v1beta1/authorization.proto`,
+`peer_authentication.proto`); unknown fields are rejected so a typo (`principal:`) is an error, not a
+silently ignored rule. Besides the OpenAPI schema we enforce the CRD's CEL rules and the checks of
+Istio's validation webhook that users hit most (empty `source`/`operation`, provider vs action,
+port-level mTLS without a selector). See docs/policy.md.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic.alias_generators import to_camel
+
+from api.policy.kube import ObjectMeta
+
+ISTIO_API_VERSIONS = ("security.istio.io/v1", "security.istio.io/v1beta1")
+
+_MAX_RULES = 512
+
+
+class PolicyModel(BaseModel):
+    """Base of the policy CRD models: camelCase aliases, immutable, unknown fields rejected."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True, frozen=True, alias_generator=to_camel)
+
+
+class WorkloadSelector(PolicyModel):
+    """`selector`: the workloads (pods) in the policy's namespace whose labels include all of these."""
+
+    match_labels: dict[str, str] = Field(default_factory=dict, max_length=4096)
+
+    @field_validator("match_labels")
+    @classmethod
+    def _check_labels(cls, labels: dict[str, str]) -> dict[str, str]:
+        for key, value in labels.items():
+            if not key:
+                raise ValueError("key must not be empty")
+            if "*" in key:
+                raise ValueError(f"wildcard not allowed in label key match ({key!r})")
+            if "*" in value:
+                raise ValueError(f"wildcard not allowed in label value match ({key}={value!r})")
+            if len(value) > 63:
+                raise ValueError(f"label value for {key!r} is longer than 63 characters")
+        return labels
+
+
+class PolicyTargetReference(PolicyModel):
+    group: str = Field(default="", max_length=253)
+    kind: str = Field(min_length=1, max_length=63)
+    name: str = Field(min_length=1, max_length=253)
+    namespace: str = ""
+
+
+class ExtensionProvider(PolicyModel):
+    name: str = ""
+
+
+def _check_blocks(values: tuple[str, ...] | None) -> tuple[str, ...] | None:
+    for value in values or ():
+        try:
+            ipaddress.ip_network(value, strict=False)
+        except ValueError:
+            raise ValueError(f"{value!r} is not an IP address or CIDR block") from None
+    return values
+
+
+def _check_ports(values: tuple[str, ...] | None) -> tuple[str, ...] | None:
+    for value in values or ():
+        if not value.isdigit() or not 1 <= int(value) <= 65535:
+            raise ValueError(f"port {value!r} must be a number between 1 and 65535")
+    return values
+
+
+class Source(PolicyModel):
+    """`from[].source`: who connects (identities, namespaces, addresses). Fields are AND-ed."""
+
+    principals: tuple[str, ...] | None = None
+    not_principals: tuple[str, ...] | None = None
+    request_principals: tuple[str, ...] | None = None
+    not_request_principals: tuple[str, ...] | None = None
+    namespaces: tuple[str, ...] | None = None
+    not_namespaces: tuple[str, ...] | None = None
+    service_accounts: tuple[str, ...] | None = Field(default=None, max_length=16)
+    not_service_accounts: tuple[str, ...] | None = Field(default=None, max_length=16)
+    trust_domains: tuple[str, ...] | None = None
+    not_trust_domains: tuple[str, ...] | None = None
+    ip_blocks: tuple[str, ...] | None = None
+    not_ip_blocks: tuple[str, ...] | None = None
+    remote_ip_blocks: tuple[str, ...] | None = None
+    not_remote_ip_blocks: tuple[str, ...] | None = None
+
+    _blocks = field_validator("ip_blocks", "not_ip_blocks", "remote_ip_blocks", "not_remote_ip_blocks")(
+        _check_blocks
+    )
+
+    @field_validator("service_accounts", "not_service_accounts")
+    @classmethod
+    def _check_sa_length(cls, values: tuple[str, ...] | None) -> tuple[str, ...] | None:
+        if any(len(v) > 320 for v in values or ()):
+            raise ValueError("service account names are limited to 320 characters")
+        return values
+
+    @model_validator(mode="after")
+    def _check(self) -> Source:
+        # CRD CEL rule on Source.
+        identities = (self.principals, self.not_principals, self.namespaces, self.not_namespaces)
+        has_sa = self.service_accounts is not None or self.not_service_accounts is not None
+        if has_sa and any(v is not None for v in identities):
+            raise ValueError("Cannot set serviceAccounts with namespaces or principals")
+        # Istio webhook: "`from.source` must not be empty" (an empty source would match everyone).
+        if all(getattr(self, name) is None for name in type(self).model_fields):
+            raise ValueError("`from.source` must not be empty")
+        return self
+
+
+class From(PolicyModel):
+    source: Source
+
+
+class Operation(PolicyModel):
+    """`to[].operation`: what is accessed (hosts, ports, and the HTTP-only methods and paths)."""
+
+    hosts: tuple[str, ...] | None = None
+    not_hosts: tuple[str, ...] | None = None
+    ports: tuple[str, ...] | None = None
+    not_ports: tuple[str, ...] | None = None
+    methods: tuple[str, ...] | None = None
+    not_methods: tuple[str, ...] | None = None
+    paths: tuple[str, ...] | None = None
+    not_paths: tuple[str, ...] | None = None
+
+    _ports = field_validator("ports", "not_ports")(_check_ports)
+
+    @model_validator(mode="after")
+    def _check(self) -> Operation:
+        # Istio webhook: "`to.operation` must not be empty".
+        if all(getattr(self, name) is None for name in type(self).model_fields):
+            raise ValueError("`to.operation` must not be empty")
+        return self
+
+
+class To(PolicyModel):
+    operation: Operation
+
+
+class Condition(PolicyModel):
+    """`when[]`: an extra condition on a connection attribute (`source.ip`, `destination.port`...)."""
+
+    key: str = Field(min_length=1)
+    values: tuple[str, ...] | None = None
+    not_values: tuple[str, ...] | None = None
+
+    @model_validator(mode="after")
+    def _check(self) -> Condition:
+        # Istio webhook: a condition with neither list would match nothing and is almost always a typo.
+        if not self.values and not self.not_values:
+            raise ValueError(f"condition {self.key!r}: at least one of values or notValues must be set")
+        return self
+
+
+class Rule(PolicyModel):
+    from_: tuple[From, ...] | None = Field(default=None, alias="from", max_length=_MAX_RULES)
+    to: tuple[To, ...] | None = None
+    when: tuple[Condition, ...] | None = None
+
+
+class AuthorizationPolicySpec(PolicyModel):
+    selector: WorkloadSelector | None = None
+    target_ref: PolicyTargetReference | None = None
+    target_refs: tuple[PolicyTargetReference, ...] | None = Field(default=None, max_length=16)
+    action: Literal["ALLOW", "DENY", "AUDIT", "CUSTOM"] = "ALLOW"
+    provider: ExtensionProvider | None = None
+    rules: tuple[Rule, ...] | None = Field(default=None, max_length=_MAX_RULES)
+
+    @model_validator(mode="after")
+    def _check(self) -> AuthorizationPolicySpec:
+        if sum(x is not None for x in (self.selector, self.target_ref, self.target_refs)) > 1:
+            raise ValueError("only one of targetRefs or selector can be set")
+        if self.target_ref is not None or self.target_refs is not None:
+            # Accepted by Istio for waypoints and gateways; nodemesh has neither, so refuse clearly
+            # instead of silently enforcing nothing.
+            raise ValueError("targetRef/targetRefs is not supported by nodemesh (no waypoints); use selector")
+        if self.action == "CUSTOM" and self.provider is None:
+            raise ValueError("CUSTOM action requires a provider")
+        if self.action != "CUSTOM" and self.provider is not None:
+            raise ValueError(f"{self.action} action cannot have a provider")
+        return self
+
+
+class AuthorizationPolicy(PolicyModel):
+    """An Istio AuthorizationPolicy: ALLOW/DENY/AUDIT/CUSTOM rules for the selected workloads."""
+
+
+    api_version: Literal["security.istio.io/v1", "security.istio.io/v1beta1"]
+    kind: Literal["AuthorizationPolicy"]
+    metadata: ObjectMeta
+    spec: AuthorizationPolicySpec = AuthorizationPolicySpec()
+    status: dict[str, object] | None = None
+
+
+MtlsMode = Literal["UNSET", "DISABLE", "PERMISSIVE", "STRICT"]
+
+
+class PeerAuthenticationMutualTLS(PolicyModel):
+    mode: MtlsMode = "UNSET"
+
+
+class PeerAuthenticationSpec(PolicyModel):
+    selector: WorkloadSelector | None = None
+    mtls: PeerAuthenticationMutualTLS | None = None
+    port_level_mtls: dict[int, PeerAuthenticationMutualTLS] | None = None
+
+    @field_validator("port_level_mtls")
+    @classmethod
+    def _check_ports(
+        cls, ports: dict[int, PeerAuthenticationMutualTLS] | None
+    ) -> dict[int, PeerAuthenticationMutualTLS] | None:
+        for port in ports or {}:
+            if not 0 < port <= 65535:
+                raise ValueError(f"port must be between 1-65535 (got {port})")
+        return ports
+
+    @model_validator(mode="after")
+    def _check(self) -> PeerAuthenticationSpec:
+        if self.port_level_mtls is not None and not (self.selector and self.selector.match_labels):
+            raise ValueError("portLevelMtls requires selector")
+        return self
+
+
+class PeerAuthentication(PolicyModel):
+    """An Istio PeerAuthentication: whether the selected workloads accept plaintext (mTLS mode)."""
+
+    api_version: Literal["security.istio.io/v1", "security.istio.io/v1beta1"]
+    kind: Literal["PeerAuthentication"]
+    metadata: ObjectMeta
+    spec: PeerAuthenticationSpec = PeerAuthenticationSpec()
+    status: dict[str, object] | None = None

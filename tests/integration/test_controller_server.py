@@ -1,0 +1,212 @@
+"""The controller's gRPC server over loopback TLS: config streams, signing, auth and restart."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import grpc
+import pytest
+from controller_fixtures import MemoryModel, assert_eventually, pod, policy
+
+from agent.config_client import ConfigClient, ConfigUpdate
+from api.csr import new_workload_csr
+from api.spiffe import SpiffeId
+from api.v1 import nodemesh_pb2 as pb
+from api.v1 import nodemesh_pb2_grpc as pb_grpc
+from controller.ca import CertificateAuthority
+from controller.server.app import ControllerServer
+
+
+@pytest.fixture
+def model() -> MemoryModel:
+    return MemoryModel(
+        workloads=[
+            pod("a", "shop", "web", "node1", "10.1.0.2"),
+            pod("b", "bank", "api", "node2", "10.2.0.2"),
+        ],
+        policies=[policy("shop", "allow-web"), policy("bank", "deny-all", "DENY")],
+        tokens={"tok1": "node1", "tok2": "node2"},
+    )
+
+
+@pytest.fixture
+async def server(model: MemoryModel, tmp_path: Path) -> AsyncIterator[tuple[ControllerServer, str, bytes]]:
+    ca = CertificateAuthority.load_or_create(tmp_path / "state", "cluster.local")
+    srv = ControllerServer(model, ca, admin_token="admintok")
+    addrs = await srv.start("127.0.0.1:0")
+    yield srv, f"127.0.0.1:{addrs.grpc_port}", ca.trust_bundle_pem()
+    await srv.stop(0)
+
+
+class Recorder:
+    """An on_update handler that keeps the node's resources and can be told to reject."""
+
+    def __init__(self) -> None:
+        self.held: dict[str, object] = {}
+        self.updates: list[ConfigUpdate] = []
+        self.reject: str | None = None
+
+    def __call__(self, update: ConfigUpdate) -> str | None:
+        self.updates.append(update)
+        if self.reject:
+            return self.reject
+        if update.snapshot:
+            self.held.clear()
+        self.held.update({k: r for k, _, r in update.upserts})
+        for k in update.removals:
+            self.held.pop(k, None)
+        return None
+
+
+async def start_client(
+    address: str, token: str, bundle: bytes, rec: Recorder, known: dict[str, str] | None = None
+) -> tuple[ConfigClient, asyncio.Task[None]]:
+    client = ConfigClient(address, token, bundle, rec, known_versions=known)
+    task = asyncio.create_task(client.run())
+    await assert_eventually(lambda: bool(rec.updates), what=f"first push to {token}")
+    return client, task
+
+
+async def stop_client(client: ConfigClient, task: asyncio.Task[None]) -> None:
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    await client.close()
+
+
+async def test_each_node_gets_only_its_view_and_changes_are_pushed(
+    server: tuple[ControllerServer, str, bytes], model: MemoryModel
+) -> None:
+    srv, address, bundle = server
+    r1, r2 = Recorder(), Recorder()
+    c1, t1 = await start_client(address, "tok1", bundle, r1)
+    c2, t2 = await start_client(address, "tok2", bundle, r2)
+    try:
+        assert set(r1.held) == {"Workload/shop/a", "AuthorizationPolicy/shop/allow-web"}
+        assert set(r2.held) == {"Workload/bank/b", "AuthorizationPolicy/bank/deny-all"}
+        assert r1.updates[0].snapshot and r1.updates[0].trust_domain == "cluster.local"
+        model.policies = [policy("shop", "allow-web", "DENY"), policy("bank", "deny-all", "DENY")]
+        srv.notify_changed()
+        await assert_eventually(lambda: len(r1.updates) == 2, what="node1 push after change")
+        assert [k for k, _, _ in r1.updates[1].upserts] == ["AuthorizationPolicy/shop/allow-web"]
+        await assert_eventually(
+            lambda: srv.metrics.pushes.labels(node="node1", result="ack")._value.get() == 2, what="ack"
+        )
+        assert len(r2.updates) == 1  # node2's view did not change: nothing sent
+    finally:
+        await stop_client(c1, t1)
+        await stop_client(c2, t2)
+
+
+async def test_nack_keeps_state_and_is_counted(
+    server: tuple[ControllerServer, str, bytes], model: MemoryModel
+) -> None:
+    srv, address, bundle = server
+    rec = Recorder()
+    client, task = await start_client(address, "tok1", bundle, rec)
+    try:
+        before = dict(client.known_versions)
+        rec.reject = "cannot compile policy"
+        model.policies = [policy("shop", "allow-web", "DENY")]
+        srv.notify_changed()
+        nacks = srv.metrics.pushes.labels(node="node1", result="nack")
+        await assert_eventually(lambda: nacks._value.get() == 1, what="nack recorded")
+        assert client.known_versions == before
+        srv.notify_changed()  # same target again: not resent
+        await asyncio.sleep(0)
+        await assert_eventually(lambda: client.updates_rejected == 1)
+        rec.reject = None
+        model.policies = [policy("shop", "allow-web", "AUDIT")]
+        srv.notify_changed()
+        await assert_eventually(lambda: client.updates_applied == 2, what="next push applied")
+        assert len(rec.updates) == 3
+    finally:
+        await stop_client(client, task)
+
+
+async def test_reconnect_with_known_versions_gets_only_the_difference(
+    server: tuple[ControllerServer, str, bytes], model: MemoryModel
+) -> None:
+    _, address, bundle = server
+    rec = Recorder()
+    client, task = await start_client(address, "tok1", bundle, rec)
+    known = dict(client.known_versions)
+    await stop_client(client, task)
+    model.workloads.append(pod("c", "shop", "web", "node1", "10.1.0.3"))
+    rec2 = Recorder()
+    client2, task2 = await start_client(address, "tok1", bundle, rec2, known)
+    try:
+        first = rec2.updates[0]
+        assert not first.snapshot
+        assert [k for k, _, _ in first.upserts] == ["Workload/shop/c"]
+        assert first.removals == ()
+    finally:
+        await stop_client(client2, task2)
+
+
+async def test_sign_only_identities_on_the_callers_node(server: tuple[ControllerServer, str, bytes]) -> None:
+    srv, address, bundle = server
+    client = ConfigClient(address, "tok1", bundle, Recorder())
+    try:
+        _, csr = new_workload_csr(SpiffeId.for_workload("cluster.local", "shop", "web"))
+        chain = await client.sign(csr)
+        assert chain and chain[0].startswith(b"-----BEGIN CERTIFICATE-----")
+        _, other = new_workload_csr(SpiffeId.for_workload("cluster.local", "bank", "api"))
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await client.sign(other)
+        assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED
+        assert srv.metrics.certificates_refused.labels(reason="not_on_node")._value.get() == 1
+        assert srv.metrics.certificates_issued._value.get() == 1
+    finally:
+        await client.close()
+
+
+async def test_bad_tokens_are_unauthenticated(server: tuple[ControllerServer, str, bytes]) -> None:
+    _, address, bundle = server
+    client = ConfigClient(address, "nope", bundle, Recorder())
+    try:
+        _, csr = new_workload_csr(SpiffeId.for_workload("cluster.local", "shop", "web"))
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await client.sign(csr)
+        assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    finally:
+        await client.close()
+    async with grpc.aio.secure_channel(address, grpc.ssl_channel_credentials(bundle)) as channel:
+        admin = pb_grpc.AdminStub(channel)
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await admin.List(pb.ListRequest(), metadata=(("authorization", "Bearer tok1"),))
+        assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        listed = await admin.List(
+            pb.ListRequest(kind="Workload"), metadata=(("authorization", "Bearer admintok"),)
+        )
+        assert sorted(r.key for r in listed.resources) == ["Workload/bank/b", "Workload/shop/a"]
+
+
+async def test_restart_on_same_state_dir_keeps_the_root(model: MemoryModel, tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    first = CertificateAuthority.load_or_create(state, "cluster.local")
+    srv = ControllerServer(model, first)
+    await srv.start("127.0.0.1:0")
+    await srv.stop(0)
+    second = CertificateAuthority.load_or_create(state, "cluster.local")
+    assert second.trust_bundle_pem() == first.trust_bundle_pem()
+
+
+async def test_bad_first_message_is_refused_and_server_keeps_serving(
+    server: tuple[ControllerServer, str, bytes],
+) -> None:
+    _, address, bundle = server
+    meta = (("authorization", "Bearer tok1"),)
+    async with grpc.aio.secure_channel(address, grpc.ssl_channel_credentials(bundle)) as channel:
+        stub = pb_grpc.ConfigStub(channel)
+        call = stub.Stream(iter([pb.ConfigRequest(ack=pb.Ack(nonce="x"))]), metadata=meta)
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            async for _ in call:
+                pass
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        good = stub.Stream(iter([pb.ConfigRequest(initial=pb.InitialRequest())]), metadata=meta)
+        first = await anext(aiter(good))
+        assert first.snapshot and len(first.upserts) == 2
+        good.cancel()
