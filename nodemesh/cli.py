@@ -17,3 +17,7 @@ register(app)
 
 def main() -> None:
     app()
+
+
+if __name__ == "__main__":
+    main()

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated
@@ -63,6 +65,31 @@ def resolve_connection(
         raise typer.BadParameter(f"cannot read {exc.filename}: {exc.strerror}") from exc
 
 
+def enter_lab_netns(controller: str | None, lab_state: Path = LAB_STATE) -> None:
+    """In the lab the controller listens inside the underlay netns: re-run this command there.
+
+    Only when the address comes from the lab state (no --controller flag) and this process is not
+    in that netns yet. gRPC opens its sockets from its own threads, so the whole process must move;
+    `nsenter --net` keeps the mount namespace, so files and paths stay the same.
+    """
+    if controller is not None or not lab_state.is_file():
+        return
+    try:
+        netns = json.loads(lab_state.read_text()).get("controller_netns")
+    except (OSError, json.JSONDecodeError):
+        return
+    if not netns:
+        return
+    try:
+        if os.stat("/proc/self/ns/net").st_ino == os.stat(netns).st_ino:
+            return
+    except OSError as exc:
+        raise typer.BadParameter(f"lab controller netns {netns}: {exc.strerror}; is the lab up?") from exc
+    os.execvp(
+        "nsenter", ["nsenter", f"--net={netns}", "--", sys.executable, "-m", "nodemesh.cli", *sys.argv[1:]]
+    )
+
+
 async def _call_apply(conn: Connection, filename: str, text: str) -> list[str]:
     async with grpc.aio.secure_channel(conn.address, grpc.ssl_channel_credentials(conn.ca_pem)) as channel:
         response = await pb_grpc.AdminStub(channel).Apply(
@@ -93,6 +120,7 @@ def apply_command(
     token_file: TokenOpt = None,
 ) -> None:
     """Send FILE to the controller; it is stored under the same file name in the config directory."""
+    enter_lab_netns(controller)
     conn = resolve_connection(controller, ca, token_file)
     try:
         text = file.read_text()
@@ -122,6 +150,7 @@ def get_command(
         raise typer.BadParameter(f"unknown kind {kind!r}; one of {', '.join(KINDS)}", param_hint="KIND")
     if output not in ("table", "json"):
         raise typer.BadParameter("want table or json", param_hint="-o")
+    enter_lab_netns(controller)
     conn = resolve_connection(controller, ca, token_file)
     try:
         items = asyncio.run(_call_list(conn, kind))

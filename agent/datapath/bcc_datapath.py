@@ -31,7 +31,7 @@ BPF_SRC_DIR: Final = Path(__file__).resolve().parents[2] / "bpf"
 # Concatenated into one bcc text: bcc only turns functions of the main text into programs.
 BPF_SOURCES: Final = ("counters.c", "sock_addr.c", "sockops.c", "sk_lookup.c")
 SO_NETNS_COOKIE: Final = 71
-_NAME_RE: Final = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
+_NAME_RE: Final = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,62}$")  # bpffs refuses "." in names (EPERM)
 
 # program name -> (bcc prog type, expected attach type, cgroup attach type or None for netns)
 _PROGS: Final[dict[str, tuple[int, int, int | None]]] = {
@@ -47,7 +47,7 @@ _BPFTOOL_MAP_TYPES: Final = {abi.MAP_HASH: "hash", abi.MAP_ARRAY: "array", abi.M
 def check_name(kind: str, value: str) -> str:
     """Node names and pod uids become bpffs path components: refuse anything else."""
     if not _NAME_RE.match(value):
-        raise DatapathError(f"{kind} {value!r}", "must match [A-Za-z0-9][A-Za-z0-9._-]{0,62}")
+        raise DatapathError(f"{kind} {value!r}", "must match [A-Za-z0-9][A-Za-z0-9_-]{0,62} (no dots: bpffs)")
     return value
 
 

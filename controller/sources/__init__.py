@@ -1,0 +1,1 @@
+"""Config sources of the controller: where objects come from (YAML directory, later the API)."""

@@ -22,3 +22,94 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
         reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
         report.outcome = "failed"
         report.longrepr = f"NODEMESH_REQUIRE_E2E=1 and this e2e test skipped: {reason}"
+
+
+# ---- the lab fixture --------------------------------------------------------------------------
+# One lab per test module (module scope keeps modules independent); always torn down, and the
+# teardown checks that nothing of the lab is left on the host.
+
+import json  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import Any  # noqa: E402
+
+from nodemesh.lab.lab import BPFFS_NODEMESH, CGROUP_NAME, DEFAULT_STATE_DIR, PREFIX, Lab  # noqa: E402
+from nodemesh.lab.system import cgroup2_root, list_netns  # noqa: E402
+from nodemesh.lab.topology import load_topology  # noqa: E402
+
+
+class LabHandle:
+    """What an e2e test gets: the running lab and helpers to talk to its pods."""
+
+    def __init__(self, lab: Lab) -> None:
+        self.lab = lab
+        self.state_dir = lab.state_dir
+        self.plan = lab.plan()
+
+    def status(self) -> dict[str, Any]:
+        return self.lab.status()
+
+    def exec(self, pod: str, *argv: str, timeout: float = 20.0) -> subprocess.CompletedProcess[bytes]:
+        return self.lab.exec(pod, list(argv), timeout=timeout)
+
+    def curl_json(self, pod: str, url: str, *extra: str) -> dict[str, Any]:
+        proc = self.exec(pod, "curl", "-sS", "--max-time", "5", *extra, url)
+        assert proc.returncode == 0, f"curl from {pod} to {url}: rc={proc.returncode} {proc.stderr!r}"
+        body: dict[str, Any] = json.loads(proc.stdout)
+        return body
+
+    def log(self, name: str) -> str:
+        path = self.state_dir / "logs" / f"{name}.log"
+        return path.read_text(errors="replace") if path.exists() else ""
+
+
+def lab_leftovers() -> list[str]:
+    """Everything of a lab still on the host (netns, cgroups, pins, processes): empty when clean."""
+    left = [f"netns {ns}" for ns in list_netns() if ns.startswith(PREFIX)]
+    cg = cgroup2_root() / CGROUP_NAME
+    if cg.exists():
+        left.append(f"cgroup {cg}")
+    # pins of the lab's nodes (other e2e harnesses pin under their own unique `nmdp-` names)
+    left += [f"bpffs {pin}" for pin in sorted(BPFFS_NODEMESH.glob("*")) if not pin.name.startswith("nmdp-")]
+    ps = subprocess.run(["ps", "-eo", "pid,args"], capture_output=True, text=True).stdout
+    # the lab's processes name its state dir in their arguments (controller, agents) or are echo servers
+    left += [
+        f"process {ln.strip()}"
+        for ln in ps.splitlines()
+        if ("nodemesh.cli" in ln and str(DEFAULT_STATE_DIR) in ln) or "nodemesh.lab.echo" in ln
+    ]
+    if DEFAULT_STATE_DIR.exists():
+        left.append(f"state {DEFAULT_STATE_DIR}")
+    return left
+
+
+@pytest.fixture(scope="module")
+def lab() -> Generator[LabHandle, None, None]:
+    if os.geteuid() != 0:
+        pytest.skip("the lab needs root (netns, cgroups, eBPF)")
+    the_lab = Lab(DEFAULT_STATE_DIR)
+    try:
+        the_lab.up(load_topology())
+        yield LabHandle(the_lab)
+    finally:
+        logs = the_lab.state_dir / "logs"
+        if logs.is_dir() and os.environ.get("NODEMESH_KEEP_LAB_LOGS"):
+            import shutil
+
+            shutil.copytree(
+                logs,
+                Path(os.environ["NODEMESH_KEEP_LAB_LOGS"]) / f"lab-{time.time():.0f}",
+                dirs_exist_ok=True,
+            )
+        the_lab.down(quiet=True)
+        left = lab_leftovers()
+        assert left == [], f"lab down left these behind: {left}"
+
+
+def nodemesh_cli(*args: str, timeout: float = 60.0) -> subprocess.CompletedProcess[str]:
+    """Run the real `nodemesh` CLI (the installed entry point's module) as a subprocess."""
+    return subprocess.run(
+        [sys.executable, "-m", "nodemesh.cli", *args], capture_output=True, text=True, timeout=timeout
+    )

@@ -43,7 +43,7 @@ def test_mismatching_pinned_map_is_refused(monkeypatch: pytest.MonkeyPatch, fiel
     assert "orig_dst_by_tuple" in err.value.what
 
 
-@pytest.mark.parametrize("bad", ["", "../x", "a/b", ".hidden", "x" * 64, "sp ace"])
+@pytest.mark.parametrize("bad", ["", "../x", "a/b", ".hidden", "x" * 64, "sp ace", "default.client"])
 def test_path_components_are_validated(bad: str) -> None:
     with pytest.raises(DatapathError, match="must match"):
         check_name("node", bad)

@@ -1,0 +1,69 @@
+"""The `agent` Typer app (`nodemesh agent run ...`) and the top-level `nodemesh uninstall`."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from agent.datapath.errors import DatapathError
+from agent.enrolled_store import DEFAULT_STATE_ROOT
+from agent.main import RESYNC_INTERVAL, AgentOptions, configure_logging, run, uninstall
+
+app = typer.Typer(help="The nodemesh node agent (eBPF datapath, pod enrollment, relay).",
+                  no_args_is_help=True)
+
+_LEVELS = ("debug", "info", "warning", "error")
+
+
+def _level(value: str) -> int:
+    if value.lower() not in _LEVELS:
+        raise typer.BadParameter(f"expected one of {', '.join(_LEVELS)}", param_hint="--log-level")
+    return int(getattr(logging, value.upper()))
+
+
+@app.command("run")
+def run_command(
+    node: Annotated[str, typer.Option("--node", help="This node's name (pins: /sys/fs/bpf/nodemesh/NODE)")],
+    controller: Annotated[str, typer.Option("--controller", help="Controller gRPC HOST:PORT")],
+    token: Annotated[Path, typer.Option("--token", help="File holding this node's bearer token")],
+    ca: Annotated[Path, typer.Option("--ca", help="Trust bundle (PEM) for the controller's certificate")],
+    pod_cgroup: Annotated[Path, typer.Option("--pod-cgroup", help="cgroup v2 directory holding the pods")],
+    log_level: Annotated[str, typer.Option("--log-level", help="debug|info|warning|error")] = "info",
+    state_dir: Annotated[Path, typer.Option("--state-dir", help="Runtime state root (enrolled pods)")]
+    = DEFAULT_STATE_ROOT,
+    server_name: Annotated[
+        str | None, typer.Option("--server-name", help="Name to check in the controller's certificate")
+    ] = None,
+    resync_interval: Annotated[float, typer.Option("--resync-interval", help="Seconds between resyncs")]
+    = RESYNC_INTERVAL,
+) -> None:
+    """Load the datapath, follow the controller, enroll this node's pods; stop on SIGTERM/SIGINT."""
+    configure_logging(_level(log_level))
+    if not pod_cgroup.is_dir():
+        raise typer.BadParameter(f"{pod_cgroup} is not a directory", param_hint="--pod-cgroup")
+    options = AgentOptions(node, controller, token, ca, pod_cgroup, state_dir, server_name, resync_interval)
+    try:
+        code = asyncio.run(run(options))
+    except (OSError, ValueError, DatapathError) as exc:
+        logging.getLogger("nodemesh.agent").error("event=agent_failed error=%r", str(exc))
+        raise typer.Exit(2) from exc
+    raise typer.Exit(code)
+
+
+def uninstall_command(
+    node: Annotated[str, typer.Option("--node", help="Node whose datapath to remove")],
+    state_dir: Annotated[Path, typer.Option("--state-dir", help="Runtime state root of the agent")]
+    = DEFAULT_STATE_ROOT,
+) -> None:
+    """Remove every eBPF program, link, cgroup attachment and pin of NODE (stop its agent first)."""
+    configure_logging()
+    try:
+        uninstall(node, state_dir)
+    except (OSError, DatapathError) as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from exc
+    typer.echo(f"uninstalled node {node}")

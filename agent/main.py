@@ -1,0 +1,248 @@
+"""`agent run`: load the datapath, follow the controller's config stream, enroll this node's pods.
+
+``NodeAgent`` is the thin asyncio layer around :mod:`agent.node`: each push updates the node's
+config view and wakes one reconcile task, which executes the plan (datapath calls on a worker
+thread, relay listeners on the loop). Exit (SIGTERM/SIGINT) closes listeners and keeps pins, so a
+restarted agent re-uses programs, maps and links; ``uninstall`` removes them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import sys
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from agent.config_client import ConfigClient, ConfigUpdate
+from agent.datapath.bcc_datapath import BPFFS_ROOT, BccDatapath
+from agent.datapath.errors import DatapathError
+from agent.datapath.interface import Datapath, PodRef
+from agent.enrolled_store import DEFAULT_STATE_ROOT, EnrolledStore
+from agent.node import Addr, NodeConfig, Plan, Reconciler, Skipped, desired_pods, vip_map
+from agent.relay import Relay
+
+log = logging.getLogger("nodemesh.agent")
+
+RESYNC_INTERVAL = 5.0  # seconds between reconciles without a push (retries, vanished netns)
+LOG_FORMAT = "ts=%(asctime)s level=%(levelname)s logger=%(name)s msg=%(message)s"
+
+
+def configure_logging(level: int | str = logging.INFO) -> None:
+    logging.basicConfig(stream=sys.stderr, level=level, format=LOG_FORMAT, force=True)
+
+
+def set_relay_vips(relay: Relay, vips: Mapping[Addr, Addr]) -> None:
+    """Replace the placeholder relay's VIP table in place (it has no setter; the proxy replaces it)."""
+    relay._vips.clear()
+    relay._vips.update(vips)
+
+
+class NodeAgent:
+    """Keeps the datapath's enrolled pods and the relay equal to the node's config view."""
+
+    def __init__(self, node: str, datapath: Datapath, relay: Relay, store: EnrolledStore | None = None,
+                 *, resync_interval: float = RESYNC_INTERVAL) -> None:
+        self.node = node
+        self.config = NodeConfig()
+        self.reconciler = Reconciler()
+        self.stats = {"reconciles": 0, "enrolled": 0, "unenrolled": 0, "enroll_errors": 0,
+                      "unenroll_errors": 0, "reconcile_errors": 0}
+        self._dp = datapath
+        self._relay = relay
+        self._store = store
+        self._resync = resync_interval
+        self._wake = asyncio.Event()
+        self._skipped: list[Skipped] = []
+        self._vips: dict[Addr, Addr] = {}
+
+    def restore(self, leftover: Mapping[str, PodRef]) -> None:
+        """Pods a previous agent process enrolled: reconciled against the first snapshot."""
+        self.reconciler.leftover = dict(leftover)
+        if leftover:
+            log.info("event=restart_leftover pods=%s", ",".join(sorted(leftover)))
+
+    def on_update(self, update: ConfigUpdate) -> str | None:
+        """ConfigClient handler: record the push and wake the reconciler (ACK; enroll errors are
+        node-local, not config errors, so they are logged and retried instead of NACKed)."""
+        self.config.apply(update.upserts, update.removals, update.snapshot, update.trust_domain)
+        vips = vip_map(self.config.services())
+        if vips != self._vips:
+            self._vips = vips
+            set_relay_vips(self._relay, vips)
+            log.info("event=vips_updated count=%d", len(vips))
+        self._wake.set()
+        return None
+
+    async def run(self) -> None:
+        """Reconcile on every push, and every ``resync_interval`` seconds (retries, vanished netns)."""
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), self._resync)
+            self._wake.clear()
+            try:
+                await self.reconcile()
+            except Exception as exc:  # never let one bad pass stop the agent
+                self.stats["reconcile_errors"] += 1
+                log.exception("event=reconcile_error error=%r", exc)
+
+    async def reconcile(self) -> Plan:
+        """One level-triggered pass; before the first snapshot it does nothing."""
+        if not self.config.synced:
+            return Plan()
+        desired, skipped = desired_pods(self.config.workloads(), self.node)
+        if skipped != self._skipped:
+            self._skipped = skipped
+            for s in skipped:
+                log.error("event=pod_skipped workload=%s reason=%r", s.workload_uid, s.reason)
+        vanished = [k for k, ref in self.reconciler.enrolled.items() if not os.path.exists(ref.netns_path)]
+        for key in vanished:
+            log.error("event=pod_netns_vanished pod=%s netns=%s action=release_and_retry",
+                      key, self.reconciler.enrolled[key].netns_path)
+        plan = self.reconciler.plan(desired, vanished)
+        self.stats["reconciles"] += 1
+        if not plan:
+            return plan
+        # Write ahead: a crash mid-plan must leave every pod that may hold pins on record.
+        self._save({**self.reconciler.known(), **{r.uid: r for r in plan.enroll}})
+        for ref in plan.unenroll:
+            await self._unenroll(ref)
+        for ref in plan.enroll:
+            await self._enroll(ref)
+        self._save(self.reconciler.known())
+        log.info("event=reconciled enrolled=%d unenroll=%d enroll=%d failed=%d",
+                 len(self.reconciler.enrolled), len(plan.unenroll), len(plan.enroll),
+                 len(self.reconciler.failures))
+        return plan
+
+    async def _enroll(self, ref: PodRef) -> None:
+        try:
+            ep = await asyncio.to_thread(self._dp.enroll, ref)
+            await self._relay.serve(ep)
+        except Exception as exc:
+            self.stats["enroll_errors"] += 1
+            self.reconciler.enroll_failed(ref, str(exc))
+            log.error("event=pod_enroll_failed pod=%s netns=%s ip=%s error=%r action=retry_later",
+                      ref.uid, ref.netns_path, ref.ip, str(exc))
+            return
+        self.stats["enrolled"] += 1
+        self.reconciler.enroll_succeeded(ref)
+        log.debug("event=pod_serving pod=%s netns=%s ip=%s netns_cookie=%d",
+                 ref.uid, ref.netns_path, ref.ip, ep.netns_cookie)
+
+    async def _unenroll(self, ref: PodRef) -> None:
+        try:
+            await self._relay.stop(ref.uid)
+            await asyncio.to_thread(self._dp.unenroll, ref)
+        except Exception as exc:
+            self.stats["unenroll_errors"] += 1
+            self.reconciler.unenroll_failed(ref, str(exc))
+            log.error("event=pod_unenroll_failed pod=%s netns=%s error=%r action=retry_later",
+                      ref.uid, ref.netns_path, str(exc))
+            return
+        self.stats["unenrolled"] += 1
+        self.reconciler.unenroll_succeeded(ref)
+        log.debug("event=pod_released pod=%s netns=%s", ref.uid, ref.netns_path)
+
+    def _save(self, pods: Mapping[str, PodRef]) -> None:
+        if self._store is None:
+            return
+        try:
+            self._store.save(pods)
+        except OSError as exc:
+            log.error("event=state_write_failed path=%s error=%r", self._store.path, exc)
+
+    async def close(self) -> None:
+        """Stop accepting and cancel open relays; enrolled pods and pins stay for the next start."""
+        await self._relay.stop()
+
+
+def pinned_pod_keys(node: str, bpffs_root: Path = BPFFS_ROOT) -> set[str]:
+    """Pods with a pinned sk_lookup link (``links/sk_lookup-<key>``): enrolled by some earlier run."""
+    links = bpffs_root / node / "links"
+    try:
+        return {p.name.removeprefix("sk_lookup-") for p in links.iterdir() if p.name.startswith("sk_lookup-")}
+    except OSError:
+        return set()
+
+
+def leftover_pods(node: str, store: EnrolledStore, bpffs_root: Path = BPFFS_ROOT) -> dict[str, PodRef]:
+    """What a previous run left enrolled: the state file, plus pinned links it does not know
+    (netns and IP unknown: unenroll then unpins the link, the rest is inert until uninstall)."""
+    pods = store.load()
+    for key in pinned_pod_keys(node, bpffs_root) - set(pods):
+        pods[key] = PodRef(uid=key, netns_path="", ip="")
+    return pods
+
+
+@dataclass(frozen=True, slots=True)
+class AgentOptions:
+    node: str
+    controller: str
+    token_file: Path
+    ca_file: Path
+    pod_cgroup: Path
+    state_root: Path = DEFAULT_STATE_ROOT
+    server_name: str | None = None
+    resync_interval: float = RESYNC_INTERVAL
+
+
+def read_token(path: Path) -> str:
+    token = path.read_text().strip()
+    if not token:
+        raise ValueError(f"token file {path} is empty")
+    return token
+
+
+async def run(options: AgentOptions, stop: asyncio.Event | None = None) -> int:
+    """Run until ``stop`` is set (or SIGTERM/SIGINT); returns the exit code."""
+    token = read_token(options.token_file)
+    ca_pem = options.ca_file.read_bytes()
+    stop = stop or asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        with contextlib.suppress(NotImplementedError, RuntimeError):  # not the main thread (tests)
+            loop.add_signal_handler(sig, stop.set)
+    dp = BccDatapath()
+    try:
+        await asyncio.to_thread(dp.load, options.node, options.pod_cgroup)
+    except DatapathError as exc:
+        log.error("event=datapath_load_failed node=%s error=%r", options.node, str(exc))
+        return 2
+    store = EnrolledStore(options.state_root / options.node)
+    relay = Relay(dp)
+    agent = NodeAgent(options.node, dp, relay, store, resync_interval=options.resync_interval)
+    agent.restore(leftover_pods(options.node, store))
+    client = ConfigClient(options.controller, token, ca_pem, agent.on_update, server_name=options.server_name)
+    log.info("event=agent_started node=%s controller=%s pod_cgroup=%s pid=%d",
+             options.node, options.controller, options.pod_cgroup, os.getpid())
+    tasks = {asyncio.create_task(client.run(), name="config"),
+             asyncio.create_task(agent.run(), name="reconcile")}
+    stop_wait = asyncio.create_task(stop.wait())
+    code = 0
+    try:
+        done, _ = await asyncio.wait({*tasks, stop_wait}, return_when=asyncio.FIRST_COMPLETED)
+        for t in done & tasks:
+            log.error("event=task_failed task=%s error=%r", t.get_name(), t.exception())
+            code = 1
+    finally:
+        stop_wait.cancel()
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await agent.close()
+        await client.close()
+        dp.close()
+    log.info("event=agent_stopped node=%s enrolled=%d pins=kept",
+             options.node, len(agent.reconciler.enrolled))
+    return code
+
+
+def uninstall(node: str, state_root: Path = DEFAULT_STATE_ROOT, bpffs_root: Path = BPFFS_ROOT) -> None:
+    """Remove every pin of ``node`` (links first, which detaches programs) and the agent's record."""
+    BccDatapath(bpffs_root).uninstall(node)
+    EnrolledStore(state_root / node).remove()

@@ -1,0 +1,115 @@
+"""The lab itself: topology, status, exec, traffic across nodes, and a clean teardown."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+from conftest import LabHandle, lab_leftovers, nodemesh_cli
+
+from nodemesh.lab.lab import Lab
+from nodemesh.lab.topology import load_topology
+
+
+def test_status_json_describes_the_default_topology(lab: LabHandle) -> None:
+    proc = nodemesh_cli("lab", "status", "-o", "json")
+    assert proc.returncode == 0, proc.stderr
+    st = json.loads(proc.stdout)
+    assert [n["name"] for n in st["nodes"]] == ["node1", "node2"]
+    assert {n["podCIDR"] for n in st["nodes"]} == {"10.100.1.0/24", "10.100.2.0/24"}
+    assert all(Path(n["netns"]).exists() and n["underlayIP"].startswith("10.99.0.") for n in st["nodes"])
+    pods = {p["name"]: p for p in st["pods"]}
+    assert set(pods) == {"client", "httpbin-v1", "httpbin-v2", "outsider"}
+    assert pods["httpbin-v2"]["labels"] == {"app": "httpbin", "version": "v2"}
+    assert (pods["httpbin-v2"]["node"], pods["httpbin-v2"]["serviceAccount"]) == ("node2", "httpbin")
+    assert pods["outsider"]["enrolled"] is False and pods["client"]["enrolled"] is True
+    assert all(Path(p["netns"]).exists() for p in pods.values())
+    assert st["services"] == [
+        {
+            "name": "httpbin",
+            "namespace": "default",
+            "vip": "10.96.0.10",
+            "ports": [{"port": 8000, "targetPort": 8000, "name": "http"}],
+        }
+    ]
+    assert st["controller"]["running"] is True and st["controller"]["address"] == "10.99.0.254:15012"
+    assert st["stateDir"] == str(lab.state_dir)
+
+
+def test_exec_runs_in_the_pod_netns_and_cgroup(lab: LabHandle) -> None:
+    proc = nodemesh_cli(
+        "lab", "exec", "httpbin-v2", "--", "sh", "-c", "ip -4 -o addr show eth0; cat /proc/self/cgroup"
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "10.100.2.10/24" in proc.stdout
+    assert "/nodemesh-lab/node2/pods/default_httpbin-v2" in proc.stdout
+
+
+def test_exec_reports_unknown_pod_and_propagates_exit_code(lab: LabHandle) -> None:
+    proc = nodemesh_cli("lab", "exec", "nosuchpod", "--", "true")
+    assert proc.returncode == 1 and "no single pod 'nosuchpod'" in proc.stderr
+    proc = nodemesh_cli("lab", "exec", "client", "--", "sh", "-c", "exit 7")
+    assert proc.returncode == 7
+
+
+def test_client_reaches_httpbin_v2_on_the_other_node(lab: LabHandle) -> None:
+    v2 = lab.plan.pod("httpbin-v2")
+    body = lab.curl_json("client", f"http://{v2.ip}:8000/cross-node?x=1", "-H", "x-test: lab")
+    assert body["pod"] == "httpbin-v2"
+    assert (body["method"], body["path"]) == ("GET", "/cross-node?x=1")
+    assert body["headers"]["x-test"] == "lab"
+    assert body["local"] == f"{v2.ip}:8000"
+
+
+def test_outsider_reaches_an_enrolled_pod_directly(lab: LabHandle) -> None:
+    v1 = lab.plan.pod("httpbin-v1")
+    body = lab.curl_json("outsider", f"http://{v1.ip}:8000/from-outside")
+    assert body["pod"] == "httpbin-v1"
+    # the outsider is not enrolled, but httpbin-v1 is: node1's agent captured the inbound side
+    outsider_ip = lab.plan.pod("outsider").ip
+    inbound = [
+        ln
+        for ln in lab.log("agent-node1").splitlines()
+        if "direction=inbound" in ln
+        and f"peer={outsider_ip}:" in ln
+        and "original_dst=10.100.1.11:8000" in ln
+    ]
+    assert inbound, lab.log("agent-node1")[-2000:]
+
+
+def test_controller_serves_metrics_in_the_underlay(lab: LabHandle) -> None:
+    proc = subprocess.run(
+        [
+            "nsenter",
+            f"--net={lab.status()['controller']['netns']}",
+            "--",
+            "curl",
+            "-sS",
+            "--max-time",
+            "5",
+            f"http://{lab.status()['controller']['metrics']}/metrics",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=20,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "nodemesh_controller" in proc.stdout
+
+
+def test_up_replaces_a_crashed_lab_and_down_leaves_nothing(lab: LabHandle) -> None:
+    """Runs last in this module: kill the lab's processes hard (a crash), `up` again, then `down`."""
+    for pid in lab.lab.load_state()["processes"].values():  # type: ignore[index]
+        subprocess.run(["kill", "-9", str(pid)], check=False)
+    # `lab up` on top of the wreck: removes the leftovers first, then builds a working lab
+    again = Lab(lab.state_dir)
+    again.up(load_topology())
+    v2 = again.plan().pod("httpbin-v2")
+    out = again.exec("client", ["curl", "-sS", "--max-time", "5", f"http://{v2.ip}:8000/again"], timeout=20)
+    assert out.returncode == 0 and json.loads(out.stdout)["pod"] == "httpbin-v2"
+    proc = nodemesh_cli("lab", "down")
+    assert proc.returncode == 0, proc.stderr
+    assert lab_leftovers() == []
+    ip_link = subprocess.run(["ip", "-o", "link"], capture_output=True, text=True).stdout
+    assert "nmu" not in ip_link and "nmp" not in ip_link and "cni0" not in ip_link

@@ -1,0 +1,330 @@
+"""The YAML directory source: parsing, per-file last-good, error locations, Apply writes, the watcher."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from controller.registry import MeshState
+from controller.sources.yamldir import YamlDirectorySource, parse_text
+
+POD = """\
+apiVersion: v1
+kind: Pod
+metadata:
+  name: {name}
+  namespace: shop
+  labels: {{app: web}}
+spec:
+  nodeName: node1
+  serviceAccountName: web
+status:
+  podIP: {ip}
+"""
+
+POLICY = """\
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata:
+  name: {name}
+  namespace: shop
+spec:
+  action: {action}
+"""
+
+
+def policy(name: str = "p", action: str = "ALLOW") -> str:
+    return POLICY.format(name=name, action=action)
+
+
+def pod(name: str = "web-1", ip: str = "10.1.0.2") -> str:
+    return POD.format(name=name, ip=ip)
+
+
+class Changes:
+    """An on_change handler that records states."""
+
+    def __init__(self) -> None:
+        self.states: list[MeshState] = []
+
+    def __call__(self, state: MeshState) -> None:
+        self.states.append(state)
+
+
+def source(tmp_path: Path, **files: str) -> tuple[YamlDirectorySource, Changes]:
+    for name, text in files.items():
+        (tmp_path / name.replace("__", "/")).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name.replace("__", "/")).write_text(text)
+    changes = Changes()
+    return YamlDirectorySource(tmp_path, changes), changes
+
+
+# --- parse_text ----------------------------------------------------------------------------------
+
+
+def test_multi_document_files_with_empty_documents() -> None:
+    parsed = parse_text(f"---\n{pod()}---\n---\n{policy()}", "a.yaml")
+    assert parsed.errors == ()
+    assert [(o.key, o.line) for o in parsed.objects] == [
+        ("Pod/shop/web-1", 2),
+        ("AuthorizationPolicy/shop/p", 15),
+    ]
+
+
+def test_error_points_at_the_field_line() -> None:
+    text = pod() + "---\n" + policy(action="NOPE")
+    parsed = parse_text(text, "shop.yaml")
+    assert [str(e) for e in parsed.errors] == [
+        "shop.yaml:19: AuthorizationPolicy shop/p: spec.action: "
+        "Input should be 'ALLOW', 'DENY', 'AUDIT' or 'CUSTOM' (got 'NOPE')"
+    ]
+
+
+def test_yaml_syntax_error_has_line_and_column() -> None:
+    parsed = parse_text(pod() + "---\nkind: [unclosed\n", "bad.yaml")
+    assert parsed.objects == ()
+    [error] = parsed.errors
+    assert error.file == "bad.yaml" and error.line == 14
+    assert str(error).startswith("bad.yaml:14: YAML:")
+
+
+def test_duplicate_keys_and_duplicate_objects_are_errors() -> None:
+    dup_key = parse_text("apiVersion: v1\nkind: Pod\nkind: Pod\n", "k.yaml")
+    assert "duplicate key 'kind'" in str(dup_key.errors[0])
+    assert dup_key.errors[0].line == 3
+    dup_obj = parse_text(policy() + "---\n" + policy(action="DENY"), "d.yaml")
+    assert [str(e) for e in dup_obj.errors] == [
+        "d.yaml:9: AuthorizationPolicy shop/p: duplicate object: already defined at line 1 of this file"
+    ]
+
+
+def test_timestamps_stay_strings_and_non_json_values_are_errors() -> None:
+    text = policy().replace(
+        "  namespace: shop\n", "  namespace: shop\n  creationTimestamp: 2024-01-01T00:00:00Z\n"
+    )
+    [obj] = parse_text(text, "t.yaml").objects
+    assert obj.body["metadata"]["creationTimestamp"] == "2024-01-01T00:00:00Z"
+    binary = parse_text(policy().replace("action: ALLOW", "action: !!binary aGVsbG8="), "b.yaml")
+    assert "not representable as JSON" in str(binary.errors[0])
+
+
+def test_non_mesh_kinds_are_errors_with_the_object_named() -> None:
+    parsed = parse_text(
+        "apiVersion: apps/v1\nkind: Deployment\nmetadata: {name: web, namespace: shop}\n", "x.yaml"
+    )
+    assert str(parsed.errors[0]).startswith("x.yaml:2: Deployment shop/web: kind: unknown kind 'Deployment'")
+
+
+# --- the directory -------------------------------------------------------------------------------
+
+
+def test_load_reads_yaml_files_recursively_and_ignores_the_rest(tmp_path: Path) -> None:
+    src, changes = source(
+        tmp_path,
+        **{
+            "a.yaml": pod(),
+            "sub__b.yml": policy(),
+            "notes.txt": "kind: nonsense",
+            ".hidden.yaml": "kind: nonsense",
+            "..data__c.yaml": "kind: nonsense",  # a ConfigMap mount's timestamped dir
+        },
+    )
+    state = src.load()
+    assert src.errors() == []
+    assert set(state.workloads) == {"Workload/shop/web-1"}
+    assert set(state.policies) == {"AuthorizationPolicy/shop/p"}
+    assert changes.states == []  # load() does not call on_change
+
+
+def test_a_broken_file_keeps_its_last_good_version_and_spares_the_others(tmp_path: Path) -> None:
+    src, changes = source(tmp_path, **{"pods.yaml": pod(), "policy.yaml": policy()})
+    src.load()
+    (tmp_path / "policy.yaml").write_text(policy(action="DENY") + "---\nkind: [broken\n")
+    (tmp_path / "pods.yaml").write_text(pod() + "---\n" + pod("web-2", "10.1.0.3"))
+    src._refresh(notify=True)
+    state = src.state
+    assert set(state.workloads) == {"Workload/shop/web-1", "Workload/shop/web-2"}
+    assert state.policies["AuthorizationPolicy/shop/p"].body["spec"]["action"] == "ALLOW"
+    assert [e.file for e in src.errors()] == ["policy.yaml"]
+    assert len(changes.states) == 1
+    # Fixing the file puts the new version in force and clears the error.
+    (tmp_path / "policy.yaml").write_text(policy(action="DENY"))
+    src._refresh(notify=True)
+    assert src.errors() == []
+    assert src.state.policies["AuthorizationPolicy/shop/p"].body["spec"]["action"] == "DENY"
+
+
+def test_a_file_invalid_from_the_start_contributes_nothing(tmp_path: Path) -> None:
+    src, _ = source(tmp_path, **{"a.yaml": pod() + "---\n" + policy(action="NOPE")})
+    state = src.load()
+    assert state.workloads == {} and state.policies == {}
+    assert [e.field for e in src.errors()] == ["spec.action"]
+
+
+def test_the_same_object_in_two_files_keeps_the_first_file(tmp_path: Path) -> None:
+    src, _ = source(
+        tmp_path, **{"a.yaml": policy(action="ALLOW"), "b.yaml": policy(action="DENY") + "---\n" + pod()}
+    )
+    state = src.load()
+    assert state.policies["AuthorizationPolicy/shop/p"].body["spec"]["action"] == "ALLOW"
+    assert state.workloads == {}  # b.yaml is invalid as a whole (never had a good version)
+    assert [str(e) for e in src.errors()] == [
+        "b.yaml:1: AuthorizationPolicy shop/p: duplicate object: already defined by "
+        "AuthorizationPolicy shop/p in a.yaml:1"
+    ]
+
+
+def test_the_same_node_token_twice_is_refused_without_printing_it(tmp_path: Path) -> None:
+    secret = (
+        "apiVersion: v1\nkind: Secret\nmetadata: {{name: {name}, namespace: nodemesh-system}}\n"
+        "type: nodemesh.io/node-token\nstringData: {{node: {node}, token: sEcReTsEcReTsEcReT}}\n"
+    )
+    src, _ = source(
+        tmp_path,
+        **{
+            "a.yaml": secret.format(name="n1", node="node1"),
+            "b.yaml": secret.format(name="n2", node="node2"),
+        },
+    )
+    state = src.load()
+    assert state.node_tokens == {"sEcReTsEcReTsEcReT": "node1"}
+    [error] = src.errors()
+    assert error.file == "b.yaml" and "node token" in error.message and "sEcReT" not in str(error)
+
+
+def test_removed_files_remove_their_objects(tmp_path: Path) -> None:
+    src, changes = source(tmp_path, **{"a.yaml": pod(), "b.yaml": policy()})
+    src.load()
+    (tmp_path / "b.yaml").unlink()
+    src._refresh(notify=True)
+    assert src.state.policies == {} and len(changes.states) == 1
+
+
+def test_rescan_without_changes_does_not_notify(tmp_path: Path) -> None:
+    src, changes = source(tmp_path, **{"a.yaml": pod()})
+    src.load()
+    (tmp_path / "a.yaml").write_text(pod())  # same content
+    src._refresh(notify=True)
+    assert changes.states == []
+
+
+def test_a_missing_directory_keeps_the_state(tmp_path: Path) -> None:
+    config = tmp_path / "config"
+    config.mkdir()
+    (config / "a.yaml").write_text(pod())
+    src = YamlDirectorySource(config, Changes())
+    src.load()
+    (config / "a.yaml").unlink()
+    config.rmdir()
+    src._refresh(notify=True)
+    assert set(src.state.workloads) == {"Workload/shop/web-1"}
+    assert "missing" in str(src.errors()[0])
+
+
+def test_unreadable_bytes_are_reported(tmp_path: Path) -> None:
+    src, _ = source(tmp_path)
+    (tmp_path / "bin.yaml").write_bytes(b"\xff\xfe kind")
+    src.load()
+    assert "not UTF-8" in str(src.errors()[0])
+
+
+# --- write_objects (Admin/Apply) -----------------------------------------------------------------
+
+
+def test_write_objects_writes_valid_files_and_notifies(tmp_path: Path) -> None:
+    src, changes = source(tmp_path, **{"pods.yaml": pod()})
+    src.load()
+    assert src.write_objects("policy.yaml", policy()) == []
+    assert (tmp_path / "policy.yaml").read_text() == policy()
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temp file left
+    assert set(changes.states[-1].policies) == {"AuthorizationPolicy/shop/p"}
+    # Replacing a file with the same objects is allowed (no duplicate with itself).
+    assert src.write_objects("policy.yaml", policy(action="DENY")) == []
+    assert src.state.policies["AuthorizationPolicy/shop/p"].body["spec"]["action"] == "DENY"
+
+
+def test_write_objects_refuses_invalid_text_and_writes_nothing(tmp_path: Path) -> None:
+    src, changes = source(tmp_path, **{"a.yaml": policy()})
+    src.load()
+    errors = src.write_objects("new.yaml", policy(name="q", action="NOPE"))
+    assert [(e.file, e.obj, e.field) for e in errors] == [
+        ("new.yaml", "AuthorizationPolicy shop/q", "spec.action")
+    ]
+    assert [str(e) for e in src.write_objects("dup.yaml", policy())] == [
+        "dup.yaml:1: AuthorizationPolicy shop/p: duplicate object: already defined by "
+        "AuthorizationPolicy shop/p in a.yaml:1"
+    ]
+    assert "YAML" in str(src.write_objects("broken.yaml", "a: [")[0])
+    for bad_name in ("../x.yaml", ".hidden.yaml", "x.json", ""):
+        assert "NAME.yaml" in str(src.write_objects(bad_name, policy(name="z"))[0])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.yaml"]
+    assert changes.states == []
+
+
+# --- the watcher ---------------------------------------------------------------------------------
+
+
+async def test_watcher_applies_a_file_change_within_a_second(tmp_path: Path) -> None:
+    src, changes = source(tmp_path, **{"a.yaml": policy()})
+    src.load()
+    task = asyncio.create_task(src.run())
+    try:
+        await asyncio.sleep(0.2)  # let the watcher start (a change before that is found by its first scan)
+        start = time.monotonic()
+        (tmp_path / "a.yaml").write_text(policy(action="DENY"))
+        while not any(
+            s.policies["AuthorizationPolicy/shop/p"].body["spec"]["action"] == "DENY" for s in changes.states
+        ):
+            assert time.monotonic() - start < 1.0, "change not applied within 1 s"
+            await asyncio.sleep(0.01)
+    finally:
+        task.cancel()
+        stopped = time.monotonic()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert time.monotonic() - stopped < 1.0  # cancelling stops the watcher thread promptly
+
+
+def test_the_example_config_is_valid() -> None:
+    example = Path(__file__).resolve().parents[2] / "examples" / "controller"
+    src = YamlDirectorySource(example, Changes())
+    state = src.load()
+    assert src.errors() == []
+    assert set(state.node_tokens.values()) == {"node1", "node2"}
+    assert state.workloads["Workload/shop/legacy"].protocol.value == "NONE"
+    assert state.services["Service/shop/web"].endpoints[0].workload_uid == "shop/web-1"
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text(alphabet=st.sampled_from(list("abk:- \n[]{}'\"#&*!|>%@`,?0123456789.")), max_size=120))
+def test_parse_text_never_raises_on_garbage(text: str) -> None:
+    parsed = parse_text(text, "g.yaml")
+    assert all(e.file == "g.yaml" for e in parsed.errors)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.recursive(
+        st.none() | st.booleans() | st.integers() | st.text(max_size=8),
+        lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner, max_size=3),
+        max_leaves=12,
+    )
+)
+def test_parse_text_never_raises_on_arbitrary_documents(doc: object) -> None:
+    import yaml
+
+    parse_text(yaml.safe_dump(doc) + "---\n" + yaml.safe_dump({"kind": "Pod", "metadata": doc}), "h.yaml")
+
+
+def test_alias_bombs_and_deep_nesting_are_errors() -> None:
+    lines = ["a0: &a0 [x, x, x, x, x, x, x, x, x, x]"]
+    lines += [f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 10)}]" for i in range(1, 9)]
+    bomb = parse_text("\n".join(lines) + "\n", "bomb.yaml")
+    assert "aliases are expanded" in str(bomb.errors[0])
+    deep = parse_text("[" * 5000 + "]" * 5000, "deep.yaml")
+    assert deep.errors and deep.objects == ()
