@@ -21,6 +21,7 @@ import logging
 import os
 import secrets
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -443,24 +444,21 @@ class Lab:
         return proc.pid
 
     def _start_agents(self, p: Plan, state: dict[str, Any]) -> dict[str, int]:
-        procs: dict[str, int] = {}
-        for node in p.nodes:
-            argv = [
-                *self._python(), "agent", "run",
-                "--node", node.name,
-                "--controller", state["controller"],
-                "--token", str(self.state_dir / "tokens" / f"{node.name}.token"),
-                "--ca", state["ca"],
-                "--pod-cgroup", node.pod_cgroup,
-            ]  # fmt: skip
-            proc = system.spawn(
-                argv,
-                netns=node.netns,
-                cgroup=Path(node.cgroup) / "system",
-                log=self.state_dir / "logs" / f"agent-{node.name}.log",
-            )
-            procs[f"agent/{node.name}"] = proc.pid
-        return procs
+        return {f"agent/{node.name}": self._spawn_agent(node, state) for node in p.nodes}
+
+    def _spawn_agent(self, node: NodeInfo, state: dict[str, Any]) -> int:
+        argv = [
+            *self._python(), "agent", "run",
+            "--node", node.name,
+            "--controller", state["controller"],
+            "--token", str(self.state_dir / "tokens" / f"{node.name}.token"),
+            "--ca", state["ca"],
+            "--pod-cgroup", node.pod_cgroup,
+            "--state-dir", str(self.state_dir / "agents"),
+        ]  # fmt: skip
+        log_file = self.state_dir / "logs" / f"agent-{node.name}.log"
+        proc = system.spawn(argv, netns=node.netns, cgroup=Path(node.cgroup) / "system", log=log_file)
+        return proc.pid
 
     def _wait_agents(self, p: Plan, procs: dict[str, int], timeout: float) -> None:
         """Ready when every enrolled pod has the agent's outbound listener (15001) in its netns.
@@ -481,6 +479,36 @@ class Lab:
                         + _tail(log_file)
                     )
                 time.sleep(0.05)
+
+    def stop_agent(self, node: str, timeout: float = 10.0) -> None:
+        """SIGTERM one node's agent and wait for it to exit (its pins stay, as on a real restart)."""
+        state = self._require_state()
+        pid = state["processes"].get(f"agent/{node}")
+        if pid is None or not _pid_alive(pid):
+            return
+        os.kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + timeout
+        while _pid_alive(pid):
+            if time.monotonic() > deadline:
+                raise LabError(f"agent of {node} (pid {pid}) did not exit within {timeout:.0f} s of SIGTERM")
+            time.sleep(0.02)
+
+    def start_agent(self, node: str, timeout: float = 30.0) -> int:
+        """(Re)start one node's agent and wait until it serves every enrolled pod of the node."""
+        state = self._require_state()
+        p = self.plan()
+        pid = self._spawn_agent(p.node(node), state)
+        state["processes"][f"agent/{node}"] = pid
+        self._write_state(state)
+        on_node = Plan(p.trust_domain, p.nodes, [x for x in p.pods if x.node == node], p.services)
+        self._wait_agents(on_node, state["processes"], timeout)
+        return pid
+
+    def _require_state(self) -> dict[str, Any]:
+        state = self.load_state()
+        if state is None:
+            raise LabError(f"no lab is up (no {self.state_file}); run `nodemesh lab up`")
+        return state
 
     def _keep_logs_for_debugging(self) -> None:
         logs = self.state_dir / "logs"
@@ -508,6 +536,20 @@ class Lab:
         for node in sorted(set(nodes)):
             pins = BPFFS_NODEMESH / node
             if pins.exists():
+                # the product's own uninstall first; plain removal of the pins if that fails
+                agents_dir = str(self.state_dir / "agents")
+                proc = system.run(
+                    *self._python(),
+                    "uninstall",
+                    "--node",
+                    node,
+                    "--state-dir",
+                    agents_dir,
+                    check=False,
+                    timeout=60,
+                )
+                if proc.returncode != 0:
+                    log.warning("nodemesh uninstall --node %s failed: %s", node, proc.stderr.strip()[-500:])
                 shutil.rmtree(pins, ignore_errors=True)
                 removed.append(f"bpffs {pins}")
         with contextlib.suppress(OSError):

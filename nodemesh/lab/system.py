@@ -11,7 +11,7 @@ import os
 import signal
 import subprocess
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 NETNS_DIR = Path("/var/run/netns")
@@ -105,14 +105,14 @@ def remove_cgroup_tree(root: Path) -> None:
         raise LabError(f"cgroup {root} could not be removed (processes still in it: {cgroup_procs(root)})")
 
 
-def _joiner(cgroup: Path | None) -> Callable[[], None]:
-    def join() -> None:
-        os.setsid()
-        if cgroup is not None:
-            with open(cgroup / "cgroup.procs", "w") as f:
-                f.write("0")
+# Join the cgroup from a shell, then exec nsenter: no Python `preexec_fn`, which is unsafe after
+# fork in a process with other threads (gRPC's, in the test runner) and was seen to crash children.
+_JOIN = 'echo $$ > "$0/cgroup.procs" && exec "$@"'
 
-    return join
+
+def _wrap(argv: Sequence[str], netns: str | None, cgroup: Path | None) -> list[str]:
+    full = [*(("nsenter", f"--net={netns_path(netns)}", "--") if netns else ()), *argv]
+    return ["sh", "-c", _JOIN, str(cgroup), *full] if cgroup is not None else full
 
 
 def spawn(
@@ -126,16 +126,16 @@ def spawn(
     """Start a long-running process in `cgroup` (joined before exec) and `netns` (via nsenter).
 
     nsenter keeps the mount namespace, so /sys/fs/bpf and the cgroup tree stay visible inside.
+    The process gets its own session, so a Ctrl-C at the terminal does not reach it.
     """
-    full = [*(("nsenter", f"--net={netns_path(netns)}", "--") if netns else ()), *argv]
     out = open(log, "ab") if log else subprocess.DEVNULL  # noqa: SIM115 - handed to the child
     try:
         return subprocess.Popen(
-            full,
+            _wrap(argv, netns, cgroup),
             stdin=subprocess.DEVNULL,
             stdout=out,
             stderr=subprocess.STDOUT,
-            preexec_fn=_joiner(cgroup),
+            start_new_session=True,
             env=dict(env) if env is not None else None,
             close_fds=True,
         )
@@ -154,18 +154,10 @@ def run_in(
     input_bytes: bytes | None = None,
 ) -> subprocess.CompletedProcess[bytes]:
     """Run a command to completion in a pod or node (cgroup joined first, then the netns)."""
-    full = ["nsenter", f"--net={netns_path(netns)}", "--", *argv]
-
-    def join() -> None:
-        if cgroup is not None:
-            with open(cgroup / "cgroup.procs", "w") as f:
-                f.write("0")
-
     return subprocess.run(
-        full,
+        _wrap(argv, netns, cgroup),
         input=input_bytes,
         capture_output=capture,
         timeout=timeout,
-        preexec_fn=join,
         check=False,
     )

@@ -128,8 +128,13 @@ class DpNet:
         def join() -> None:
             cgroup_procs.write_text(str(os.getpid()))
 
-        p = subprocess.Popen(["nsenter", f"--net={pod.netns_path}", sys.executable, "-c", code, *args],
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=join)
+        p = subprocess.Popen(
+            ["nsenter", f"--net={pod.netns_path}", sys.executable, "-c", code, *args],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            preexec_fn=join,
+        )
         self._procs.append(p)
         return p
 

@@ -63,8 +63,10 @@ class Mesh:
         return {resource_key(r): r for r in items}
 
     def identity_on_node(self, node: str, namespace: str, service_account: str) -> bool:
-        return any(w.node == node and w.namespace == namespace and w.service_account == service_account
-                   for w in self.workloads)
+        return any(
+            w.node == node and w.namespace == namespace and w.service_account == service_account
+            for w in self.workloads
+        )
 
     def resources(self) -> Mapping[str, Resource]:
         return self.node_view(self.node)
@@ -121,14 +123,34 @@ class Agent:
 
     def __init__(self, env: Env, index: int) -> None:
         self.log_path = env.tmp / f"agent-{index}.log"
-        cmd = ["nsenter", f"--net=/var/run/netns/{env.net.node_ns}", "--", sys.executable, "-m",
-               "nodemesh.cli", "agent", "run", "--node", env.net.node,
-               "--controller", env.controller_addr, "--token", str(env.token_file),
-               "--ca", str(env.ca_file), "--pod-cgroup", str(env.net.pod_cgroup),
-               "--state-dir", str(env.state_root), "--resync-interval", "0.5"]
+        cmd = [
+            "nsenter",
+            f"--net=/var/run/netns/{env.net.node_ns}",
+            "--",
+            sys.executable,
+            "-m",
+            "nodemesh.cli",
+            "agent",
+            "run",
+            "--node",
+            env.net.node,
+            "--controller",
+            env.controller_addr,
+            "--token",
+            str(env.token_file),
+            "--ca",
+            str(env.ca_file),
+            "--pod-cgroup",
+            str(env.net.pod_cgroup),
+            "--state-dir",
+            str(env.state_root),
+            "--resync-interval",
+            "0.5",
+        ]
         with self.log_path.open("w") as out:
-            self.proc = subprocess.Popen(in_cgroup(env.net.system_cgroup, cmd), stdout=out,
-                                         stderr=subprocess.STDOUT, cwd=REPO)
+            self.proc = subprocess.Popen(
+                in_cgroup(env.net.system_cgroup, cmd), stdout=out, stderr=subprocess.STDOUT, cwd=REPO
+            )
 
     def log(self) -> str:
         return self.log_path.read_text()
@@ -140,6 +162,7 @@ class Agent:
             found = list(re.finditer(pattern, self.log()))
             assert len(found) >= count, f"{pattern!r} x{count} not in agent log:\n{self.log()}"
             return found
+
         return assert_eventually(check, timeout=timeout, interval=0.05)
 
     def stop(self) -> int:
@@ -177,11 +200,23 @@ class Env:
             self.token_file = tmp / "token"
             self.token_file.write_text(TOKEN + "\n")
             p = self.net.pods
-            self.mesh = Mesh(self.net.node, workloads=[
-                self.workload("client"), self.workload("server"),
-                self.workload("outsider", TunnelProtocol.NONE),
-            ], services=[Service("web", "shop", VIP[0], (ServicePort(VIP[1], 8000),),
-                                 (Endpoint("shop/server", p["server"].ip),))])
+            self.mesh = Mesh(
+                self.net.node,
+                workloads=[
+                    self.workload("client"),
+                    self.workload("server"),
+                    self.workload("outsider", TunnelProtocol.NONE),
+                ],
+                services=[
+                    Service(
+                        "web",
+                        "shop",
+                        VIP[0],
+                        (ServicePort(VIP[1], 8000),),
+                        (Endpoint("shop/server", p["server"].ip),),
+                    )
+                ],
+            )
             if yaml_controller:
                 self._start_yaml_controller()
             else:
@@ -202,47 +237,93 @@ class Env:
         self.ca_file = state / "ca.pem"
         self.controller_addr = "127.0.0.1:15012"  # the node netns is ours alone
         self.controller_log = self.tmp / "controller.log"
-        cmd = ["nsenter", f"--net=/var/run/netns/{self.net.node_ns}", "--", sys.executable, "-m",
-               "nodemesh.cli", "controller", "run", "--config-dir", str(self.config_dir),
-               "--state-dir", str(state), "--listen", self.controller_addr,
-               "--metrics-listen", "127.0.0.1:15014"]
+        cmd = [
+            "nsenter",
+            f"--net=/var/run/netns/{self.net.node_ns}",
+            "--",
+            sys.executable,
+            "-m",
+            "nodemesh.cli",
+            "controller",
+            "run",
+            "--config-dir",
+            str(self.config_dir),
+            "--state-dir",
+            str(state),
+            "--listen",
+            self.controller_addr,
+            "--metrics-listen",
+            "127.0.0.1:15014",
+        ]
         with self.controller_log.open("w") as out:
-            self.controller_proc = subprocess.Popen(in_cgroup(self.net.system_cgroup, cmd), stdout=out,
-                                                    stderr=subprocess.STDOUT, cwd=REPO)
+            self.controller_proc = subprocess.Popen(
+                in_cgroup(self.net.system_cgroup, cmd), stdout=out, stderr=subprocess.STDOUT, cwd=REPO
+            )
 
         def serving() -> None:
-            assert self.controller_proc is not None and self.controller_proc.poll() is None, \
+            assert self.controller_proc is not None and self.controller_proc.poll() is None, (
                 self.controller_log.read_text()
+            )
             assert "controller.serving" in self.controller_log.read_text()
 
         assert_eventually(serving, timeout=20)
 
     def write_pods(self, names: list[str]) -> None:
         """The YAML directory: node token, the named pods, the web Service (selector app=server)."""
-        docs = [{"apiVersion": "v1", "kind": "Secret", "type": "nodemesh.io/node-token",
-                 "metadata": {"name": "node-token", "namespace": "nodemesh-system"},
-                 "stringData": {"node": self.net.node, "token": TOKEN}},
-                {"apiVersion": "v1", "kind": "Service", "metadata": {"name": "web", "namespace": "shop"},
-                 "spec": {"clusterIP": VIP[0], "selector": {"app": "server"},
-                          "ports": [{"port": VIP[1], "targetPort": 8000}]}}]
+        docs = [
+            {
+                "apiVersion": "v1",
+                "kind": "Secret",
+                "type": "nodemesh.io/node-token",
+                "metadata": {"name": "node-token", "namespace": "nodemesh-system"},
+                "stringData": {"node": self.net.node, "token": TOKEN},
+            },
+            {
+                "apiVersion": "v1",
+                "kind": "Service",
+                "metadata": {"name": "web", "namespace": "shop"},
+                "spec": {
+                    "clusterIP": VIP[0],
+                    "selector": {"app": "server"},
+                    "ports": [{"port": VIP[1], "targetPort": 8000}],
+                },
+            },
+        ]
         for name in names:
             pod = self.net.pods[name]
             labels = {"app": name}
             if name == "outsider":
                 labels["nodemesh.io/dataplane-mode"] = "none"
-            docs.append({"apiVersion": "v1", "kind": "Pod",
-                         "metadata": {"name": name, "namespace": "shop", "labels": labels,
-                                      "annotations": {"nodemesh.io/netns": pod.netns_path}},
-                         "spec": {"nodeName": self.net.node, "serviceAccountName": name},
-                         "status": {"podIP": pod.ip}})
+            docs.append(
+                {
+                    "apiVersion": "v1",
+                    "kind": "Pod",
+                    "metadata": {
+                        "name": name,
+                        "namespace": "shop",
+                        "labels": labels,
+                        "annotations": {"nodemesh.io/netns": pod.netns_path},
+                    },
+                    "spec": {"nodeName": self.net.node, "serviceAccountName": name},
+                    "status": {"podIP": pod.ip},
+                }
+            )
         tmp = self.config_dir / ".mesh.yaml.tmp"
         tmp.write_text("---\n".join(json.dumps(d) + "\n" for d in docs))  # JSON is YAML
         tmp.replace(self.config_dir / "mesh.yaml")
 
     def workload(self, name: str, protocol: TunnelProtocol = TunnelProtocol.HBONE) -> Workload:
         pod = self.net.pods[name]
-        return Workload(f"shop/{name}", name, "shop", name, self.net.node, (pod.ip,), protocol=protocol,
-                        netns=pod.netns_path)
+        return Workload(
+            f"shop/{name}",
+            name,
+            "shop",
+            name,
+            self.net.node,
+            (pod.ip,),
+            protocol=protocol,
+            netns=pod.netns_path,
+        )
 
     def start_agent(self) -> Agent:
         agent = Agent(self, len(self.agents))
@@ -258,8 +339,9 @@ class Env:
         """DpNet.run_in_pod without preexec_fn (see ``in_cgroup``); DpNet still reaps it."""
         pod = self.net.pods[name]
         cmd = ["nsenter", f"--net={pod.netns_path}", sys.executable, "-c", code, *args]
-        p = subprocess.Popen(in_cgroup(pod.cgroup, cmd), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                             text=True)
+        p = subprocess.Popen(
+            in_cgroup(pod.cgroup, cmd), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
         self.net._procs.append(p)
         return p
 
@@ -411,8 +493,21 @@ def test_uninstall_leaves_nothing_pinned_or_attached(env: Env) -> None:
     agent.wait_for(r"event=pod_enrolled pod=shop_(client|server) ", count=2)
     ids = prog_ids(env)
     assert agent.stop() == 0
-    r = subprocess.run([sys.executable, "-m", "nodemesh.cli", "uninstall", "--node", env.net.node,
-                        "--state-dir", str(env.state_root)], capture_output=True, text=True, cwd=REPO)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "nodemesh.cli",
+            "uninstall",
+            "--node",
+            env.net.node,
+            "--state-dir",
+            str(env.state_root),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+    )
     assert r.returncode == 0, r.stderr
     assert not env.pins().exists()
     assert not (env.state_root / env.net.node).exists()

@@ -107,7 +107,8 @@ def test_enrolled_client_goes_through_relay_and_sees_dialled_address(lab: Lab) -
     relayed = lab.relay.relayed()
     outbound = [c for c in relayed if c.direction == "outbound"]
     assert [(c.pod_uid, c.original_dst, c.peer[1]) for c in outbound] == [
-        ("uid-client", (server.ip, 8000), out["local"][1])]
+        ("uid-client", (server.ip, 8000), out["local"][1])
+    ]
     inbound = [c for c in relayed if c.direction == "inbound"]
     assert [(c.pod_uid, c.original_dst) for c in inbound] == [("uid-server", (server.ip, 8000))]
     counters = lab.dp.counters()
