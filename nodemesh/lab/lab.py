@@ -32,10 +32,10 @@ from typing import Any
 
 import yaml
 
+from agent.datapath.netns import in_netns
 from nodemesh.lab import system
 from nodemesh.lab.system import LabError
 from nodemesh.lab.topology import CONTROLLER_IP, UNDERLAY, Topology
-from nodemesh.netns import in_netns
 
 log = logging.getLogger("nodemesh.lab")
 

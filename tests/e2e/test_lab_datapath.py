@@ -13,8 +13,8 @@ import time
 
 from conftest import LabHandle, nodemesh_cli
 
+from agent.datapath.netns import in_netns
 from nodemesh.lab.lab import BPFFS_NODEMESH
-from nodemesh.netns import in_netns
 
 # Connects like an app would, then reports what getpeername() says and what the server answered.
 PROBE = r"""
