@@ -54,7 +54,9 @@ def main() -> int:
     OUT.parent.mkdir(exist_ok=True)
     OUT.write_text(json.dumps(results, indent=2))
     for r in results:
-        print(f"pods={r['pods']:>3}  lab up {r['lab_up_s']:>6.2f} s  agent RSS {r['agent_rss_mib']:>6.1f} MiB")
+        print(
+            f"pods={r['pods']:>3}  lab up {r['lab_up_s']:>6.2f} s  agent RSS {r['agent_rss_mib']:>6.1f} MiB"
+        )
     return 0
 
 
