@@ -1,0 +1,45 @@
+"""Where a node agent's admin socket lives: `/run/nodemesh/<node>/admin.sock` (directory 0700, socket 0600).
+
+Shared by the server (agent) and the client (`nodemesh` node CLI), so both agree on one path.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+DEFAULT_RUN_DIR = Path("/run/nodemesh")
+SOCKET_NAME = "admin.sock"
+RUN_DIR_ENV = "NODEMESH_RUN_DIR"  # overrides DEFAULT_RUN_DIR (tests, non-standard installs)
+
+
+def run_dir() -> Path:
+    return Path(os.environ.get(RUN_DIR_ENV) or DEFAULT_RUN_DIR)
+
+
+def check_node_name(node: str) -> str:
+    if not node or "/" in node or node in (".", "..") or "\0" in node:
+        raise ValueError(f"{node!r} is not a valid node name")
+    return node
+
+
+def admin_socket_path(node: str, root: Path | None = None) -> Path:
+    return (root or run_dir()) / check_node_name(node) / SOCKET_NAME
+
+
+def node_sockets(root: Path | None = None) -> dict[str, Path]:
+    """Nodes with an admin socket under `root`: node name → socket path."""
+    base = root or run_dir()
+    try:
+        entries = sorted(base.iterdir())
+    except OSError:
+        return {}
+    found: dict[str, Path] = {}
+    for entry in entries:
+        sock = entry / SOCKET_NAME
+        try:
+            if sock.is_socket():
+                found[entry.name] = sock
+        except OSError:  # a directory we may not read: not ours to list
+            continue
+    return found
