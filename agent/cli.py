@@ -40,12 +40,23 @@ def run_command(
     ] = None,
     resync_interval: Annotated[float, typer.Option("--resync-interval", help="Seconds between resyncs")]
     = RESYNC_INTERVAL,
+    trust_domain: Annotated[str, typer.Option("--trust-domain", help="Until the first push says")]
+    = "cluster.local",
+    metrics_listen: Annotated[str, typer.Option("--metrics-listen", help="Prometheus HOST:PORT ('' = off)")]
+    = "0.0.0.0:15020",
+    admin_socket: Annotated[Path | None, typer.Option("--admin-socket", help="Admin API Unix socket")] = None,
+    flow_ring_size: Annotated[int, typer.Option("--flow-ring-size", help="Flow records kept", min=1)]
+    = 10_000,
 ) -> None:
     """Load the datapath, follow the controller, enroll this node's pods; stop on SIGTERM/SIGINT."""
     configure_logging(_level(log_level))
     if not pod_cgroup.is_dir():
         raise typer.BadParameter(f"{pod_cgroup} is not a directory", param_hint="--pod-cgroup")
-    options = AgentOptions(node, controller, token, ca, pod_cgroup, state_dir, server_name, resync_interval)
+    options = AgentOptions(
+        node, controller, token, ca, pod_cgroup, state_dir, server_name, resync_interval,
+        trust_domain=trust_domain, metrics_listen=metrics_listen or None, admin_socket=admin_socket,
+        flow_ring_size=flow_ring_size,
+    )  # fmt: skip
     try:
         code = asyncio.run(run(options))
     except (OSError, ValueError, DatapathError) as exc:

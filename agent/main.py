@@ -14,17 +14,31 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import Mapping
+import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
+from typing import Protocol
 
+from prometheus_client import CollectorRegistry
+
+from agent.admin.flows import FlowRing
+from agent.admin.paths import admin_socket_path
+from agent.admin.server import AdminError, AdminServer
 from agent.config_client import ConfigClient, ConfigUpdate
 from agent.datapath.bcc_datapath import BPFFS_ROOT, BccDatapath
 from agent.datapath.errors import DatapathError
-from agent.datapath.interface import Datapath, PodRef
+from agent.datapath.interface import Datapath, EnrolledPod, PodRef
 from agent.enrolled_store import DEFAULT_STATE_ROOT, EnrolledStore
+from agent.identity import CertificateManager
 from agent.node import Addr, NodeConfig, Plan, Reconciler, Skipped, desired_pods, vip_map
+from agent.proxy.metrics import ProxyMetrics
+from agent.proxy.server import NodeProxy
 from agent.relay import Relay
+from agent.sources import AgentSources, LinkState
+from agent.telemetry import METRICS_PORT, AgentCollector, MetricsServer
+from api.resources import PolicyObject
 
 log = logging.getLogger("nodemesh.agent")
 
@@ -42,11 +56,22 @@ def set_relay_vips(relay: Relay, vips: Mapping[Addr, Addr]) -> None:
     relay._vips.update(vips)
 
 
-class NodeAgent:
-    """Keeps the datapath's enrolled pods and the relay equal to the node's config view."""
+class Carrier(Protocol):
+    """What carries an enrolled pod's connections: the node proxy (or the placeholder relay)."""
 
-    def __init__(self, node: str, datapath: Datapath, relay: Relay, store: EnrolledStore | None = None,
-                 *, resync_interval: float = RESYNC_INTERVAL) -> None:
+    async def serve(self, ep: EnrolledPod) -> None: ...
+
+    async def stop(self, pod_uid: str | None = None) -> None: ...
+
+
+ConfigHook = Callable[["NodeConfig", ConfigUpdate], None]
+
+
+class NodeAgent:
+    """Keeps the datapath's enrolled pods and the carrier (proxy) equal to the node's config view."""
+
+    def __init__(self, node: str, datapath: Datapath, relay: Carrier, store: EnrolledStore | None = None,
+                 *, resync_interval: float = RESYNC_INTERVAL, on_config: ConfigHook | None = None) -> None:
         self.node = node
         self.config = NodeConfig()
         self.reconciler = Reconciler()
@@ -59,6 +84,7 @@ class NodeAgent:
         self._wake = asyncio.Event()
         self._skipped: list[Skipped] = []
         self._vips: dict[Addr, Addr] = {}
+        self._on_config = on_config
 
     def restore(self, leftover: Mapping[str, PodRef]) -> None:
         """Pods a previous agent process enrolled: reconciled against the first snapshot."""
@@ -70,11 +96,14 @@ class NodeAgent:
         """ConfigClient handler: record the push and wake the reconciler (ACK; enroll errors are
         node-local, not config errors, so they are logged and retried instead of NACKed)."""
         self.config.apply(update.upserts, update.removals, update.snapshot, update.trust_domain)
-        vips = vip_map(self.config.services())
-        if vips != self._vips:
-            self._vips = vips
-            set_relay_vips(self._relay, vips)
-            log.info("event=vips_updated count=%d", len(vips))
+        if self._on_config is not None:
+            self._on_config(self.config, update)
+        elif isinstance(self._relay, Relay):
+            vips = vip_map(self.config.services())
+            if vips != self._vips:
+                self._vips = vips
+                set_relay_vips(self._relay, vips)
+                log.info("event=vips_updated count=%d", len(vips))
         self._wake.set()
         return None
 
@@ -189,6 +218,10 @@ class AgentOptions:
     state_root: Path = DEFAULT_STATE_ROOT
     server_name: str | None = None
     resync_interval: float = RESYNC_INTERVAL
+    trust_domain: str = "cluster.local"
+    metrics_listen: str | None = f"0.0.0.0:{METRICS_PORT}"
+    admin_socket: Path | None = None  # default /run/nodemesh/<node>/admin.sock
+    flow_ring_size: int = 10_000
 
 
 def read_token(path: Path) -> str:
@@ -196,6 +229,10 @@ def read_token(path: Path) -> str:
     if not token:
         raise ValueError(f"token file {path} is empty")
     return token
+
+
+def _policies(config: NodeConfig) -> list[PolicyObject]:
+    return [r for r in config.resources.values() if isinstance(r, PolicyObject)]
 
 
 async def run(options: AgentOptions, stop: asyncio.Event | None = None) -> int:
@@ -214,10 +251,48 @@ async def run(options: AgentOptions, stop: asyncio.Event | None = None) -> int:
         log.error("event=datapath_load_failed node=%s error=%r", options.node, str(exc))
         return 2
     store = EnrolledStore(options.state_root / options.node)
-    relay = Relay(dp)
-    agent = NodeAgent(options.node, dp, relay, store, resync_interval=options.resync_interval)
+
+    client: ConfigClient | None = None
+
+    async def sign(csr_pem: bytes, ttl: int) -> list[bytes]:
+        if client is None:
+            raise ConnectionError("the config client is not started yet")
+        return await client.sign(csr_pem, timedelta(seconds=ttl))
+
+    ring = FlowRing(options.flow_ring_size)
+    registry = CollectorRegistry(auto_describe=True)
+    certs = CertificateManager(sign, lambda: ca_pem, options.trust_domain)
+    proxy = NodeProxy(dp, certs, options.trust_domain, node=options.node, bundle=lambda: ca_pem,
+                      flow_ring=ring, metrics=ProxyMetrics(registry))
+    link = LinkState(options.controller, connected=lambda: client is not None and client.connected.is_set())
+
+    def on_config(config: NodeConfig, update: ConfigUpdate) -> None:
+        if config.trust_domain and config.trust_domain != certs.trust_domain:
+            certs.trust_domain = config.trust_domain
+        proxy.update(config.workloads(), config.services(), _policies(config),
+                     trust_domain=config.trust_domain or None)
+        link.last_push_nonce = update.nonce
+        link.last_push_version = update.nonce
+        link.last_push_at = time.time()
+
+    agent = NodeAgent(options.node, dp, proxy, store, resync_interval=options.resync_interval,
+                      on_config=on_config)
     agent.restore(leftover_pods(options.node, store))
     client = ConfigClient(options.controller, token, ca_pem, agent.on_update, server_name=options.server_name)
+    sources = AgentSources(options.node, agent.config, proxy, certs, link, dp.counters,
+                           lambda: len(agent.reconciler.enrolled), str(dp.node_dir(options.node)))
+    registry.register(AgentCollector(options.node, dp.counters, proxy.stats))
+    admin = AdminServer(sources, ring, options.admin_socket or admin_socket_path(options.node))
+    metrics_server: MetricsServer | None = None
+    try:
+        await admin.start()
+        if options.metrics_listen:
+            metrics_server = MetricsServer(registry, options.metrics_listen)
+    except (AdminError, OSError) as exc:
+        log.error("event=agent_start_failed node=%s error=%r", options.node, str(exc))
+        await admin.close()
+        dp.close()
+        return 2
     log.info("event=agent_started node=%s controller=%s pod_cgroup=%s pid=%d",
              options.node, options.controller, options.pod_cgroup, os.getpid())
     tasks = {asyncio.create_task(client.run(), name="config"),
@@ -235,6 +310,10 @@ async def run(options: AgentOptions, stop: asyncio.Event | None = None) -> int:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         await agent.close()
+        await certs.close()
+        await admin.close()
+        if metrics_server is not None:
+            metrics_server.close()
         await client.close()
         dp.close()
     log.info("event=agent_stopped node=%s enrolled=%d pins=kept",

@@ -14,6 +14,7 @@ import contextlib
 import json
 import os
 import re
+import shlex
 import signal
 import subprocess
 import sys
@@ -383,12 +384,15 @@ def env(tmp_path: Path) -> Iterator[Env]:
         e.close()
 
 
-def relay_lines(agent: Agent, direction: str, pod: str) -> list[dict[str, str]]:
-    """The agent's `event=relay_open` lines as key → value dicts."""
+def flow_lines(agent: Agent, **fields: str) -> list[dict[str, str]]:
+    """The node proxy's flow records (`msg=flow key=value ...` log lines) matching `fields`."""
     out = []
     for line in agent.log().splitlines():
-        if "event=relay_open" in line and f"direction={direction} " in line and f"pod={pod} " in line:
-            out.append(dict(kv.split("=", 1) for kv in line.split("msg=", 1)[1].split() if "=" in kv))
+        if "msg=flow " not in line:
+            continue
+        rec = dict(kv.split("=", 1) for kv in shlex.split(line.split("msg=flow ", 1)[1]) if "=" in kv)
+        if all(rec.get(k) == v for k, v in fields.items()):
+            out.append(rec)
     return out
 
 
@@ -414,21 +418,20 @@ def test_enrolled_pod_connection_is_relayed_and_logged_with_original_destination
     out = env.connect("client", server.ip, 8000, "direct")
     assert '"data": "direct"' in out["reply"]
     assert out["getpeername"] == [server.ip, 8000]  # the app sees what it dialled
-    agent.wait_for(r"event=relay_open direction=outbound pod=shop_client ")
-    (line,) = relay_lines(agent, "outbound", "shop_client")
-    assert line["original_dst"] == f"{server.ip}:8000"
-    assert line["peer"] == f"127.0.0.1:{out['local'][1]}"  # the source socket of this very connection
+    agent.wait_for(r"msg=flow event=close .*src_pod=shop/client ")
+    (rec,) = flow_lines(agent, event="close", src_pod="shop/client")
+    assert rec["dst"] == f"{server.ip}:8000"  # the original destination
+    assert rec["src"] == f"{client.ip}:{out['local'][1]}"  # the source socket of this very connection
+    assert (
+        rec["dst_pod"] == "shop/server" and rec["src_identity"] == "spiffe://cluster.local/ns/shop/sa/client"
+    )
 
     out = env.connect("client", *VIP[:1], VIP[1], "via-vip")
     assert '"data": "via-vip"' in out["reply"]
-    agent.wait_for(r"event=relay_open direction=outbound pod=shop_client ", count=2)
-    vip_line = relay_lines(agent, "outbound", "shop_client")[-1]
-    assert vip_line["original_dst"] == f"{VIP[0]}:{VIP[1]}"
-    assert vip_line["upstream"] == f"{server.ip}:8000"
-
-    # The inbound leg of the server pod names the client as the peer.
-    agent.wait_for(r"event=relay_open direction=inbound pod=shop_server ", count=2)
-    assert relay_lines(agent, "inbound", "shop_server")[0]["peer"].startswith(f"{client.ip}:")
+    agent.wait_for(r"msg=flow event=close .*src_pod=shop/client ", count=2)
+    vip_rec = flow_lines(agent, event="close", src_pod="shop/client")[-1]
+    assert vip_rec["dst"] == f"{server.ip}:8000"  # the VIP resolved to the server's endpoint
+    assert vip_rec.get("dst_service") == "web.shop.svc.cluster.local", vip_rec
 
 
 def test_non_enrolled_pod_is_untouched(env: Env) -> None:
@@ -440,7 +443,7 @@ def test_non_enrolled_pod_is_untouched(env: Env) -> None:
     out = env.connect("outsider", env.net.pods["client"].ip, 8001, "plain")
     assert '"data": "plain"' in out["reply"]
     assert out["local"][0] == outsider.ip  # not rewritten to 127.0.0.1:15001
-    assert relay_lines(agent, "outbound", "shop_outsider") == []
+    assert flow_lines(agent, src_pod="shop/outsider") == []
     assert not (env.pins() / "links" / "sk_lookup-shop_outsider").exists()
     assert "shop_outsider" not in agent.log()
 
@@ -455,8 +458,9 @@ def test_removing_a_pod_from_config_unenrolls_it(env: Env) -> None:
     out = env.connect("client", env.net.pods["server"].ip, 8000, "after-removal")
     assert '"data": "after-removal"' in out["reply"]
     assert out["local"][0] == env.net.pods["client"].ip  # dialled directly, not via 15001
-    assert relay_lines(agent, "outbound", "shop_client") == []
-    agent.wait_for(r"event=relay_open direction=inbound pod=shop_server ")  # the server is still enrolled
+    assert flow_lines(agent, src_pod="shop/client") == []
+    # the server is still enrolled: its inbound side (15006, plaintext) took the connection
+    agent.wait_for(rf"msg=flow event=close .*src={re.escape(env.net.pods['client'].ip)}:")
 
 
 def test_agent_restarts_keep_program_and_link_counts_and_reconcile_the_first_snapshot(env: Env) -> None:
@@ -475,7 +479,7 @@ def test_agent_restarts_keep_program_and_link_counts_and_reconcile_the_first_sna
         assert node_bpf_state(env) == first, f"after restart {round_ + 1}"
         out = env.connect("client", env.net.pods["server"].ip, 8000, f"restart-{round_}")
         assert f'"data": "restart-{round_}"' in out["reply"]
-        agent.wait_for(r"event=relay_open direction=outbound pod=shop_client ")
+        agent.wait_for(r"msg=flow event=close .*src_pod=shop/client ")
     # A pod removed while the agent is away is unenrolled by the first snapshot after the restart.
     assert agent.stop() == 0
     env.set_workloads(["server", "outsider"])
@@ -531,10 +535,10 @@ def test_agent_follows_the_yaml_directory_of_a_real_controller(tmp_path: Path) -
         assert "shop_outsider" not in agent.log()  # nodemesh.io/dataplane-mode: none
         out = env.connect("client", *VIP[:1], VIP[1], "yaml-vip")
         assert '"data": "yaml-vip"' in out["reply"]
-        agent.wait_for(r"event=relay_open direction=outbound pod=shop_client ")
-        line = relay_lines(agent, "outbound", "shop_client")[-1]
-        assert line["original_dst"] == f"{VIP[0]}:{VIP[1]}"
-        assert line["upstream"] == f"{env.net.pods['server'].ip}:8000"
+        agent.wait_for(r"msg=flow event=close .*src_pod=shop/client ")
+        rec = flow_lines(agent, event="close", src_pod="shop/client")[-1]
+        assert rec["dst_service"] == "web.shop.svc.cluster.local"  # the VIP it dialled
+        assert rec["dst"] == f"{env.net.pods['server'].ip}:8000"
         env.write_pods(["server", "outsider"])  # the client pod is deleted from the directory
         agent.wait_for(r"event=pod_unenrolled pod=shop_client ", timeout=30)
         assert agent.stop() == 0

@@ -39,7 +39,9 @@ def in_private_mount_ns(script: str) -> subprocess.CompletedProcess[str]:
     assert shutil.which("unshare"), "unshare (util-linux) is needed"
     return subprocess.run(
         ["unshare", "--mount", "--propagation", "private", "sh", "-c", script],
-        capture_output=True, text=True, timeout=60,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
 
 

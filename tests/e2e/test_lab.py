@@ -66,14 +66,12 @@ def test_outsider_reaches_an_enrolled_pod_directly(lab: LabHandle) -> None:
     v1 = lab.plan.pod("httpbin-v1")
     body = lab.curl_json("outsider", f"http://{v1.ip}:8000/from-outside")
     assert body["pod"] == "httpbin-v1"
-    # the outsider is not enrolled, but httpbin-v1 is: node1's agent captured the inbound side
+    # the outsider is not enrolled, but httpbin-v1 is: node1's proxy took the inbound side (plaintext)
     outsider_ip = lab.plan.pod("outsider").ip
     inbound = [
         ln
         for ln in lab.log("agent-node1").splitlines()
-        if "direction=inbound" in ln
-        and f"peer={outsider_ip}:" in ln
-        and "original_dst=10.100.1.11:8000" in ln
+        if "msg=flow event=open" in ln and f"src={outsider_ip}:" in ln and "dst=10.100.1.11:8000" in ln
     ]
     assert inbound, lab.log("agent-node1")[-2000:]
 

@@ -7,6 +7,7 @@ uninstalls an agent, so it builds its own lab (module-scoped fixture).
 from __future__ import annotations
 
 import json
+import shlex
 import socket
 import subprocess
 import time
@@ -37,9 +38,16 @@ def probe(lab: LabHandle, pod: str, ip: str, port: int) -> dict[str, object]:
     return out
 
 
-def relay_lines(lab: LabHandle, node: str, **fields: str) -> list[str]:
-    want = [f"{k}={v}" for k, v in fields.items()]
-    return [ln for ln in lab.log(f"agent-{node}").splitlines() if all(w in ln for w in want)]
+def flows(lab: LabHandle, node: str, **fields: str) -> list[dict[str, str]]:
+    """The node proxy's flow log lines (`msg=flow key=value ...`) whose fields match `fields`."""
+    out = []
+    for line in lab.log(f"agent-{node}").splitlines():
+        if "msg=flow " not in line:
+            continue
+        rec = dict(kv.split("=", 1) for kv in shlex.split(line.split("msg=flow ", 1)[1]) if "=" in kv)
+        if all(rec.get(k) == v for k, v in fields.items()):
+            out.append(rec)
+    return out
 
 
 def wait_for(check, timeout: float = 5.0):  # type: ignore[no-untyped-def]
@@ -68,52 +76,49 @@ def test_outbound_to_a_pod_on_another_node_goes_through_the_agent(lab: LabHandle
     out = probe(lab, "client", v2.ip, 8000)
     assert out["getpeername"] == [v2.ip, 8000]  # the app sees what it dialled
     assert out["body"]["pod"] == "httpbin-v2"  # type: ignore[index]
-    local_port = out["local"][1]  # type: ignore[index]
-    lines = wait_for(
-        lambda: relay_lines(
-            lab, "node1", direction="outbound", pod="default_client", original_dst=f"{v2.ip}:8000"
-        )
-    )
-    # the agent saw the right source pod (its listener in client's netns) and the app's own port
+    # node1's proxy saw the right source pod and port, and the original destination
+    src = f"{client.ip}:{out['local'][1]}"  # type: ignore[index]
+    (rec,) = wait_for(lambda: flows(lab, "node1", event="close", src=src, dst=f"{v2.ip}:8000"))
+    assert rec["src_pod"] == "default/client" and rec["dst_pod"] == "default/httpbin-v2"
+    # node2's proxy received it over HBONE (from the tunnel's port), with the client's identity
+    recs = wait_for(lambda: flows(lab, "node2", event="close", dst=f"{v2.ip}:8000"))
     assert any(
-        f"peer=127.0.0.1:{local_port}" in ln or f"peer={client.ip}:{local_port}" in ln for ln in lines
-    ), lines
+        r["src"].startswith(f"{client.ip}:")
+        and r["src_identity"] == "spiffe://cluster.local/ns/default/sa/client"
+        for r in recs
+    ), recs
 
 
 def test_outbound_to_the_service_vip_is_resolved_by_the_agent(lab: LabHandle) -> None:
     svc = lab.plan.services[0]
+    client = lab.plan.pod("client")
     out = probe(lab, "client", svc.vip, 8000)
-    assert out["getpeername"] == [svc.vip, 8000]
-    assert out["body"]["pod"] in {"httpbin-v1", "httpbin-v2"}  # type: ignore[index]
-    lines = wait_for(lambda: relay_lines(lab, "node1", direction="outbound", original_dst=f"{svc.vip}:8000"))
-    assert any("upstream=10.100." in ln for ln in lines), lines
+    assert out["getpeername"] == [svc.vip, 8000]  # the app still sees the VIP
+    served_by = out["body"]["pod"]  # type: ignore[index]
+    assert served_by in {"httpbin-v1", "httpbin-v2"}
+    src = f"{client.ip}:{out['local'][1]}"  # type: ignore[index]
+    (rec,) = wait_for(lambda: flows(lab, "node1", event="close", src=src))
+    assert rec["dst_service"] == "httpbin.default.svc.cluster.local"
+    assert rec["dst_pod"] == f"default/{served_by}"
 
 
 def test_outsider_is_untouched_but_its_inbound_to_an_enrolled_pod_lands_on_15006(lab: LabHandle) -> None:
     v2 = lab.plan.pod("httpbin-v2")
     outsider = lab.plan.pod("outsider")
-    before = len(relay_lines(lab, "node2", pod="default_outsider"))
     out = probe(lab, "outsider", v2.ip, 8000)
     assert out["getpeername"] == [v2.ip, 8000] and out["body"]["pod"] == "httpbin-v2"  # type: ignore[index]
-    port = out["local"][1]  # type: ignore[index]
-    # no outbound capture for the outsider; the inbound side of httpbin-v2 captured it with the original port
-    inbound = wait_for(
-        lambda: relay_lines(
-            lab,
-            "node2",
-            direction="inbound",
-            pod="default_httpbin-v2",
-            peer=f"{outsider.ip}:{port}",
-            original_dst=f"{v2.ip}:8000",
-        )
-    )
-    assert len(inbound) == 1
-    assert len(relay_lines(lab, "node2", pod="default_outsider")) == before == 0
+    src = f"{outsider.ip}:{out['local'][1]}"  # type: ignore[index]
+    # the inbound side of httpbin-v2 captured it with the original port, as plaintext (no identity)
+    (rec,) = wait_for(lambda: flows(lab, "node2", event="close", src=src, dst=f"{v2.ip}:8000"))
+    assert "src_identity" not in rec and "src_pod" not in rec
+    # and nothing of the outsider went through any outbound side
+    assert flows(lab, "node2", src_pod="default/outsider") == []
+    assert flows(lab, "node1", src=src) == []
 
 
 def test_a_connection_with_no_original_destination_is_closed(lab: LabHandle) -> None:
     client = lab.plan.pod("client")
-    before = len(relay_lines(lab, "node1", event="relay_fail_closed"))
+    before = len(flows(lab, "node1", event="deny", reason="NO_ORIGINAL_DESTINATION"))
     # a socket made by the test inside client's netns but outside its cgroup: connect4 never saw it
     with in_netns(client.netns_path):
         s = socket.socket()
@@ -126,7 +131,7 @@ def test_a_connection_with_no_original_destination_is_closed(lab: LabHandle) -> 
         except ConnectionResetError:
             data = b""  # reset: closed with our bytes unread
         assert data == b""  # closed by the agent: fail closed
-    wait_for(lambda: len(relay_lines(lab, "node1", event="relay_fail_closed")) > before)
+    wait_for(lambda: len(flows(lab, "node1", event="deny", reason="NO_ORIGINAL_DESTINATION")) > before)
 
 
 def test_restarting_an_agent_twice_keeps_the_same_programs_and_links(lab: LabHandle) -> None:
@@ -149,8 +154,8 @@ def test_uninstall_leaves_nothing_of_the_node(lab: LabHandle) -> None:
     progs, links = nodemesh_programs()
     assert progs == per_node_before[0] // 2 and links < per_node_before[1]  # node1's stay
     # traffic on node2 is plain again: the outsider's connection to httpbin-v2 is not captured
-    before = len(relay_lines(lab, "node2", direction="inbound"))
     out = probe(lab, "outsider", lab.plan.pod("httpbin-v2").ip, 8000)
     assert out["body"]["pod"] == "httpbin-v2"  # type: ignore[index]
+    src = f"{lab.plan.pod('outsider').ip}:{out['local'][1]}"  # type: ignore[index]
     time.sleep(0.3)
-    assert len(relay_lines(lab, "node2", direction="inbound")) == before
+    assert flows(lab, "node2", src=src) == []

@@ -206,7 +206,15 @@ async def test_bad_first_message_is_refused_and_server_keeps_serving(
             async for _ in call:
                 pass
         assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-        good = stub.Stream(iter([pb.ConfigRequest(initial=pb.InitialRequest())]), metadata=meta)
+        done = asyncio.Event()
+
+        async def requests() -> AsyncIterator[pb.ConfigRequest]:
+            # keep the request side open, as an agent does: a half-close may end the stream early
+            yield pb.ConfigRequest(initial=pb.InitialRequest())
+            await done.wait()
+
+        good = stub.Stream(requests(), metadata=meta)
         first = await anext(aiter(good))
         assert first.snapshot and len(first.upserts) == 2
+        done.set()
         good.cancel()

@@ -1,0 +1,226 @@
+"""The node proxy's open connections: admission cap, metrics and flow records, policy re-checks.
+
+Every proxied connection is a `Tracked` from the moment it is established until it closes: the
+tracker increments Istio's opened/closed counters, counts bytes as they are written, adds the
+open/close/deny flow records, and keeps the authorization input of inbound connections so that a
+policy push can re-decide them and close the ones now denied (as ztunnel does).
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+from agent.admin.sources import ConnectionInfo, ConnPath
+from agent.proxy.flows import FlowEvent, FlowLog, FlowRecord, Verdict
+from agent.proxy.index import MeshIndex
+from agent.proxy.metrics import TcpSeries
+from api.authz import Connection, Decision
+from api.resources import Service, Workload
+
+log = logging.getLogger(__name__)
+
+Addr = tuple[str, int]
+DEFAULT_MAX_CONNECTIONS = 10_000
+
+_ids = itertools.count(1)
+
+
+def new_connection_id() -> str:
+    return f"c{next(_ids):x}"
+
+
+@dataclass(slots=True, eq=False)
+class Tracked:
+    """One established, proxied connection."""
+
+    id: str
+    path: ConnPath
+    pod_uids: tuple[str, ...]  # enrolled pods this connection belongs to (closed with them)
+    src: Addr
+    dst: Addr
+    src_workload: Workload | None = None
+    dst_workload: Workload | None = None
+    src_identity: str = ""  # spiffe://...; "" for plaintext or unknown
+    service: Service | None = None
+    authz: Connection | None = None  # inbound side: what the policy decided on
+    series: tuple[TcpSeries, ...] = ()
+    opened_at: float = field(default_factory=time.time)
+    started: float = field(default_factory=time.monotonic)
+    bytes_up: int = 0  # client → server (Istio: received)
+    bytes_down: int = 0  # server → client (Istio: sent)
+    closer: Callable[[], None] | None = None
+    close_reason: str = ""
+    deciding: Decision | None = None
+
+    def count_up(self, n: int) -> None:
+        self.bytes_up += n
+        for s in self.series:
+            s.received.inc(n)
+
+    def count_down(self, n: int) -> None:
+        self.bytes_down += n
+        for s in self.series:
+            s.sent.inc(n)
+
+    def kill(self, reason: str) -> None:
+        """Close both ends now (policy change, pod gone, shutdown)."""
+        if not self.close_reason:
+            self.close_reason = reason
+        if self.closer is not None:
+            self.closer()
+
+
+class ConnTracker:
+    """Open connections of one proxy, with the admission cap and the telemetry they produce."""
+
+    def __init__(self, flows: FlowLog, max_connections: int = DEFAULT_MAX_CONNECTIONS) -> None:
+        self.flows = flows
+        self.max_connections = max_connections
+        self.in_use = 0  # admitted sockets and streams, including those still being set up
+        self.open: dict[str, Tracked] = {}
+        self.stats: dict[str, int] = {
+            "opened": 0,
+            "closed": 0,
+            "denied": 0,
+            "overload": 0,
+            "fail_closed": 0,
+            "upstream_error": 0,
+            "policy_closed": 0,
+        }
+
+    # -- admission --
+    def reserve(self) -> bool:
+        """Take a slot for a new accepted socket or stream; False: over the cap, refuse it."""
+        if self.in_use >= self.max_connections:
+            self.stats["overload"] += 1
+            return False
+        self.in_use += 1
+        return True
+
+    def release(self) -> None:
+        self.in_use -= 1
+
+    # -- lifecycle --
+    def _record(self, t: Tracked, event: FlowEvent, verdict: Verdict, **extra: object) -> FlowRecord:
+        src, dst = t.src_workload, t.dst_workload
+        decision = t.deciding
+        values: dict[str, object] = {
+            "time": time.time(),
+            "event": event,
+            "verdict": verdict,
+            "src_ip": t.src[0],
+            "src_port": t.src[1],
+            "dst_ip": t.dst[0],
+            "dst_port": t.dst[1],
+            "src_pod": src.name if src else "",
+            "src_namespace": src.namespace if src else "",
+            "src_identity": t.src_identity,
+            "dst_pod": dst.name if dst else "",
+            "dst_namespace": dst.namespace if dst else "",
+            "dst_service": t.service.hostname if t.service else "",
+            "connection_id": t.id,
+        }
+        if decision is not None:
+            values["policy"] = str(decision.policy) if decision.policy else ""
+            values["rule"] = decision.rule_index
+            values["reason"] = str(decision.reason)
+        values.update(extra)
+        return FlowRecord(**values)  # type: ignore[arg-type]
+
+    def opened(self, t: Tracked) -> None:
+        self.open[t.id] = t
+        self.stats["opened"] += 1
+        for s in t.series:
+            s.opened.inc()
+        self.flows.add(self._record(t, FlowEvent.OPEN, Verdict.ALLOWED, reason=self._reason(t, "")))
+
+    def closed(self, t: Tracked, error: str = "") -> None:
+        if self.open.pop(t.id, None) is None:
+            return
+        self.stats["closed"] += 1
+        for s in t.series:
+            s.closed.inc()
+        self.flows.add(
+            self._record(
+                t,
+                FlowEvent.CLOSE,
+                Verdict.ALLOWED,
+                reason=t.close_reason or self._reason(t, error),
+                bytes_sent=t.bytes_up,
+                bytes_received=t.bytes_down,
+                duration=time.monotonic() - t.started,
+            )
+        )
+
+    @staticmethod
+    def _reason(t: Tracked, fallback: str) -> str:
+        if fallback:
+            return fallback
+        return str(t.deciding.reason) if t.deciding is not None else ""
+
+    def denied(self, t: Tracked, reason: str) -> None:
+        """A connection refused before it was established (policy, STRICT, fail closed...)."""
+        self.stats["denied"] += 1
+        self.flows.add(self._record(t, FlowEvent.DENY, Verdict.DENIED, reason=reason))
+
+    # -- policy pushes and pod removal --
+    def recheck(self, index: MeshIndex) -> list[Tracked]:
+        """Re-decide every open inbound connection; close (and report) those now denied."""
+        killed: list[Tracked] = []
+        for t in list(self.open.values()):
+            if t.authz is None:
+                continue
+            decision = index.recheck(t.authz)
+            if decision.allowed:
+                continue
+            t.deciding = decision
+            self.stats["policy_closed"] += 1
+            self.flows.add(self._record(t, FlowEvent.DENY, Verdict.DENIED, reason=str(decision.reason)))
+            log.info(
+                "event=connection_closed_by_policy conn=%s policy=%s reason=%s",
+                t.id,
+                decision.policy,
+                decision.reason,
+            )
+            t.kill(f"policy_changed:{decision.reason}")
+            killed.append(t)
+        return killed
+
+    def kill_pods(self, pod_uids: Iterable[str] | None, reason: str) -> int:
+        """Close the connections of these pods (all when None)."""
+        wanted = None if pod_uids is None else set(pod_uids)
+        n = 0
+        for t in list(self.open.values()):
+            if wanted is None or wanted.intersection(t.pod_uids):
+                t.kill(reason)
+                n += 1
+        return n
+
+    def infos(self) -> list[ConnectionInfo]:
+        """The open connections, for the admin API (`nodemesh conns`)."""
+        rows: list[ConnectionInfo] = []
+        for t in self.open.values():
+            rows.append(
+                ConnectionInfo(
+                    id=t.id,
+                    path=t.path,
+                    src_ip=t.src[0],
+                    src_port=t.src[1],
+                    dst_ip=t.dst[0],
+                    dst_port=t.dst[1],
+                    opened_at=t.opened_at,
+                    src_pod=f"{t.src_workload.namespace}/{t.src_workload.name}" if t.src_workload else "",
+                    src_identity=t.src_identity,
+                    dst_service=t.service.hostname if t.service else "",
+                    dst_workload=f"{t.dst_workload.namespace}/{t.dst_workload.name}"
+                    if t.dst_workload
+                    else "",
+                    bytes_sent=t.bytes_up,
+                    bytes_received=t.bytes_down,
+                )
+            )
+        return rows

@@ -1,0 +1,166 @@
+"""State shared by the outbound and inbound sides of the node proxy, and the I/O helpers they share.
+
+`ProxyCore` holds the current `MeshIndex`, the pods this proxy serves (by IP), the certificate
+manager, TLS contexts cached per certificate, the connection tracker, metrics and the HBONE pool.
+Sockets toward apps and remote nodes are created inside a pod's netns on a worker thread (setns is
+per thread and must not run on the event loop), then connected on the loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+import ssl
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from agent.datapath.interface import Datapath, EnrolledPod
+from agent.datapath.netns import in_netns
+from agent.identity import CertificateManager, WorkloadCertificate
+from agent.proxy import tls
+from agent.proxy.conns import ConnTracker
+from agent.proxy.index import MeshIndex
+from agent.proxy.metrics import ProxyMetrics
+from agent.proxy.pipe import CHUNK
+from api.resources import Workload
+from api.spiffe import SpiffeId
+
+log = logging.getLogger(__name__)
+
+Addr = tuple[str, int]
+CONNECT_TIMEOUT = 5.0
+CERT_WAIT = 5.0  # how long a new connection waits for its workload's first certificate
+
+
+class ProxyError(Exception):
+    """A connection cannot be proxied; `reason` is the flow record's reason (UPPER_SNAKE)."""
+
+    def __init__(self, reason: str, detail: str = "") -> None:
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason
+        self.detail = detail
+
+
+@dataclass(slots=True)
+class _CachedContext:
+    cert: WorkloadCertificate
+    bundle: bytes
+    context: ssl.SSLContext
+
+
+def _socket_in_netns(netns_path: str) -> socket.socket:
+    with in_netns(netns_path):  # synchronous: nothing else runs on this thread meanwhile
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return sock
+
+
+class ProxyCore:
+    """What both directions of the proxy read: config, identities, pods served, telemetry."""
+
+    def __init__(
+        self,
+        *,
+        datapath: Datapath,
+        certs: CertificateManager,
+        bundle: Callable[[], bytes],
+        index: MeshIndex,
+        tracker: ConnTracker,
+        metrics: ProxyMetrics,
+        hbone_port: int,
+        connect_timeout: float = CONNECT_TIMEOUT,
+        cert_wait: float = CERT_WAIT,
+    ) -> None:
+        self.datapath = datapath
+        self.certs = certs
+        self.bundle = bundle
+        self.index = index
+        self.tracker = tracker
+        self.metrics = metrics
+        self.hbone_port = hbone_port
+        self.connect_timeout = connect_timeout
+        self.cert_wait = cert_wait
+        self.served: dict[str, EnrolledPod] = {}  # pod IP → enrolled pod
+        self.local_ips: set[str] = set()
+        self._server_ctx: dict[SpiffeId, _CachedContext] = {}
+        self._client_ctx: dict[SpiffeId, _CachedContext] = {}
+
+    # -- pods --
+    def add_pod(self, ep: EnrolledPod) -> None:
+        self.served[ep.pod.ip] = ep
+        self.local_ips.add(ep.pod.ip)
+
+    def remove_pod(self, uid: str) -> EnrolledPod | None:
+        for ip, ep in list(self.served.items()):
+            if ep.pod.uid == uid:
+                del self.served[ip]
+                self.local_ips.discard(ip)
+                return ep
+        return None
+
+    def local_workload(self, ip: str) -> tuple[EnrolledPod, Workload] | None:
+        """The served pod owning `ip` and its workload (None when either is unknown)."""
+        ep = self.served.get(ip)
+        wl = self.index.workload_by_ip(ip) if ep is not None else None
+        return None if ep is None or wl is None else (ep, wl)
+
+    # -- TLS --
+    def _context(
+        self,
+        cache: dict[SpiffeId, _CachedContext],
+        identity: SpiffeId,
+        cert: WorkloadCertificate,
+        make: Callable[[list[bytes], object, bytes], ssl.SSLContext],
+    ) -> ssl.SSLContext:
+        bundle = self.bundle()
+        hit = cache.get(identity)
+        if hit is not None and hit.cert is cert and hit.bundle == bundle:
+            return hit.context
+        context = make(cert.chain_pem, cert.key, bundle)
+        cache[identity] = _CachedContext(cert, bundle, context)
+        return context
+
+    def server_context(self, identity: SpiffeId) -> ssl.SSLContext | None:
+        """The HBONE server context presenting `identity`'s current certificate (None: none yet)."""
+        cert = self.certs.certificate(identity)
+        if cert is None:
+            self._server_ctx.pop(identity, None)
+            return None
+        return self._context(self._server_ctx, identity, cert, tls.server_context)  # type: ignore[arg-type]
+
+    async def client_context(self, identity: SpiffeId) -> ssl.SSLContext:
+        """The HBONE client context of a source identity, waiting briefly for a first certificate."""
+        cert = self.certs.certificate(identity)
+        if cert is None:
+            try:
+                cert = await asyncio.wait_for(self.certs.wait_ready(identity), self.cert_wait)
+            except (TimeoutError, KeyError) as exc:
+                raise ProxyError("NO_CERTIFICATE", f"no certificate for {identity}: {exc!r}") from exc
+        return self._context(self._client_ctx, identity, cert, tls.client_context)  # type: ignore[arg-type]
+
+    def forget_identity(self, identity: SpiffeId) -> None:
+        self._server_ctx.pop(identity, None)
+        self._client_ctx.pop(identity, None)
+
+    # -- sockets in a pod netns --
+    async def new_socket(self, netns_path: str) -> socket.socket:
+        """A TCP socket created inside the pod netns (a thread does the setns)."""
+        try:
+            return await asyncio.to_thread(_socket_in_netns, netns_path)
+        except Exception as exc:  # DatapathError (netns vanished), OSError
+            raise ProxyError("POD_NETNS_UNAVAILABLE", f"{netns_path}: {exc}") from exc
+
+    async def dial(self, netns_path: str, dst: Addr) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        """Connect to `dst` from inside the pod netns; ProxyError("UPSTREAM_CONNECT_FAILED") if not."""
+        sock = await self.new_socket(netns_path)
+        sock.setblocking(False)
+        try:
+            await asyncio.wait_for(asyncio.get_running_loop().sock_connect(sock, dst), self.connect_timeout)
+            return await asyncio.open_connection(sock=sock, limit=CHUNK)
+        except (OSError, TimeoutError) as exc:
+            sock.close()
+            raise ProxyError("UPSTREAM_CONNECT_FAILED", f"{dst[0]}:{dst[1]}: {exc!r}") from exc
+        except BaseException:
+            sock.close()
+            raise

@@ -1,0 +1,270 @@
+"""The inbound side of the node proxy: HBONE on 15008, plaintext on 15006, same-node hand-off.
+
+Every inbound connection ends the same way (`deliver`): L4 authorization of (source principal,
+namespace, IP, destination port) against the destination workload's AuthorizationPolicies, then a
+connection to the app at `<pod ip>:<port>` made inside the pod's netns (it arrives on `lo`, which
+sk_lookup passes), then bytes both ways. They differ in what they know about the peer:
+
+- 15008 (HBONE): the mTLS peer's SPIFFE ID; the certificate presented is the destination
+  workload's, picked by the local IP the TLS connection was accepted on (no SNI). Answers
+  200 / 401 (denied) / 503 (app unreachable) on the CONNECT stream; 400s are `HboneServer`'s.
+- 15006 (plaintext): no identity. PeerAuthentication STRICT refuses it; PERMISSIVE and DISABLE
+  admit it under the same authorization (principals and namespaces cannot match).
+- same node: the outbound side hands the connection over in-process with the source pod's identity.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+import ssl
+from collections.abc import Callable
+
+from agent.admin.sources import ConnPath
+from agent.datapath.interface import EnrolledPod
+from agent.proxy.conns import Tracked, new_connection_id
+from agent.proxy.core import ProxyCore, ProxyError
+from agent.proxy.hbone import ConnectTarget, IpAddress, Status
+from agent.proxy.metrics import TcpPeers
+from agent.proxy.pipe import End, SocketEnd, StreamEnd, splice
+from agent.proxy.tunnel import HboneServer, ServerStream
+from api.authz import MtlsMode
+from api.resources import Service, Workload
+from api.spiffe import SpiffeId
+
+log = logging.getLogger(__name__)
+
+Addr = tuple[str, int]
+
+REASON_STRICT = "STRICT_MTLS_PLAINTEXT"
+REASON_UNKNOWN_DST = "UNKNOWN_DESTINATION_WORKLOAD"
+
+
+class Inbound:
+    """Accepts connections for the pods this proxy serves."""
+
+    def __init__(self, core: ProxyCore) -> None:
+        self.core = core
+        self.hbone_stats: dict[str, int] = {"handshake_failures": 0, "rejected_400": 0, "connections": 0}
+
+    # -- 15008 --
+    def pick_identity(self, local_ip: IpAddress) -> ssl.SSLContext | None:
+        """The certificate of the workload that owns the local IP (None: refuse the handshake)."""
+        hit = self.core.local_workload(str(local_ip))
+        if hit is None:
+            log.info("event=hbone_unknown_local_ip local_ip=%s", local_ip)
+            return None
+        return self.core.server_context(self.core.index.identity(hit[1]))
+
+    async def serve_hbone(self, sock: socket.socket) -> None:
+        """Run one accepted 15008 connection until it ends; never raises for a bad peer."""
+        try:
+            sock_peer: Addr = sock.getpeername()[:2]
+        except OSError as exc:
+            log.info("event=hbone_accept_failed error=%r", exc)
+            sock.close()
+            return
+
+        async def on_stream(peer: SpiffeId, target: ConnectTarget, stream: ServerStream) -> int | None:
+            return await self._hbone_stream(sock_peer, peer, target, stream)
+
+        server = HboneServer(self.pick_identity, on_stream, self.core.index.trust_domain)
+        self.hbone_stats["connections"] += 1
+        try:
+            await server.serve(sock)
+        finally:
+            self.hbone_stats["handshake_failures"] += server.handshake_failures
+            self.hbone_stats["rejected_400"] += server.rejected
+
+    async def _hbone_stream(
+        self, sock_peer: Addr, peer: SpiffeId, target: ConnectTarget, stream: ServerStream
+    ) -> int | None:
+        core = self.core
+        dst_ip = str(target.ip)
+        # The TCP peer, not `forwarded`: the source proxy dials from inside the source pod's netns,
+        # so the peer address is the source pod's IP, and a peer cannot claim another address.
+        src = sock_peer
+        if not core.tracker.reserve():
+            log.warning("event=overload side=inbound-hbone peer=%s", peer)
+            return int(Status.SERVICE_UNAVAILABLE)
+        try:
+            hit = core.local_workload(dst_ip)
+            if hit is None:
+                t = Tracked(
+                    new_connection_id(),
+                    ConnPath.HBONE,
+                    (),
+                    src,
+                    (dst_ip, target.port),
+                    src_identity=str(peer),
+                )
+                core.tracker.denied(t, REASON_UNKNOWN_DST)
+                return int(Status.SERVICE_UNAVAILABLE)
+            ep, dst_wl = hit
+            src_wl = core.index.workload_by_ip(src[0])
+            if src_wl is not None and core.index.identity(src_wl) != peer:
+                src_wl = None  # an IP is not an identity: only label what the certificate proves
+
+            def answer(status: int) -> None:
+                stream.respond(status)
+
+            await self.deliver(
+                ep=ep,
+                dst_workload=dst_wl,
+                port=target.port,
+                src=src,
+                src_identity=peer,
+                src_workload=src_wl,
+                service=None,
+                path=ConnPath.HBONE,
+                client=StreamEnd(stream),
+                answer=answer,
+                mtls=True,
+            )
+            return None
+        finally:
+            core.tracker.release()
+
+    # -- 15006 --
+    async def plaintext(
+        self, ep: EnrolledPod, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        """A connection captured by sk_lookup to a pod port: the original port is getsockname()'s."""
+        core = self.core
+        client = SocketEnd(reader, writer)
+        try:
+            peer: Addr = writer.get_extra_info("peername")[:2]
+            local: Addr = writer.get_extra_info("sockname")[:2]
+        except (TypeError, OSError):
+            client.close()
+            return
+        if not core.tracker.reserve():
+            log.warning("event=overload side=inbound-plaintext pod=%s peer=%s:%d", ep.pod.uid, *peer)
+            client.close()
+            return
+        try:
+            dst_wl = core.index.workload_by_ip(ep.pod.ip)
+            t = Tracked(
+                new_connection_id(),
+                ConnPath.PLAINTEXT_INBOUND,
+                (ep.pod.uid,),
+                peer,
+                (ep.pod.ip, local[1]),
+                dst_workload=dst_wl,
+            )
+            if dst_wl is None:
+                core.tracker.denied(t, REASON_UNKNOWN_DST)
+                client.close()
+                return
+            mode = core.index.peer_auth(dst_wl, local[1])
+            if mode is MtlsMode.STRICT:
+                core.tracker.denied(t, REASON_STRICT)
+                client.close()
+                return
+
+            def answer(status: int) -> None:
+                if status != Status.OK:
+                    client.close()
+
+            await self.deliver(
+                ep=ep,
+                dst_workload=dst_wl,
+                port=local[1],
+                src=peer,
+                src_identity=None,
+                src_workload=None,
+                service=None,
+                path=ConnPath.PLAINTEXT_INBOUND,
+                client=client,
+                answer=answer,
+                mtls=False,
+            )
+        finally:
+            core.tracker.release()
+
+    # -- shared --
+    async def deliver(
+        self,
+        *,
+        ep: EnrolledPod,
+        dst_workload: Workload,
+        port: int,
+        src: Addr,
+        src_identity: SpiffeId | None,
+        src_workload: Workload | None,
+        service: Service | None,
+        path: ConnPath,
+        client: End,
+        answer: Callable[[int], None],
+        mtls: bool,
+        extra_series: tuple[TcpPeers, ...] = (),
+    ) -> None:
+        """Authorize, connect to the app in the pod netns, answer (`answer(200|401|503)`), pipe."""
+        core = self.core
+        dst = (ep.pod.ip, port)
+        t = Tracked(
+            new_connection_id(),
+            path,
+            tuple(dict.fromkeys(p for p in (ep.pod.uid, *self._src_pod(src_workload)) if p)),
+            src,
+            dst,
+            src_workload=src_workload,
+            dst_workload=dst_workload,
+            src_identity=str(src_identity) if src_identity is not None else "",
+            service=service,
+        )
+        authz, decision = core.index.authorize(
+            dst_workload=dst_workload, src_ip=src[0], src_identity=src_identity, dst_ip=dst[0], dst_port=port
+        )
+        t.authz, t.deciding = authz, decision
+        if not decision.allowed:
+            core.tracker.denied(t, str(decision.reason))
+            answer(Status.UNAUTHORIZED)
+            return
+        try:
+            reader, writer = await core.dial(ep.pod.netns_path, dst)
+        except ProxyError as exc:
+            core.tracker.stats["upstream_error"] += 1
+            log.warning(
+                "event=inbound_upstream_failed conn=%s pod=%s dst=%s:%d reason=%s detail=%r",
+                t.id,
+                ep.pod.uid,
+                *dst,
+                exc.reason,
+                exc.detail,
+            )
+            core.tracker.denied(t, exc.reason)
+            answer(Status.SERVICE_UNAVAILABLE)
+            return
+        app = SocketEnd(reader, writer)
+        answer(Status.OK)
+        dst_principal = str(core.index.identity(dst_workload))
+        peers = TcpPeers(
+            reporter="destination",
+            src_workload=src_workload,
+            src_principal=str(src_identity) if src_identity is not None else None,
+            dst_workload=dst_workload,
+            dst_principal=dst_principal,
+            service=service,
+            mtls=mtls,
+        )
+        t.series = tuple(core.metrics.series(p) for p in (*extra_series, peers))
+
+        def closer() -> None:
+            client.close()
+            app.close()
+
+        t.closer = closer
+        core.tracker.opened(t)
+        error = ""
+        try:
+            error = await splice(client, app, t.count_up, t.count_down)
+        finally:
+            core.tracker.closed(t, error)
+
+    def _src_pod(self, src_workload: Workload | None) -> tuple[str, ...]:
+        if src_workload is None or not src_workload.ips:
+            return ()
+        ep = self.core.served.get(src_workload.ips[0])
+        return (ep.pod.uid,) if ep is not None else ()

@@ -1,0 +1,172 @@
+"""Istio's standard TCP metrics for the node proxy, with Istio's label names and values.
+
+Counters `istio_tcp_connections_opened_total`, `istio_tcp_connections_closed_total`,
+`istio_tcp_sent_bytes_total` (bytes sent to the client: the response direction) and
+`istio_tcp_received_bytes_total` (bytes received from the client: the request direction), as Istio's
+"Standard Metrics" reference defines them, so Grafana's Istio dashboards and Kiali work unchanged.
+`tcp_labels` is pure (label values from workloads); `ProxyMetrics` owns a per-proxy registry.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import prometheus_client
+from prometheus_client import CollectorRegistry, Counter
+
+from api.resources import Service, Workload
+
+UNKNOWN = "unknown"
+DEFAULT_CLUSTER = "Kubernetes"
+
+TCP_LABELS: tuple[str, ...] = (
+    "reporter",
+    "source_workload",
+    "source_workload_namespace",
+    "source_principal",
+    "source_app",
+    "source_version",
+    "source_canonical_service",
+    "source_canonical_revision",
+    "source_cluster",
+    "destination_workload",
+    "destination_workload_namespace",
+    "destination_principal",
+    "destination_app",
+    "destination_version",
+    "destination_service",
+    "destination_service_name",
+    "destination_service_namespace",
+    "destination_canonical_service",
+    "destination_canonical_revision",
+    "destination_cluster",
+    "request_protocol",
+    "response_flags",
+    "connection_security_policy",
+)
+
+prometheus_client.disable_created_metrics()  # type: ignore[no-untyped-call]
+
+
+def canonical_service(workload: Workload) -> str:
+    """`service.istio.io/canonical-name`, else `app.kubernetes.io/name`, else `app`, else the name."""
+    labels = workload.label_map()
+    for key in ("service.istio.io/canonical-name", "app.kubernetes.io/name", "app"):
+        if labels.get(key):
+            return labels[key]
+    return workload.name
+
+
+def canonical_revision(workload: Workload) -> str:
+    labels = workload.label_map()
+    for key in ("service.istio.io/canonical-revision", "app.kubernetes.io/version", "version"):
+        if labels.get(key):
+            return labels[key]
+    return "latest"
+
+
+def _side(prefix: str, workload: Workload | None, principal: str | None) -> dict[str, str]:
+    if workload is None:
+        return {
+            f"{prefix}_workload": UNKNOWN,
+            f"{prefix}_workload_namespace": UNKNOWN,
+            f"{prefix}_principal": principal or UNKNOWN,
+            f"{prefix}_app": UNKNOWN,
+            f"{prefix}_version": UNKNOWN,
+            f"{prefix}_canonical_service": UNKNOWN,
+            f"{prefix}_canonical_revision": UNKNOWN,
+            f"{prefix}_cluster": UNKNOWN,
+        }
+    labels = workload.label_map()
+    return {
+        # Istio names the workload after its controller (Deployment); nodemesh has Workload.name
+        f"{prefix}_workload": workload.name,
+        f"{prefix}_workload_namespace": workload.namespace,
+        f"{prefix}_principal": principal or UNKNOWN,
+        f"{prefix}_app": labels.get("app") or UNKNOWN,
+        f"{prefix}_version": labels.get("version") or UNKNOWN,
+        f"{prefix}_canonical_service": canonical_service(workload),
+        f"{prefix}_canonical_revision": canonical_revision(workload),
+        f"{prefix}_cluster": DEFAULT_CLUSTER,
+    }
+
+
+@dataclass(frozen=True, slots=True)
+class TcpPeers:
+    """Who talks to whom, as known when a connection opens: enough to label its series."""
+
+    reporter: str  # "source" (outbound side) | "destination" (inbound side)
+    src_workload: Workload | None
+    src_principal: str | None  # spiffe://...; None for plaintext
+    dst_workload: Workload | None
+    dst_principal: str | None
+    service: Service | None
+    mtls: bool
+
+
+def tcp_labels(peers: TcpPeers) -> dict[str, str]:
+    """The label values of one connection's series (missing values are `unknown`, as Istio's)."""
+    labels = {"reporter": peers.reporter}
+    labels |= _side("source", peers.src_workload, peers.src_principal)
+    labels |= _side("destination", peers.dst_workload, peers.dst_principal)
+    svc = peers.service
+    if svc is not None:
+        labels["destination_service"] = svc.hostname
+        labels["destination_service_name"] = svc.name
+        labels["destination_service_namespace"] = svc.namespace
+    else:
+        labels["destination_service"] = UNKNOWN
+        labels["destination_service_name"] = UNKNOWN
+        # Istio without a Service: the service namespace is still the pod's
+        labels["destination_service_namespace"] = (
+            peers.dst_workload.namespace if peers.dst_workload is not None else UNKNOWN
+        )
+    labels["request_protocol"] = "tcp"
+    labels["response_flags"] = "-"
+    labels["connection_security_policy"] = "mutual_tls" if peers.mtls else "none"
+    return labels
+
+
+class TcpSeries:
+    """The four counters of one connection's label set, resolved once (no label lookups per chunk)."""
+
+    __slots__ = ("closed", "opened", "received", "sent")
+
+    def __init__(self, metrics: ProxyMetrics, labels: dict[str, str]) -> None:
+        values = [labels[name] for name in TCP_LABELS]
+        self.opened = metrics.opened.labels(*values)
+        self.closed = metrics.closed.labels(*values)
+        self.sent = metrics.sent.labels(*values)
+        self.received = metrics.received.labels(*values)
+
+
+class ProxyMetrics:
+    """The proxy's Prometheus registry (the agent exposes it at `:15020/metrics` / the admin API)."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry(auto_describe=True)
+        self.opened = Counter(
+            "istio_tcp_connections_opened", "Total TCP connections opened", TCP_LABELS, registry=self.registry
+        )
+        self.closed = Counter(
+            "istio_tcp_connections_closed", "Total TCP connections closed", TCP_LABELS, registry=self.registry
+        )
+        self.sent = Counter(
+            "istio_tcp_sent_bytes",
+            "Total bytes sent during response in case of a TCP connection (to the client)",
+            TCP_LABELS,
+            registry=self.registry,
+        )
+        self.received = Counter(
+            "istio_tcp_received_bytes",
+            "Total bytes received during request in case of a TCP connection (from the client)",
+            TCP_LABELS,
+            registry=self.registry,
+        )
+
+    def series(self, peers: TcpPeers) -> TcpSeries:
+        return TcpSeries(self, tcp_labels(peers))
+
+    def text(self) -> str:
+        """Prometheus text exposition of this registry."""
+        return prometheus_client.generate_latest(self.registry).decode()

@@ -1,0 +1,277 @@
+"""The outbound side of the node proxy: connections an enrolled pod's app makes, captured on 15001.
+
+The original destination comes from the datapath (none: close, fail closed). `MeshIndex.route`
+decides where it goes: a Service VIP picks an endpoint (round robin, targetPort); a mesh workload on
+another node is reached over HBONE (TLS from inside the source pod's netns with the source
+workload's certificate, server identity checked, CONNECT `<pod ip>:<port>`, pooled); one on this
+node is handed to the inbound side in-process; anything else is passed through in plaintext.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from agent.admin.sources import ConnPath
+from agent.datapath.interface import EnrolledPod
+from agent.proxy.conns import Tracked, new_connection_id
+from agent.proxy.core import ProxyCore, ProxyError
+from agent.proxy.hbone import HboneError, Status
+from agent.proxy.inbound import Inbound
+from agent.proxy.index import Route, RouteKind
+from agent.proxy.metrics import TcpPeers
+from agent.proxy.pipe import SocketEnd, StreamEnd, splice
+from agent.proxy.pool import HbonePool, PoolKey
+from agent.proxy.tls import PeerIdentityError
+from agent.proxy.tunnel import HboneClient, TunnelError
+from api.resources import Workload
+
+log = logging.getLogger(__name__)
+
+Addr = tuple[str, int]
+
+REASON_NO_ORIGINAL_DST = "NO_ORIGINAL_DESTINATION"
+REASON_NO_ENDPOINT = "NO_HEALTHY_UPSTREAM"
+REASON_UNKNOWN_SOURCE = "UNKNOWN_SOURCE_WORKLOAD"
+
+
+class Outbound:
+    """Handles the 15001 listeners of the pods this proxy serves."""
+
+    def __init__(self, core: ProxyCore, inbound: Inbound) -> None:
+        self.core = core
+        self.inbound = inbound
+        # one pool per source pod: a pooled connection was made inside that pod's netns, so two pods
+        # sharing an identity must not share connections (ztunnel's pool key includes the source IP)
+        self.pools: dict[str, HbonePool] = {}
+
+    def pool(self, ep: EnrolledPod) -> HbonePool:
+        pool = self.pools.get(ep.pod.uid)
+        if pool is None:
+            netns, src_ip = ep.pod.netns_path, ep.pod.ip
+
+            async def dial(key: PoolKey) -> HboneClient:
+                return await self.dial(key, netns, src_ip)
+
+            pool = self.pools[ep.pod.uid] = HbonePool(dial)
+        return pool
+
+    async def close_pool(self, uid: str | None) -> None:
+        """Close the pooled HBONE connections of one pod (all when None)."""
+        uids = list(self.pools) if uid is None else [uid]
+        for u in uids:
+            pool = self.pools.pop(u, None)
+            if pool is not None:
+                await pool.close()
+
+    async def reap(self) -> int:
+        return sum([await pool.reap() for pool in list(self.pools.values())])
+
+    async def handle(
+        self, ep: EnrolledPod, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        core = self.core
+        client = SocketEnd(reader, writer)
+        try:
+            peer: Addr = writer.get_extra_info("peername")[:2]
+        except TypeError:
+            client.close()
+            return
+        if not core.tracker.reserve():
+            log.warning("event=overload side=outbound pod=%s peer=%s:%d", ep.pod.uid, *peer)
+            client.close()
+            return
+        try:
+            await self._handle(ep, peer, client)
+        except Exception as exc:  # never let one connection take the accept loop down
+            log.exception("event=outbound_failed pod=%s peer=%s:%d error=%r", ep.pod.uid, *peer, exc)
+            client.close()
+        finally:
+            core.tracker.release()
+
+    async def _handle(self, ep: EnrolledPod, peer: Addr, client: SocketEnd) -> None:
+        core = self.core
+        # the client's address as other pods see it: the pod IP, with the port it bound
+        src = (ep.pod.ip, peer[1])
+        try:
+            # a map read: may block on the bpf syscall, so not on the loop
+            orig = await asyncio.to_thread(core.datapath.original_destination, ep.netns_cookie, peer)
+        except Exception as exc:
+            log.warning("event=outbound_lookup_error pod=%s peer=%s:%d error=%r", ep.pod.uid, *peer, exc)
+            orig = None
+        src_wl = core.index.workload_by_ip(ep.pod.ip)
+        if orig is None:
+            core.tracker.stats["fail_closed"] += 1
+            t = Tracked(
+                new_connection_id(),
+                ConnPath.PASSTHROUGH,
+                (ep.pod.uid,),
+                src,
+                ("0.0.0.0", 0),
+                src_workload=src_wl,
+            )
+            core.tracker.denied(t, REASON_NO_ORIGINAL_DST)
+            client.close()
+            return
+        route = core.index.route(orig, local_ips=core.local_ips)
+        path = {
+            RouteKind.HBONE: ConnPath.HBONE,
+            RouteKind.SAME_NODE: ConnPath.SAME_NODE,
+        }.get(route.kind, ConnPath.PASSTHROUGH)
+        src_identity = core.index.identity(src_wl) if src_wl is not None else None
+        t = Tracked(
+            new_connection_id(),
+            path,
+            (ep.pod.uid,),
+            src,
+            route.dst,
+            src_workload=src_wl,
+            dst_workload=route.workload,
+            src_identity=str(src_identity) if src_identity is not None else "",
+            service=route.service,
+        )
+        if route.kind is RouteKind.NO_ENDPOINT:
+            core.tracker.denied(t, REASON_NO_ENDPOINT)
+            client.close()
+            return
+        if route.kind is RouteKind.PASSTHROUGH:
+            await self._passthrough(ep, route, t, client)
+            return
+        if src_wl is None:
+            # without the source workload there is no identity to present: fail closed
+            core.tracker.denied(t, REASON_UNKNOWN_SOURCE)
+            client.close()
+            return
+        if route.kind is RouteKind.SAME_NODE:
+            await self._same_node(route, src, src_wl, client)
+        else:
+            await self._hbone(ep, route, t, src_wl, client)
+
+    def _source_peers(self, route: Route, src_wl: Workload | None, mtls: bool) -> TcpPeers:
+        index = self.core.index
+        dst_principal = None
+        if mtls and route.workload is not None:
+            dst_principal = str(index.identity(route.workload))
+        return TcpPeers(
+            reporter="source",
+            src_workload=src_wl,
+            src_principal=str(index.identity(src_wl)) if src_wl is not None and mtls else None,
+            dst_workload=route.workload,
+            dst_principal=dst_principal,
+            service=route.service,
+            mtls=mtls,
+        )
+
+    async def _pipe(self, t: Tracked, client: SocketEnd, upstream: SocketEnd | StreamEnd) -> None:
+        core = self.core
+
+        def closer() -> None:
+            client.close()
+            upstream.close()
+
+        t.closer = closer
+        core.tracker.opened(t)
+        error = ""
+        try:
+            error = await splice(client, upstream, t.count_up, t.count_down)
+        finally:
+            core.tracker.closed(t, error)
+
+    async def _passthrough(self, ep: EnrolledPod, route: Route, t: Tracked, client: SocketEnd) -> None:
+        core = self.core
+        try:
+            reader, writer = await core.dial(ep.pod.netns_path, route.dst)
+        except ProxyError as exc:
+            core.tracker.stats["upstream_error"] += 1
+            log.info(
+                "event=outbound_upstream_failed conn=%s dst=%s:%d reason=%s detail=%r",
+                t.id,
+                *route.dst,
+                exc.reason,
+                exc.detail,
+            )
+            core.tracker.denied(t, exc.reason)
+            client.close()
+            return
+        t.series = (core.metrics.series(self._source_peers(route, t.src_workload, mtls=False)),)
+        await self._pipe(t, client, SocketEnd(reader, writer))
+
+    async def _hbone(
+        self, ep: EnrolledPod, route: Route, t: Tracked, src_wl: Workload, client: SocketEnd
+    ) -> None:
+        core = self.core
+        assert route.workload is not None
+        src_id = core.index.identity(src_wl)
+        dst_id = core.index.identity(route.workload)
+        key = PoolKey(src_id, dst_id, (route.dst[0], core.hbone_port))
+        try:
+            stream = await self.pool(ep).open_stream(key, route.dst, t.src)
+        except HboneError as exc:
+            reason = "DENIED_BY_DESTINATION" if exc.status == Status.UNAUTHORIZED else f"HBONE_{exc.status}"
+            log.info("event=outbound_hbone_refused conn=%s dst=%s:%d status=%d", t.id, *route.dst, exc.status)
+            core.tracker.denied(t, reason)
+            client.close()
+            return
+        except (ProxyError, TunnelError, PeerIdentityError, OSError, TimeoutError) as exc:
+            reason = exc.reason if isinstance(exc, ProxyError) else "HBONE_CONNECT_FAILED"
+            core.tracker.stats["upstream_error"] += 1
+            log.warning(
+                "event=outbound_hbone_failed conn=%s pod=%s dst=%s:%d reason=%s error=%r",
+                t.id,
+                ep.pod.uid,
+                *route.dst,
+                reason,
+                exc,
+            )
+            core.tracker.denied(t, reason)
+            client.close()
+            return
+        t.series = (core.metrics.series(self._source_peers(route, src_wl, mtls=True)),)
+        await self._pipe(t, client, StreamEnd(stream))
+
+    async def _same_node(self, route: Route, src: Addr, src_wl: Workload, client: SocketEnd) -> None:
+        core = self.core
+        assert route.workload is not None
+        hit = core.local_workload(route.dst[0])
+        if hit is None:  # the pod left between route() and now
+            client.close()
+            return
+        dst_ep, dst_wl = hit
+
+        def answer(status: int) -> None:
+            if status != Status.OK:
+                client.close()
+
+        await self.inbound.deliver(
+            ep=dst_ep,
+            dst_workload=dst_wl,
+            port=route.dst[1],
+            src=src,
+            src_identity=core.index.identity(src_wl),
+            src_workload=src_wl,
+            service=route.service,
+            path=ConnPath.SAME_NODE,
+            client=client,
+            answer=answer,
+            mtls=True,
+            extra_series=(self._source_peers(route, src_wl, mtls=True),),
+        )
+
+    # -- dialling for the pool --
+    async def dial(self, key: PoolKey, netns_path: str, src_ip: str) -> HboneClient:
+        """A new HBONE connection for `key`, from inside the source pod's netns.
+
+        Bound to the pod IP: that is the source the destination authorizes (`ipBlocks`), and what the
+        kernel would pick in the pod netns anyway.
+        """
+        core = self.core
+        context = await core.client_context(key.src_identity)
+        sock = await core.new_socket(netns_path)
+        try:
+            sock.bind((src_ip, 0))
+            return await HboneClient.connect(
+                key.dst_addr, context, key.dst_identity, sock=sock, handshake_timeout=core.connect_timeout
+            )
+        except BaseException:
+            sock.close()
+            raise

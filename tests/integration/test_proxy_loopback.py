@@ -1,0 +1,788 @@
+"""NodeProxy end to end on loopback: two proxies (two "nodes"), real CA, real TLS, real sockets.
+
+Each pod is an IP of 127/8 (a random /24 per test run). Its listeners are real sockets: 15001 is
+bound to `<pod ip>:<ephemeral>` and the test "app" connects to it after registering its original
+destination in a fake datapath (what connect4 + sockops do); 15008 is `<pod ip>:<hbone port>`; a
+15006 listener is bound to an alias IP on the app's port, so that `getsockname()` gives the
+original port as sk_lookup's steering does. Pod netns paths are this process's own netns, so the
+proxy's in-netns socket creation really runs (setns needs root).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import random
+import socket
+import ssl
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import h2.config
+import h2.connection
+import h2.events
+import pytest
+
+from agent.admin.flows import FlowEvent, FlowRecord, Verdict
+from agent.datapath.interface import EnrolledPod, PodRef
+from agent.identity import CertificateManager
+from agent.proxy import tls
+from agent.proxy.server import NodeProxy
+from api.csr import new_workload_csr
+from api.resources import Endpoint, PolicyObject, Service, ServicePort, TunnelProtocol, Workload
+from api.spiffe import SpiffeId
+from controller.ca.authority import CertificateAuthority
+
+pytestmark = [
+    pytest.mark.timeout(60),
+    pytest.mark.skipif(os.geteuid() != 0, reason="setns into a netns needs root"),
+]
+
+TD = "cluster.local"
+OWN_NETNS = "/proc/self/ns/net"
+APP_PORT = 8080
+
+
+async def assert_eventually(cond: Callable[[], bool], timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, "condition not met in time"
+        await asyncio.sleep(0.01)
+
+
+class FakeDatapath:
+    """original_destination from a dict filled by the test app before it connects."""
+
+    def __init__(self) -> None:
+        self.orig: dict[tuple[int, int], tuple[str, int]] = {}
+
+    def load(self, node: str, pod_cgroup: Path) -> None: ...
+    def enroll(self, pod: PodRef) -> EnrolledPod:
+        raise NotImplementedError
+
+    def unenroll(self, pod: PodRef) -> None: ...
+
+    def original_destination(self, netns_cookie: int, peer: tuple[str, int]) -> tuple[str, int] | None:
+        return self.orig.get((netns_cookie, peer[1]))
+
+    def counters(self) -> dict[str, int]:
+        return {}
+
+    def uninstall(self, node: str) -> None: ...
+
+
+@dataclass
+class App:
+    """An echo server on `<pod ip>:<port>` that prefixes its first reply, recording what it got."""
+
+    addr: tuple[str, int]
+    prefix: bytes = b""
+    received: bytearray = field(default_factory=bytearray)
+    peers: list[tuple[str, int]] = field(default_factory=list)
+    server: asyncio.Server | None = None
+
+    async def start(self) -> None:
+        async def handle(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+            self.peers.append(w.get_extra_info("peername"))
+            prefix = self.prefix
+            try:
+                while data := await r.read(65536):
+                    self.received += data
+                    w.write(prefix + data)
+                    prefix = b""
+                    await w.drain()
+                w.close()
+            except ConnectionError:
+                w.close()
+
+        self.server = await asyncio.start_server(handle, *self.addr)
+
+
+@dataclass
+class Pod:
+    name: str
+    namespace: str
+    sa: str
+    node: str
+    ip: str
+    cookie: int
+    labels: tuple[tuple[str, str], ...] = ()
+    netns: str = OWN_NETNS
+    ep: EnrolledPod | None = None
+
+    @property
+    def workload(self) -> Workload:
+        return Workload(
+            uid=f"{self.namespace}/{self.name}",
+            name=self.name,
+            namespace=self.namespace,
+            service_account=self.sa,
+            node=self.node,
+            ips=(self.ip,),
+            labels=self.labels,
+            protocol=TunnelProtocol.HBONE,
+            netns=self.netns,
+        )
+
+    @property
+    def identity(self) -> SpiffeId:
+        return SpiffeId.for_workload(TD, self.namespace, self.sa)
+
+
+def listener(addr: tuple[str, int]) -> socket.socket:
+    s = socket.socket()
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    s.bind(addr)
+    s.listen(128)
+    s.setblocking(False)
+    return s
+
+
+@dataclass
+class Mesh:
+    ca: CertificateAuthority
+    net: str  # "127.a.b."
+    hbone_port: int
+    dp: dict[str, FakeDatapath]
+    proxies: dict[str, NodeProxy]
+    certs: dict[str, CertificateManager]
+    pods: dict[str, Pod]
+    apps: dict[str, App]
+    services: list[Service] = field(default_factory=list)
+    policies: list[PolicyObject] = field(default_factory=list)
+    extra_workloads: list[Workload] = field(default_factory=list)
+
+    def push(self) -> None:
+        workloads = [p.workload for p in self.pods.values()] + self.extra_workloads
+        for proxy in self.proxies.values():
+            proxy.update(workloads, self.services, self.policies)
+
+    def set_policies(self, *policies: PolicyObject) -> None:
+        self.policies = list(policies)
+        self.push()
+
+    async def connect(
+        self, src: str, dst: tuple[str, int]
+    ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        """What an app in pod `src` sees when it connects to `dst` (captured to the pod's 15001)."""
+        pod = self.pods[src]
+        assert pod.ep is not None and pod.ep.outbound is not None
+        s = socket.socket()
+        s.bind((pod.ip, 0))
+        self.dp[pod.node].orig[(pod.cookie, s.getsockname()[1])] = dst
+        s.setblocking(False)
+        await asyncio.get_running_loop().sock_connect(s, pod.ep.outbound.getsockname())
+        return await asyncio.open_connection(sock=s)
+
+    def flows(self, node: str) -> list[FlowRecord]:
+        return list(self.proxies[node].flows.ring)
+
+    def sample(self, node: str, name: str, **labels: str) -> float:
+        total = 0.0
+        for metric in self.proxies[node].metrics.registry.collect():
+            for s in metric.samples:
+                if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()):
+                    total += s.value
+        return total
+
+
+async def exchange(
+    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, data: bytes, expect: int
+) -> bytes:
+    writer.write(data)
+    await writer.drain()
+    got = bytearray()
+    while len(got) < expect:
+        chunk = await asyncio.wait_for(reader.read(65536), 5)
+        if not chunk:
+            break
+        got += chunk
+    return bytes(got)
+
+
+async def refused(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bool:
+    """The proxy closed the connection without delivering anything."""
+    try:
+        writer.write(b"hello")
+        await writer.drain()
+        data = await asyncio.wait_for(reader.read(100), 5)
+    except ConnectionError:
+        return True
+    return data == b""
+
+
+def make_ca(tmp: Path) -> CertificateAuthority:
+    return CertificateAuthority.load_or_create(tmp, TD)
+
+
+@pytest.fixture(scope="module")
+def ca(tmp_path_factory: pytest.TempPathFactory) -> CertificateAuthority:
+    return make_ca(Path(tmp_path_factory.mktemp("ca")))
+
+
+@pytest.fixture
+async def mesh(ca: CertificateAuthority) -> AsyncIterator[Mesh]:
+    net = f"127.{random.randint(100, 250)}.{random.randint(1, 250)}."
+    pods = {
+        "a": Pod("a", "front", "a", "node1", net + "11", 101, (("app", "a"),)),
+        "c": Pod("c", "front", "c", "node1", net + "13", 103, (("app", "c"),)),
+        "b": Pod("b", "back", "b", "node2", net + "12", 102, (("app", "b"), ("version", "v1"))),
+    }
+
+    async def sign(csr: bytes, ttl: int) -> list[bytes]:
+        return ca.sign(ca.validate_csr(csr), timedelta(seconds=ttl)).chain_pem
+
+    # one HBONE port for every pod (different IPs); find one free on all three
+    probe = listener((pods["a"].ip, 0))
+    hbone_port = probe.getsockname()[1]
+    probe.close()
+    dps = {n: FakeDatapath() for n in ("node1", "node2")}
+    certs = {n: CertificateManager(sign, ca.trust_bundle_pem, TD) for n in ("node1", "node2")}
+    proxies = {
+        n: NodeProxy(dps[n], certs[n], TD, node=n, bundle=ca.trust_bundle_pem, hbone_port=hbone_port)
+        for n in ("node1", "node2")
+    }
+    apps = {k: App((p.ip, APP_PORT), prefix=k.encode() + b":") for k, p in pods.items()}
+    m = Mesh(ca, net, hbone_port, dps, proxies, certs, pods, apps)
+    try:
+        for app in apps.values():
+            await app.start()
+        m.push()
+        for i, pod in enumerate(pods.values()):
+            pod.ep = EnrolledPod(
+                pod=PodRef(uid=pod.name, netns_path=pod.netns, ip=pod.ip),
+                netns_cookie=pod.cookie,
+                pod_index=i,
+                outbound=listener((pod.ip, 0)),
+                # sk_lookup keeps the original port: an alias IP with the app's port stands in for it
+                inbound=listener((net + str(100 + int(pod.ip.rsplit(".", 1)[1])), APP_PORT)),
+                hbone=listener((pod.ip, hbone_port)),
+            )
+            await proxies[pod.node].serve(pod.ep)
+        for pod in pods.values():
+            await asyncio.wait_for(certs[pod.node].wait_ready(pod.identity), 10)
+        yield m
+    finally:
+        for proxy in proxies.values():
+            await proxy.stop()
+        for mgr in certs.values():
+            await mgr.close()
+        for app in apps.values():
+            if app.server is not None:
+                app.server.close()
+        for pod in pods.values():
+            if pod.ep is not None:
+                pod.ep.close()
+
+
+def policy(name: str, namespace: str, spec: dict[str, Any]) -> PolicyObject:
+    body = {
+        "apiVersion": "security.istio.io/v1",
+        "kind": "AuthorizationPolicy",
+        "metadata": {"name": name, "namespace": namespace},
+        "spec": spec,
+    }
+    return PolicyObject.of("AuthorizationPolicy", namespace, name, body)
+
+
+def peer_authentication(name: str, namespace: str, mode: str) -> PolicyObject:
+    body = {
+        "apiVersion": "security.istio.io/v1",
+        "kind": "PeerAuthentication",
+        "metadata": {"name": name, "namespace": namespace},
+        "spec": {"mtls": {"mode": mode}},
+    }
+    return PolicyObject.of("PeerAuthentication", namespace, name, body)
+
+
+# --- HBONE between nodes ------------------------------------------------------------------------
+
+
+async def test_hbone_round_trip_with_the_right_identities(mesh: Mesh) -> None:
+    b = mesh.pods["b"]
+    r, w = await mesh.connect("a", (b.ip, APP_PORT))
+    assert await exchange(r, w, b"ping", 6) == b"b:ping"
+    w.close()
+    await assert_eventually(lambda: any(f.event is FlowEvent.CLOSE for f in mesh.flows("node2")))
+    opened = [f for f in mesh.flows("node2") if f.event is FlowEvent.OPEN]
+    assert len(opened) == 1
+    f = opened[0]
+    assert f.src_identity == str(mesh.pods["a"].identity)
+    assert (f.src_ip, f.src_pod, f.src_namespace) == (mesh.pods["a"].ip, "a", "front")
+    assert (f.dst_ip, f.dst_port, f.dst_pod, f.dst_namespace) == (b.ip, APP_PORT, "b", "back")
+    assert f.reason == "ALLOWED_NO_POLICY"
+    # the source side used HBONE with both principals known
+    assert (
+        mesh.sample(
+            "node1",
+            "istio_tcp_connections_opened_total",
+            reporter="source",
+            source_principal=str(mesh.pods["a"].identity),
+            destination_principal=str(b.identity),
+            destination_workload="b",
+            destination_version="v1",
+            connection_security_policy="mutual_tls",
+        )
+        == 1
+    )
+    assert (
+        mesh.sample(
+            "node2",
+            "istio_tcp_connections_closed_total",
+            reporter="destination",
+            source_workload="a",
+            source_principal=str(mesh.pods["a"].identity),
+            connection_security_policy="mutual_tls",
+        )
+        == 1
+    )
+
+
+async def test_byte_counters_match_the_bytes_sent(mesh: Mesh) -> None:
+    b = mesh.pods["b"]
+    r, w = await mesh.connect("a", (b.ip, APP_PORT))
+    sent_total, got_total, prefix = 0, 0, b"b:"
+    for size in (1, 1000, 300_000):
+        payload = os.urandom(size)
+        got = await exchange(r, w, payload, size + len(prefix))
+        assert got == prefix + payload
+        sent_total += size
+        got_total += size + len(prefix)
+        prefix = b""
+    w.close()
+    for node, reporter in (("node1", "source"), ("node2", "destination")):
+
+        def closed(n: str = node, rep: str = reporter) -> bool:
+            return mesh.sample(n, "istio_tcp_connections_closed_total", reporter=rep) == 1
+
+        await assert_eventually(closed)
+        # Istio: received = from the client (request direction), sent = to the client
+        assert mesh.sample(node, "istio_tcp_received_bytes_total", reporter=reporter) == sent_total
+        assert mesh.sample(node, "istio_tcp_sent_bytes_total", reporter=reporter) == got_total
+    close = next(f for f in mesh.flows("node2") if f.event is FlowEvent.CLOSE)
+    assert (close.bytes_sent, close.bytes_received) == (sent_total, got_total)
+
+
+async def test_many_connections_share_one_pooled_hbone_connection(mesh: Mesh) -> None:
+    b = mesh.pods["b"]
+    conns = [await mesh.connect("a", (b.ip, APP_PORT)) for _ in range(20)]
+    for i, (r, w) in enumerate(conns):
+        assert await exchange(r, w, b"%d" % i, len(b"b:%d" % i)) == b"b:%d" % i
+    assert mesh.proxies["node2"].inbound.hbone_stats["connections"] == 1
+    for _, w in conns:
+        w.close()
+
+
+# --- refusals at 15008 ----------------------------------------------------------------------------
+
+
+def svid_context(ca: CertificateAuthority, identity: SpiffeId, bundle: bytes) -> ssl.SSLContext:
+    key, csr = new_workload_csr(identity)
+    issued = ca.sign(ca.validate_csr(csr))
+    return tls.client_context(issued.chain_pem, key, bundle)
+
+
+def h2_connect(
+    addr: tuple[str, int], ctx: ssl.SSLContext, authority: str, message: bytes
+) -> tuple[int, bytes]:
+    """An independent HTTP/2 client: blocking socket + ssl + bare h2, none of nodemesh's I/O code."""
+    with socket.create_connection(addr, timeout=5) as raw, ctx.wrap_socket(raw, server_hostname=None) as s:
+        conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+        conn.initiate_connection()
+        conn.send_headers(1, [(":method", "CONNECT"), (":authority", authority)])
+        s.sendall(conn.data_to_send())
+        status, body, sent = 0, bytearray(), False
+        while True:
+            data = s.recv(65536)
+            if not data:
+                break
+            done = False
+            for ev in conn.receive_data(data):
+                if isinstance(ev, h2.events.ResponseReceived):
+                    status = int(dict(ev.headers)[b":status"])
+                    if status == 200 and not sent:
+                        conn.send_data(1, message, end_stream=True)
+                        sent = True
+                elif isinstance(ev, h2.events.DataReceived):
+                    body += ev.data
+                    conn.acknowledge_received_data(ev.flow_controlled_length, 1)
+                elif isinstance(ev, h2.events.StreamEnded | h2.events.StreamReset):
+                    done = True
+            s.sendall(conn.data_to_send())
+            if done:
+                break
+        return status, bytes(body)
+
+
+async def refused_handshake(addr: tuple[str, int], ctx: ssl.SSLContext, authority: str) -> bool:
+    """TLS 1.3: the client may finish its side first; the refusal then shows as an alert or EOF."""
+    try:
+        status, body = await asyncio.to_thread(h2_connect, addr, ctx, authority, b"x")
+    except (ssl.SSLError, OSError):
+        return True
+    return status == 0 and body == b""
+
+
+async def test_independent_h2_client_reaches_the_app_through_15008(mesh: Mesh) -> None:
+    b = mesh.pods["b"]
+    ctx = svid_context(mesh.ca, SpiffeId.for_workload(TD, "ops", "tester"), mesh.ca.trust_bundle_pem())
+    status, body = await asyncio.to_thread(
+        h2_connect, (b.ip, mesh.hbone_port), ctx, f"{b.ip}:{APP_PORT}", b"hello"
+    )
+    assert (status, body) == (200, b"b:hello")
+    await assert_eventually(lambda: any(f.event is FlowEvent.CLOSE for f in mesh.flows("node2")))
+    f = next(f for f in mesh.flows("node2") if f.event is FlowEvent.OPEN)
+    assert f.src_identity == f"spiffe://{TD}/ns/ops/sa/tester"
+    assert f.src_pod == ""  # no workload proven by that certificate
+
+
+async def test_authority_ip_not_the_tls_destination_gets_400(mesh: Mesh) -> None:
+    b, c = mesh.pods["b"], mesh.pods["c"]
+    ctx = svid_context(mesh.ca, mesh.pods["a"].identity, mesh.ca.trust_bundle_pem())
+    status, _ = await asyncio.to_thread(h2_connect, (b.ip, mesh.hbone_port), ctx, f"{c.ip}:{APP_PORT}", b"x")
+    assert status == 400
+    assert mesh.apps["c"].peers == [] and mesh.apps["b"].peers == []
+
+
+async def test_client_certificate_from_another_ca_is_refused(mesh: Mesh, tmp_path: Path) -> None:
+    b = mesh.pods["b"]
+    rogue = make_ca(tmp_path)
+    ctx = svid_context(rogue, mesh.pods["a"].identity, mesh.ca.trust_bundle_pem())
+    assert await refused_handshake((b.ip, mesh.hbone_port), ctx, f"{b.ip}:{APP_PORT}")
+    await assert_eventually(lambda: mesh.proxies["node2"].inbound.hbone_stats["handshake_failures"] == 1)
+    assert mesh.apps["b"].peers == []
+
+
+async def test_no_client_certificate_is_refused(mesh: Mesh) -> None:
+    b = mesh.pods["b"]
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_3
+    ctx.check_hostname = False
+    ctx.load_verify_locations(cadata=mesh.ca.trust_bundle_pem().decode())
+    ctx.set_alpn_protocols(["h2"])
+    assert await refused_handshake((b.ip, mesh.hbone_port), ctx, f"{b.ip}:{APP_PORT}")
+    await assert_eventually(lambda: mesh.proxies["node2"].inbound.hbone_stats["handshake_failures"] == 1)
+    assert mesh.apps["b"].peers == []
+
+
+# --- L4 authorization -----------------------------------------------------------------------------
+
+_A_PRINCIPAL = f"{TD}/ns/front/sa/a"
+
+DENY_CASES: dict[str, tuple[list[dict[str, Any]], bool]] = {
+    # name: (policies in namespace "back" as (action, rules) specs, allowed?)
+    "deny-principal": (
+        [{"action": "DENY", "rules": [{"from": [{"source": {"principals": [_A_PRINCIPAL]}}]}]}],
+        False,
+    ),
+    "deny-other-principal": (
+        [{"action": "DENY", "rules": [{"from": [{"source": {"principals": [f"{TD}/ns/x/sa/y"]}}]}]}],
+        True,
+    ),
+    "deny-namespace": (
+        [{"action": "DENY", "rules": [{"from": [{"source": {"namespaces": ["front"]}}]}]}],
+        False,
+    ),
+    "deny-ipblock": (
+        [{"action": "DENY", "rules": [{"from": [{"source": {"ipBlocks": ["IPA/32"]}}]}]}],
+        False,
+    ),
+    "deny-other-ipblock": (
+        [{"action": "DENY", "rules": [{"from": [{"source": {"ipBlocks": ["10.9.9.9"]}}]}]}],
+        True,
+    ),
+    "deny-port": (
+        [{"action": "DENY", "rules": [{"to": [{"operation": {"ports": [str(APP_PORT)]}}]}]}],
+        False,
+    ),
+    "deny-other-port": ([{"action": "DENY", "rules": [{"to": [{"operation": {"ports": ["9999"]}}]}]}], True),
+    "deny-beats-allow": (
+        [
+            {"action": "ALLOW", "rules": [{"from": [{"source": {"principals": [_A_PRINCIPAL]}}]}]},
+            {"action": "DENY", "rules": [{"from": [{"source": {"namespaces": ["front"]}}]}]},
+        ],
+        False,
+    ),
+    "allow-other-only": (
+        [{"action": "ALLOW", "rules": [{"from": [{"source": {"principals": [f"{TD}/ns/x/sa/y"]}}]}]}],
+        False,
+    ),
+    "allow-a": (
+        [{"action": "ALLOW", "rules": [{"from": [{"source": {"principals": [_A_PRINCIPAL]}}]}]}],
+        True,
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(DENY_CASES))
+async def test_authorization_policy_at_the_destination(mesh: Mesh, case: str) -> None:
+    specs, allowed = DENY_CASES[case]
+    a, b = mesh.pods["a"], mesh.pods["b"]
+    objs = [
+        policy(f"p{i}", "back", json.loads(json.dumps(spec).replace("IPA", a.ip)))
+        for i, spec in enumerate(specs)
+    ]
+    mesh.set_policies(*objs)
+    r, w = await mesh.connect("a", (b.ip, APP_PORT))
+    if allowed:
+        assert await exchange(r, w, b"hi", 4) == b"b:hi"
+        w.close()
+        return
+    assert await refused(r, w)
+    deny = [f for f in mesh.flows("node2") if f.event is FlowEvent.DENY]
+    assert len(deny) == 1 and deny[0].verdict is Verdict.DENIED
+    assert deny[0].src_identity == str(a.identity)
+    if case == "allow-other-only":
+        assert deny[0].reason == "NOT_ALLOWED"
+    else:
+        assert deny[0].reason == "DENIED_BY_POLICY"
+        assert deny[0].policy == f"back/p{len(specs) - 1}" and deny[0].rule == 0
+    # the source side saw the 401
+    assert any(f.event is FlowEvent.DENY and f.reason == "DENIED_BY_DESTINATION" for f in mesh.flows("node1"))
+    assert mesh.apps["b"].peers == []
+
+
+async def test_policy_update_closes_a_now_denied_open_connection(mesh: Mesh) -> None:
+    a, b = mesh.pods["a"], mesh.pods["b"]
+    r, w = await mesh.connect("a", (b.ip, APP_PORT))
+    assert await exchange(r, w, b"one", 5) == b"b:one"
+    r2, w2 = await mesh.connect("c", (b.ip, APP_PORT))  # another source: stays allowed
+    assert await exchange(r2, w2, b"two", 5) == b"b:two"
+    mesh.set_policies(
+        policy(
+            "no-a",
+            "back",
+            {"action": "DENY", "rules": [{"from": [{"source": {"principals": [_A_PRINCIPAL]}}]}]},
+        )
+    )
+    assert await asyncio.wait_for(r.read(100), 5) == b""
+    assert await exchange(r2, w2, b"three", 5) == b"three"
+    deny = [f for f in mesh.flows("node2") if f.event is FlowEvent.DENY]
+    assert len(deny) == 1 and deny[0].policy == "back/no-a" and deny[0].src_identity == str(a.identity)
+    await assert_eventually(lambda: mesh.proxies["node2"].stats()["policy_closed"] == 1)
+    w.close()
+    w2.close()
+
+
+# --- plaintext inbound (15006) ------------------------------------------------------------------
+
+
+async def plaintext_to(mesh: Mesh, pod: str) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    ep = mesh.pods[pod].ep
+    assert ep is not None and ep.inbound is not None
+    return await asyncio.open_connection(*ep.inbound.getsockname())
+
+
+async def test_permissive_admits_plaintext_without_identity(mesh: Mesh) -> None:
+    r, w = await plaintext_to(mesh, "b")
+    assert await exchange(r, w, b"plain", 7) == b"b:plain"
+    w.close()
+    await assert_eventually(lambda: mesh.sample("node2", "istio_tcp_connections_closed_total") == 1)
+    f = next(f for f in mesh.flows("node2") if f.event is FlowEvent.OPEN)
+    assert f.src_identity == "" and f.dst_port == APP_PORT
+    assert (
+        mesh.sample(
+            "node2",
+            "istio_tcp_connections_opened_total",
+            connection_security_policy="none",
+            source_principal="unknown",
+            reporter="destination",
+        )
+        == 1
+    )
+
+
+async def test_strict_refuses_plaintext(mesh: Mesh) -> None:
+    mesh.set_policies(peer_authentication("strict", "back", "STRICT"))
+    r, w = await plaintext_to(mesh, "b")
+    assert await refused(r, w)
+    f = next(f for f in mesh.flows("node2") if f.event is FlowEvent.DENY)
+    assert f.reason == "STRICT_MTLS_PLAINTEXT"
+    # mTLS still works under STRICT
+    r2, w2 = await mesh.connect("a", (mesh.pods["b"].ip, APP_PORT))
+    assert await exchange(r2, w2, b"m", 3) == b"b:m"
+    w2.close()
+
+
+async def test_permissive_plaintext_cannot_match_an_allow_on_principals(mesh: Mesh) -> None:
+    mesh.set_policies(
+        peer_authentication("permissive", "back", "PERMISSIVE"),
+        policy(
+            "only-a",
+            "back",
+            {"action": "ALLOW", "rules": [{"from": [{"source": {"principals": [_A_PRINCIPAL]}}]}]},
+        ),
+    )
+    r, w = await plaintext_to(mesh, "b")
+    assert await refused(r, w)
+    f = next(f for f in mesh.flows("node2") if f.event is FlowEvent.DENY)
+    assert f.reason == "NOT_ALLOWED"
+
+
+# --- same node, services, passthrough, failures -----------------------------------------------------
+
+
+async def test_same_node_goes_in_process_under_the_same_authorization(mesh: Mesh) -> None:
+    c = mesh.pods["c"]
+    r, w = await mesh.connect("a", (c.ip, APP_PORT))
+    assert await exchange(r, w, b"near", 6) == b"c:near"
+    w.close()
+    await assert_eventually(lambda: any(f.event is FlowEvent.CLOSE for f in mesh.flows("node1")))
+    f = next(f for f in mesh.flows("node1") if f.event is FlowEvent.OPEN)
+    assert f.src_identity == str(mesh.pods["a"].identity) and f.dst_pod == "c"
+    assert mesh.proxies["node1"].inbound.hbone_stats["connections"] == 0  # no TLS on the way
+    for reporter in ("source", "destination"):
+        assert mesh.sample("node1", "istio_tcp_received_bytes_total", reporter=reporter) == 4
+    mesh.set_policies(
+        policy(
+            "no-a",
+            "front",
+            {"action": "DENY", "rules": [{"from": [{"source": {"principals": [_A_PRINCIPAL]}}]}]},
+        )
+    )
+    r, w = await mesh.connect("a", (c.ip, APP_PORT))
+    assert await refused(r, w)
+    assert any(f.event is FlowEvent.DENY and f.policy == "front/no-a" for f in mesh.flows("node1"))
+
+
+async def test_service_vip_round_robins_over_endpoints_with_target_port(mesh: Mesh) -> None:
+    b, c = mesh.pods["b"], mesh.pods["c"]
+    mesh.services = [
+        Service(
+            "echo",
+            "back",
+            "10.96.0.10",
+            (ServicePort(80, APP_PORT),),
+            (Endpoint("back/b", b.ip), Endpoint("front/c", c.ip)),
+        )
+    ]
+    mesh.push()
+    answers = []
+    for _ in range(4):
+        r, w = await mesh.connect("a", ("10.96.0.10", 80))
+        answers.append(await exchange(r, w, b"x", 3))
+        w.close()
+    assert sorted(answers) == [b"b:x", b"b:x", b"c:x", b"c:x"]
+    await assert_eventually(
+        lambda: (
+            mesh.sample(
+                "node1",
+                "istio_tcp_connections_closed_total",
+                reporter="source",
+                destination_service="echo.back.svc.cluster.local",
+            )
+            == 4
+        )
+    )
+    assert all(f.dst_service == "echo.back.svc.cluster.local" for f in mesh.flows("node1"))
+
+
+async def test_destination_outside_the_mesh_is_passed_through(mesh: Mesh) -> None:
+    outside = App((mesh.net + "200", APP_PORT), prefix=b"out:")
+    await outside.start()
+    try:
+        r, w = await mesh.connect("a", outside.addr)
+        assert await exchange(r, w, b"z", 5) == b"out:z"
+        w.close()
+        await assert_eventually(lambda: any(f.event is FlowEvent.CLOSE for f in mesh.flows("node1")))
+        assert (
+            mesh.sample(
+                "node1",
+                "istio_tcp_connections_opened_total",
+                connection_security_policy="none",
+                destination_workload="unknown",
+            )
+            == 1
+        )
+    finally:
+        assert outside.server is not None
+        outside.server.close()
+
+
+async def test_no_original_destination_fails_closed(mesh: Mesh) -> None:
+    a = mesh.pods["a"]
+    assert a.ep is not None and a.ep.outbound is not None
+    r, w = await asyncio.open_connection(*a.ep.outbound.getsockname())  # nothing registered
+    assert await refused(r, w)
+    f = next(f for f in mesh.flows("node1") if f.event is FlowEvent.DENY)
+    assert f.reason == "NO_ORIGINAL_DESTINATION"
+
+
+async def test_vanished_destination_netns_gives_503_and_no_crash(mesh: Mesh) -> None:
+    b = mesh.pods["b"]
+    assert b.ep is not None
+    b.ep.pod = PodRef(uid=b.ep.pod.uid, netns_path="/run/netns/nmpx-vanished", ip=b.ip)
+    r, w = await mesh.connect("a", (b.ip, APP_PORT))
+    assert await refused(r, w)
+    assert any(f.reason == "POD_NETNS_UNAVAILABLE" for f in mesh.flows("node2"))
+    assert any(f.reason == "HBONE_503" for f in mesh.flows("node1"))
+    # the proxy keeps serving others
+    r, w = await mesh.connect("a", (mesh.pods["c"].ip, APP_PORT))
+    assert await exchange(r, w, b"ok", 4) == b"c:ok"
+    w.close()
+
+
+async def test_connection_cap_refuses_beyond_the_limit(mesh: Mesh) -> None:
+    proxy = mesh.proxies["node1"]
+    proxy.tracker.max_connections = proxy.tracker.in_use  # full
+    r, w = await mesh.connect("a", (mesh.pods["c"].ip, APP_PORT))
+    assert await refused(r, w)
+    assert proxy.stats()["overload"] >= 1
+
+
+async def test_throughput_through_both_proxies_is_printed(
+    mesh: Mesh, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """32 MiB app → proxy → HBONE → proxy → echo app and back (64 MiB proxied per proxy), one process."""
+    b = mesh.pods["b"]
+    r, w = await mesh.connect("a", (b.ip, APP_PORT))
+    assert await exchange(r, w, b"warm", 6) == b"b:warm"
+    size = 32 * 1024 * 1024
+    block = os.urandom(1024 * 1024)
+
+    async def send() -> None:
+        for _ in range(size // len(block)):
+            w.write(block)
+            await w.drain()
+
+    start = time.perf_counter()
+    sender = asyncio.create_task(send())
+    got = 0
+    while got < size:
+        chunk = await asyncio.wait_for(r.read(1 << 20), 10)
+        assert chunk
+        got += len(chunk)
+    await sender
+    elapsed = time.perf_counter() - start
+    w.close()
+    with capsys.disabled():
+        print(
+            f"\nproxy throughput: {size / elapsed / 2**20:.0f} MiB/s each way "
+            f"({elapsed:.2f} s for 32 MiB echoed)"
+        )
+
+
+async def test_connection_setup_latency_is_printed(mesh: Mesh, capsys: pytest.CaptureFixture[str]) -> None:
+    """Sequential connect + 1-byte echo + close through both proxies (pooled HBONE connection)."""
+    b = mesh.pods["b"]
+    r, w = await mesh.connect("a", (b.ip, APP_PORT))
+    assert await exchange(r, w, b"w", 3) == b"b:w"
+    w.close()
+    samples = []
+    for _ in range(100):
+        start = time.perf_counter()
+        r, w = await mesh.connect("a", (b.ip, APP_PORT))
+        assert await exchange(r, w, b"x", 3) == b"b:x"
+        samples.append(time.perf_counter() - start)
+        w.close()
+    samples.sort()
+    with capsys.disabled():
+        print(
+            f"\nproxy connect+echo: p50 {samples[50] * 1e3:.2f} ms, "
+            f"p95 {samples[95] * 1e3:.2f} ms (pooled HBONE)"
+        )

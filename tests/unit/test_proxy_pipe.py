@@ -1,0 +1,145 @@
+"""splice() with in-memory ends, and the inbound side's certificate choice, without sockets."""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from typing import Any, cast
+
+from agent.datapath.interface import EnrolledPod, PodRef
+from agent.identity import CertificateManager
+from agent.proxy.conns import ConnTracker
+from agent.proxy.core import ProxyCore
+from agent.proxy.flows import FlowLog
+from agent.proxy.hbone import canonical_ip
+from agent.proxy.inbound import Inbound
+from agent.proxy.index import MeshIndex
+from agent.proxy.metrics import ProxyMetrics
+from agent.proxy.pipe import splice
+from api.resources import Workload
+from api.spiffe import SpiffeId
+
+
+class FakeEnd:
+    """Reads from a script; records writes, EOF and how it was torn down."""
+
+    def __init__(self, chunks: list[bytes | Exception], *, hold: bool = False) -> None:
+        self.script: deque[bytes | Exception] = deque(chunks)
+        self.hold = hold  # after the script: wait until closed instead of EOF
+        self.written = bytearray()
+        self.eof = False
+        self.closed = False
+        self.finished = False
+        self._closed = asyncio.Event()
+
+    async def read(self) -> bytes:
+        await asyncio.sleep(0)
+        if self.script:
+            item = self.script.popleft()
+            if isinstance(item, Exception):
+                raise item
+            return item
+        if self.hold:
+            await self._closed.wait()
+        return b""
+
+    async def write(self, data: bytes) -> None:
+        if self.closed:
+            raise ConnectionResetError("closed")
+        self.written += data
+
+    def write_eof(self) -> None:
+        self.eof = True
+
+    def close(self) -> None:
+        self.closed = True
+        self._closed.set()
+
+    def finish(self) -> None:
+        self.finished = True
+
+
+async def test_copies_both_ways_and_forwards_half_close() -> None:
+    client, upstream = FakeEnd([b"abc", b"de"]), FakeEnd([b"12345678"])
+    up: list[int] = []
+    down: list[int] = []
+    assert await splice(client, upstream, up.append, down.append) == ""
+    assert (bytes(upstream.written), bytes(client.written)) == (b"abcde", b"12345678")
+    assert (up, down) == ([3, 2], [8])
+    assert client.eof and upstream.eof and client.finished and upstream.finished
+    assert not client.closed and not upstream.closed
+
+
+async def test_an_error_on_one_side_tears_down_both() -> None:
+    client = FakeEnd([b"x"], hold=True)  # the client would wait forever
+    upstream = FakeEnd([ConnectionResetError("peer reset")])
+    error = await asyncio.wait_for(splice(client, upstream, lambda n: None, lambda n: None), 2)
+    assert "upstream->client" in error and "peer reset" in error
+    assert client.closed and upstream.closed
+
+
+async def test_killing_the_ends_ends_the_splice() -> None:
+    client, upstream = FakeEnd([], hold=True), FakeEnd([], hold=True)
+    task = asyncio.create_task(splice(client, upstream, lambda n: None, lambda n: None))
+    await asyncio.sleep(0.01)
+    assert not task.done()
+    client.close()
+    upstream.close()
+    await asyncio.wait_for(task, 2)
+
+
+# --- certificate choice on 15008 --------------------------------------------------------------------
+
+TD = "cluster.local"
+B = Workload("back/b", "b", "back", "sa-b", "n1", ("10.2.0.1",))
+OTHER = Workload("back/o", "o", "back", "sa-o", "n9", ("10.2.0.9",))
+
+
+class Certs:
+    def __init__(self, have: set[SpiffeId]) -> None:
+        self.have = have
+        self.asked: list[SpiffeId] = []
+
+    def certificate(self, identity: SpiffeId) -> Any:
+        self.asked.append(identity)
+        return object() if identity in self.have else None
+
+
+def core_with(certs: Certs) -> tuple[ProxyCore, list[tuple[Any, ...]]]:
+    made: list[tuple[Any, ...]] = []
+    core = ProxyCore(
+        datapath=cast(Any, None),
+        certs=cast(CertificateManager, certs),
+        bundle=lambda: b"bundle",
+        index=MeshIndex(node="n1", trust_domain=TD, workloads=(B, OTHER)),
+        tracker=ConnTracker(FlowLog()),
+        metrics=ProxyMetrics(),
+        hbone_port=15008,
+    )
+    core.add_pod(EnrolledPod(PodRef("b", "/nonexistent", "10.2.0.1"), 1, 0))
+
+    def fake_context(identity: SpiffeId, cert: Any) -> Any:
+        made.append((identity, cert))
+        return ("ctx", identity)
+
+    core._context = lambda cache, identity, cert, make: fake_context(identity, cert)  # type: ignore[method-assign]
+    return core, made
+
+
+def test_the_certificate_is_chosen_by_the_local_ip() -> None:
+    b_id = SpiffeId.for_workload(TD, "back", "sa-b")
+    certs = Certs({b_id})
+    core, _ = core_with(certs)
+    inbound = Inbound(core)
+    assert inbound.pick_identity(canonical_ip("10.2.0.1")) == ("ctx", b_id)
+    assert certs.asked == [b_id]
+    # a known workload that this proxy does not serve, and an unknown IP: no certificate, refused
+    assert inbound.pick_identity(canonical_ip("10.2.0.9")) is None
+    assert inbound.pick_identity(canonical_ip("10.7.7.7")) is None
+    assert certs.asked == [b_id]
+
+
+def test_no_certificate_yet_refuses_the_handshake() -> None:
+    core, made = core_with(Certs(set()))
+    assert Inbound(core).pick_identity(canonical_ip("10.2.0.1")) is None
+    assert made == []
