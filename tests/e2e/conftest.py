@@ -28,6 +28,7 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
 # One lab per test module (module scope keeps modules independent); always torn down, and the
 # teardown checks that nothing of the lab is left on the host.
 
+import fcntl  # noqa: E402
 import json  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
@@ -85,10 +86,19 @@ def lab_leftovers() -> list[str]:
     return left
 
 
+LAB_LOCK = Path("/run/lock/nodemesh-lab.lock")
+
+
 @pytest.fixture(scope="module")
 def lab() -> Generator[LabHandle, None, None]:
+    """The default lab, up for one test module. There is one lab per host (fixed names), so the
+    fixture holds an exclusive lock for the module: concurrent test runs wait instead of
+    tearing down each other's lab."""
     if os.geteuid() != 0:
         pytest.skip("the lab needs root (netns, cgroups, eBPF)")
+    LAB_LOCK.parent.mkdir(parents=True, exist_ok=True)
+    lock = open(LAB_LOCK, "w")  # noqa: SIM115 - held for the module
+    fcntl.flock(lock, fcntl.LOCK_EX)
     the_lab = Lab(DEFAULT_STATE_DIR)
     try:
         the_lab.up(load_topology())
@@ -103,8 +113,12 @@ def lab() -> Generator[LabHandle, None, None]:
                 Path(os.environ["NODEMESH_KEEP_LAB_LOGS"]) / f"lab-{time.time():.0f}",
                 dirs_exist_ok=True,
             )
-        the_lab.down(quiet=True)
-        left = lab_leftovers()
+        try:
+            the_lab.down(quiet=True)
+            left = lab_leftovers()
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+            lock.close()
         assert left == [], f"lab down left these behind: {left}"
 
 
