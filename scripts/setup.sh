@@ -11,8 +11,11 @@ if [ "$(id -u)" -ne 0 ]; then
   log "must run as root (it installs packages, mounts bpffs and links kernel headers)"; exit 1
 fi
 
+# iperf3, wrk and nginx: load tools and a fast HTTP server for tests/bench/bench_l4.py, which starts
+# its own nginx and iperf3 inside lab pods. Packaged services are not started by the install (a
+# temporary policy-rc.d refuses it), so nothing listens on the host because of the set-up.
 APT_PACKAGES=(python3-bpfcc linux-headers-amd64 iproute2 bpftool curl tcpdump stunnel4
-              python3-venv python3-dev openssl util-linux procps)
+              python3-venv python3-dev openssl util-linux procps iperf3 wrk nginx)
 missing=()
 for p in "${APT_PACKAGES[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -21,7 +24,13 @@ if [ ${#missing[@]} -gt 0 ]; then
   log "installing Debian packages: ${missing[*]}"
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -qq
+  policy=/usr/sbin/policy-rc.d ours=0
+  if [ ! -e "$policy" ]; then
+    printf '#!/bin/sh\nexit 101\n' > "$policy"; chmod 755 "$policy"; ours=1
+    trap 'rm -f /usr/sbin/policy-rc.d' EXIT
+  fi
   apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+  if [ "$ours" = 1 ]; then rm -f "$policy"; trap - EXIT; fi
 fi
 
 # bcc compiles our C against /lib/modules/$(uname -r)/build. The BPF sources use UAPI headers only,
