@@ -1,0 +1,360 @@
+"""Issue 5 in the lab: mutual TLS between nodes, PeerAuthentication, and the HBONE port itself.
+
+Real eBPF redirection, the real controller's CA and certificates, real sockets: what crosses the
+underlay is captured with tcpdump in node2's netns; httpbin-v2's 15008 is probed from sockets made
+inside the outsider's netns (not enrolled, so nothing redirects them) with our own TLS and HTTP/2
+clients (`ssl` + the `h2` library), independent of the proxy's code.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import json
+import os
+import re
+import signal
+import ssl
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Generator
+from pathlib import Path
+from typing import Any
+
+import h2.config
+import h2.connection
+import h2.events
+import pytest
+from conftest import LabHandle
+from meshlab import (
+    Policies,
+    client_tls,
+    connect_from,
+    flows,
+    flows_from,
+    issue,
+    request_ok,
+    request_refused,
+    spiffe,
+    uri_sans,
+    wait_for,
+    wait_new_flow,
+)
+
+from controller.ca import CertificateAuthority
+
+HTTPBIN_ID = "spiffe://cluster.local/ns/default/sa/httpbin"
+CLIENT_ID = "spiffe://cluster.local/ns/default/sa/client"
+
+
+@pytest.fixture
+def policies(lab: LabHandle, tmp_path: Path) -> Generator[Policies, None, None]:
+    p = Policies(lab, tmp_path)
+    try:
+        yield p
+    finally:
+        p.remove_all()
+
+
+@pytest.fixture(scope="module")
+def lab_ca(lab: LabHandle) -> CertificateAuthority:
+    """The lab controller's CA, opened read-only in the test process (its files exist: nothing is written)."""
+    return CertificateAuthority.load_or_create(lab.state_dir / "controller", "cluster.local")
+
+
+def bundle(lab: LabHandle) -> bytes:
+    return (lab.state_dir / "controller" / "ca.pem").read_bytes()
+
+
+# ---- 1. only TLS on the underlay ---------------------------------------------------------------
+@contextlib.contextmanager
+def capture(netns_path: str, pcap: Path, iface: str = "eth0") -> Generator[None, None, None]:
+    """tcpdump on `iface` of a netns for the block; bounded (-c, timeout) and always stopped."""
+    err = pcap.with_suffix(".log")
+    with open(err, "wb") as errf:
+        proc = subprocess.Popen(
+            ["nsenter", f"--net={netns_path}", "--", "timeout", "60",
+             "tcpdump", "--immediate-mode", "-i", iface, "-n", "-U", "-s", "0", "-c", "5000", "-Z", "root",
+             "-w", str(pcap), "tcp"],
+            stdout=subprocess.DEVNULL, stderr=errf, start_new_session=True,
+        )  # fmt: skip
+    try:
+        wait_for(lambda: b"listening on" in err.read_bytes() or proc.poll() is not None, 10, "tcpdump")
+        assert proc.poll() is None, err.read_text()
+        yield
+        time.sleep(0.3)  # let the last packets of the exchange reach the capture
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGINT)
+        try:
+            proc.wait(5)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(5)
+
+
+def pcap_packets(pcap: Path, bpf_filter: str) -> list[str]:
+    out = subprocess.run(
+        ["tcpdump", "-r", str(pcap), "-n", "-tt", bpf_filter], capture_output=True, text=True, timeout=20
+    )
+    assert out.returncode == 0, out.stderr
+    return out.stdout.splitlines()
+
+
+@contextlib.contextmanager
+def control_server(lab: LabHandle, pod: str, port: int) -> Generator[None, None, None]:
+    """An extra echo server in a pod (for a plaintext control exchange), killed afterwards."""
+    info = lab.plan.pod(pod)
+    proc = lab.lab.popen(pod, [sys.executable, "-m", "nodemesh.lab.echo", "--port", str(port), "--name", pod])
+    try:
+
+        def listening() -> bool:
+            try:
+                connect_from(info.netns_path, ("127.0.0.1", port), 1).close()
+            except OSError:
+                return False
+            return True
+
+        wait_for(listening, 10, f"control echo server on {pod}:{port}")
+        yield
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(5)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(5)
+
+
+def test_cross_node_request_crosses_the_underlay_only_as_tls(lab: LabHandle, tmp_path: Path) -> None:
+    node2 = lab.plan.node("node2")
+    client, v2, outsider = (lab.plan.pod(n) for n in ("client", "httpbin-v2", "outsider"))
+    secret = f"nm-secret-{uuid.uuid4().hex}"
+    plain = f"nm-plaintext-control-{uuid.uuid4().hex}"
+    body = (secret + "\n") * 64  # 3 KiB: spans packets, so a leak would show as well as a whole copy
+    pcap = tmp_path / "underlay.pcap"
+    with control_server(lab, "outsider", 9000), capture(node2.netns_path, pcap):
+        got = request_ok(
+            lab, "client", f"http://{v2.ip}:8000/{secret}", "--data-binary", body, "-H", f"x-secret: {secret}"
+        )
+        # control: the same capture sees payload bytes of a plaintext (passthrough) exchange
+        ctl = request_ok(lab, "client", f"http://{outsider.ip}:9000/{plain}", "--data-binary", plain)
+    # the app got everything, in the clear, from the client's identity
+    assert got["pod"] == "httpbin-v2" and got["method"] == "POST"
+    assert got["path"] == f"/{secret}" and got["headers"]["x-secret"] == secret
+    assert got["body_bytes"] == len(body)
+    assert ctl["pod"] == "outsider" and ctl["body_bytes"] == len(plain)
+    raw = pcap.read_bytes()
+    assert plain.encode() in raw, "the capture does not see plaintext payloads: it proves nothing"
+    assert secret.encode() not in raw, "the marker crossed the underlay in the clear"
+    # what carried it: the client pod's IP to httpbin-v2's HBONE port, enough bytes for the body
+    hbone = pcap_packets(pcap, f"src host {client.ip} and dst host {v2.ip} and tcp dst port 15008")
+    sizes = [int(m.group(1)) for ln in hbone if (m := re.search(r"length (\d+)$", ln))]
+    assert sum(sizes) >= len(body), hbone[-5:]
+    # and nothing went to the app port (8000) across the underlay
+    assert pcap_packets(pcap, f"dst host {v2.ip} and tcp dst port 8000") == []
+    # node2 accepted it over HBONE with the client's certificate identity
+    recs = wait_for(lambda: flows(lab, "node2", event="close", dst=f"{v2.ip}:8000", src_identity=CLIENT_ID))
+    assert any(r["src"].startswith(f"{client.ip}:") and int(r["bytes_sent"]) > len(body) for r in recs)
+
+
+# ---- 3. PeerAuthentication -------------------------------------------------------------------
+@pytest.mark.parametrize("namespace", ["default", "istio-system"])
+def test_strict_refuses_plaintext_and_keeps_mtls(lab: LabHandle, policies: Policies, namespace: str) -> None:
+    v1, v2, outsider, client = (lab.plan.pod(n) for n in ("httpbin-v1", "httpbin-v2", "outsider", "client"))
+    url = f"http://{v1.ip}:8000/strict"
+    # PERMISSIVE (no PeerAuthentication): the outsider's plaintext is admitted, with no identity
+    before = len(flows_from(lab, "node1", outsider.ip, event="close", dst=f"{v1.ip}:8000"))
+    assert request_ok(lab, "outsider", url)["pod"] == "httpbin-v1"
+    rec = wait_new_flow(lab, "node1", before, outsider.ip, event="close", dst=f"{v1.ip}:8000")
+    assert "src_identity" not in rec
+
+    name = f"strict-{namespace}"
+    policies.apply("PeerAuthentication", name, {"mtls": {"mode": "STRICT"}}, namespace=namespace)
+    before = len(flows_from(lab, "node1", outsider.ip, event="deny", reason="STRICT_MTLS_PLAINTEXT"))
+    request_refused(lab, "outsider", url)
+    rec = wait_new_flow(lab, "node1", before, outsider.ip, event="deny", reason="STRICT_MTLS_PLAINTEXT")
+    assert rec["dst"] == f"{v1.ip}:8000" and rec["dst_pod"] == "default/httpbin-v1"
+    # plaintext to the other node's httpbin is refused too (PeerAuthentication is namespace/mesh-wide)
+    request_refused(lab, "outsider", f"http://{v2.ip}:8000/strict")
+    # mTLS still works: same node (in-process hand-off with identity), other node (HBONE), the VIP
+    for target in (v1.ip, v2.ip, "10.96.0.10"):
+        got = request_ok(lab, "client", f"http://{target}:8000/strict")
+        assert got["pod"] in ("httpbin-v1", "httpbin-v2")
+    before = len(flows_from(lab, "node2", client.ip, event="close", src_identity=CLIENT_ID))
+    assert request_ok(lab, "client", f"http://{v2.ip}:8000/strict")["pod"] == "httpbin-v2"
+    wait_new_flow(lab, "node2", before, client.ip, event="close", src_identity=CLIENT_ID)
+
+    policies.remove(f"{name}.yaml")  # back to PERMISSIVE
+    assert request_ok(lab, "outsider", url)["pod"] == "httpbin-v1"
+
+
+# ---- 4/5. httpbin-v2's 15008 from our own TLS + HTTP/2 client ---------------------------------
+class H2Tunnel:
+    """A minimal HBONE client: `h2` over an `ssl` socket, CONNECT streams, blocking, bounded."""
+
+    def __init__(self, sock: ssl.SSLSocket, timeout: float = 5.0) -> None:
+        self.sock = sock
+        self.timeout = timeout
+        self.conn = h2.connection.H2Connection(
+            h2.config.H2Configuration(client_side=True, header_encoding="utf-8")
+        )
+        self.status: dict[int, int] = {}
+        self.data: dict[int, bytearray] = collections.defaultdict(bytearray)
+        self.ended: set[int] = set()
+        self.conn.initiate_connection()
+        self._flush()
+
+    def _flush(self) -> None:
+        if out := self.conn.data_to_send():
+            self.sock.sendall(out)
+
+    def _pump(self) -> None:
+        chunk = self.sock.recv(65536)
+        if not chunk:
+            raise EOFError("the server closed the connection")
+        for ev in self.conn.receive_data(chunk):
+            if isinstance(ev, h2.events.ResponseReceived):
+                headers = dict(ev.headers)
+                self.status[ev.stream_id] = int(headers[":status"])
+            elif isinstance(ev, h2.events.DataReceived):
+                self.data[ev.stream_id] += ev.data
+                self.conn.acknowledge_received_data(ev.flow_controlled_length, ev.stream_id)
+            elif isinstance(ev, h2.events.StreamEnded | h2.events.StreamReset):
+                self.ended.add(ev.stream_id)
+            elif isinstance(ev, h2.events.ConnectionTerminated):
+                raise EOFError(f"GOAWAY {ev.error_code}")
+        self._flush()
+
+    def _until(self, done: Any, what: str) -> None:
+        deadline = time.monotonic() + self.timeout
+        while not done():
+            assert time.monotonic() < deadline, f"timed out waiting for {what}"
+            self._pump()
+
+    def connect(self, authority: str) -> tuple[int, int]:
+        """CONNECT `authority` (no :scheme/:path): (stream id, response status)."""
+        sid = self.conn.get_next_available_stream_id()
+        self.conn.send_headers(sid, [(":method", "CONNECT"), (":authority", authority)])
+        self._flush()
+        self._until(lambda: sid in self.status, f"the answer to CONNECT {authority}")
+        return sid, self.status[sid]
+
+    def send(self, sid: int, data: bytes) -> None:
+        self.conn.send_data(sid, data)
+        self._flush()
+
+    def http11(self, sid: int, request: bytes) -> tuple[str, dict[str, Any]]:
+        """Send an HTTP/1.1 request (Connection: close) through the stream; (status line, JSON body)."""
+        self.send(sid, request)
+        self._until(lambda: sid in self.ended, "the app's answer through the tunnel")
+        head, _, body = bytes(self.data[sid]).partition(b"\r\n\r\n")
+        return head.split(b"\r\n", 1)[0].decode(), json.loads(body)
+
+
+def tls_to_hbone(lab: LabHandle, ctx: ssl.SSLContext, ip: str) -> tuple[ssl.SSLSocket, int]:
+    """TLS to `ip`:15008 from the outsider's netns: (socket after the client handshake, local port)."""
+    raw = connect_from(lab.plan.pod("outsider").netns_path, (ip, 15008))
+    port = raw.getsockname()[1]
+    try:
+        tls = ctx.wrap_socket(raw, server_hostname=None)
+    except BaseException:
+        raw.close()
+        raise
+    # the server is httpbin-v2's workload, proven by its SVID (checked here, not by the proxy's code)
+    assert tls.version() == "TLSv1.3" and tls.selected_alpn_protocol() == "h2"
+    der = tls.getpeercert(binary_form=True)
+    assert der is not None and uri_sans(der) == [HTTPBIN_ID]
+    return tls, port
+
+
+@pytest.mark.parametrize("client_cert", ["other-ca", "none"])
+def test_hbone_refuses_a_foreign_or_missing_client_certificate(
+    lab: LabHandle, tmp_path: Path, client_cert: str
+) -> None:
+    v2 = lab.plan.pod("httpbin-v2")
+    cert = None
+    if client_cert == "other-ca":
+        other = CertificateAuthority.load_or_create(tmp_path / "other-ca", "cluster.local")
+        assert other.trust_bundle_pem() != bundle(lab)
+        cert = issue(other, spiffe("default", "client"))  # right trust domain and name, wrong root
+    ctx = client_tls(bundle(lab), cert, tmp_path)
+    # TLS 1.3: the client's side of the handshake ends before the server has judged its certificate,
+    # so the refusal shows on the first read: the connection ends and no HTTP/2 byte comes back.
+    # (The server closes without sending a TLS alert: asyncio's SSL transport drops the alert
+    # OpenSSL queued when the handshake fails, so EOF is what a client sees.)
+    tls, port = tls_to_hbone(lab, ctx, v2.ip)
+    with tls:
+        tls.sendall(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + b"\x00\x00\x00\x04\x00\x00\x00\x00\x00")
+        try:
+            data = tls.recv(65536)
+        except (ssl.SSLError, ConnectionResetError):
+            data = b""
+        assert data == b"", f"the server answered a refused client: {data[:40]!r}"
+    # the server refused it in the TLS handshake, for the reason we expect
+    reason = "CERTIFICATE_VERIFY_FAILED" if client_cert == "other-ca" else "PEER_DID_NOT_RETURN_A_CERTIFICATE"
+    outsider = lab.plan.pod("outsider").ip
+    outsider_ip = re.escape(outsider)
+    line = wait_for(
+        lambda: re.search(
+            rf"event=hbone_handshake_failed local_ip={re.escape(v2.ip)} "
+            rf"peer_addr=\('{outsider_ip}', {port}\) error=.*{reason}",
+            lab.log("agent-node2"),
+        ),
+        5,
+        "the handshake failure in node2's log",
+    )
+    assert line
+    assert flows(lab, "node2", src=f"{outsider}:{port}") == []  # no stream was ever opened
+
+
+def test_hbone_answers_400_when_the_authority_is_not_the_tls_destination(
+    lab: LabHandle, lab_ca: CertificateAuthority, tmp_path: Path
+) -> None:
+    v1, v2 = lab.plan.pod("httpbin-v1"), lab.plan.pod("httpbin-v2")
+    ctx = client_tls(bundle(lab), issue(lab_ca, spiffe("default", "client")), tmp_path)
+    tls, _ = tls_to_hbone(lab, ctx, v2.ip)
+    with tls:
+        h2c = H2Tunnel(tls)
+        # a certificate accepted at httpbin-v2 cannot be used to reach httpbin-v1 (another pod)
+        _, status = h2c.connect(f"{v1.ip}:8000")
+        assert status == 400
+        # nor another address of the node; the same connection still works for its own destination
+        _, status = h2c.connect(f"{lab.plan.node('node2').gateway}:8000")
+        assert status == 400
+        sid, status = h2c.connect(f"{v2.ip}:8000")
+        assert status == 200
+        line, body = h2c.http11(sid, b"GET /after-400 HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        assert line.startswith("HTTP/1.1 200") and body["pod"] == "httpbin-v2"
+
+
+def test_an_independent_h2_client_tunnels_http11_to_the_app(
+    lab: LabHandle, lab_ca: CertificateAuthority, tmp_path: Path
+) -> None:
+    v2, outsider = lab.plan.pod("httpbin-v2"), lab.plan.pod("outsider")
+    ctx = client_tls(bundle(lab), issue(lab_ca, spiffe("default", "client")), tmp_path)
+    tls, port = tls_to_hbone(lab, ctx, v2.ip)
+    with tls:
+        h2c = H2Tunnel(tls)
+        sid, status = h2c.connect(f"{v2.ip}:8000")
+        assert status == 200
+        marker = uuid.uuid4().hex
+        line, body = h2c.http11(
+            sid,
+            f"POST /h2/{marker} HTTP/1.1\r\nHost: httpbin\r\nContent-Length: 5\r\n"
+            f"Connection: close\r\n\r\nhello".encode(),
+        )
+    assert line.startswith("HTTP/1.1 200")
+    assert body["pod"] == "httpbin-v2" and body["method"] == "POST" and body["path"] == f"/h2/{marker}"
+    assert body["body_bytes"] == 5
+    # node2 authorized it as the certificate's identity, from the TCP peer (the outsider's IP)
+    rec = wait_for(
+        lambda: flows(lab, "node2", event="close", src=f"{outsider.ip}:{port}", dst=f"{v2.ip}:8000"),
+        5,
+        "node2's close record of the tunnelled connection",
+    )[0]
+    assert rec["src_identity"] == CLIENT_ID and rec["dst_pod"] == "default/httpbin-v2"
+    assert "src_pod" not in rec  # the outsider's IP does not prove the client's workload
