@@ -238,9 +238,22 @@ async def mesh(ca: CertificateAuthority) -> AsyncIterator[Mesh]:
         return ca.sign(ca.validate_csr(csr), timedelta(seconds=ttl)).chain_pem
 
     # one HBONE port for every pod (different IPs); find one free on all three
-    probe = listener((pods["a"].ip, 0))
-    hbone_port = probe.getsockname()[1]
-    probe.close()
+    # bind every pod's HBONE listener at once, before anything else takes an ephemeral port on
+    # these IPs (a port-0 bind could otherwise land on the probed port: EADDRINUSE, seen in CI)
+    for _ in range(20):
+        probe = listener((pods["a"].ip, 0))
+        hbone_port = probe.getsockname()[1]
+        probe.close()
+        hbone_socks: dict[str, socket.socket] = {}
+        try:
+            for key, pod in pods.items():
+                hbone_socks[key] = listener((pod.ip, hbone_port))
+            break
+        except OSError:
+            for sock in hbone_socks.values():
+                sock.close()
+    else:
+        raise RuntimeError("no common free HBONE port on the test IPs")
     dps = {n: FakeDatapath() for n in ("node1", "node2")}
     certs = {n: CertificateManager(sign, ca.trust_bundle_pem, TD) for n in ("node1", "node2")}
     proxies = {
@@ -253,7 +266,7 @@ async def mesh(ca: CertificateAuthority) -> AsyncIterator[Mesh]:
         for app in apps.values():
             await app.start()
         m.push()
-        for i, pod in enumerate(pods.values()):
+        for i, (key, pod) in enumerate(pods.items()):
             pod.ep = EnrolledPod(
                 pod=PodRef(uid=pod.name, netns_path=pod.netns, ip=pod.ip),
                 netns_cookie=pod.cookie,
@@ -261,7 +274,7 @@ async def mesh(ca: CertificateAuthority) -> AsyncIterator[Mesh]:
                 outbound=listener((pod.ip, 0)),
                 # sk_lookup keeps the original port: an alias IP with the app's port stands in for it
                 inbound=listener((net + str(100 + int(pod.ip.rsplit(".", 1)[1])), APP_PORT)),
-                hbone=listener((pod.ip, hbone_port)),
+                hbone=hbone_socks[key],
             )
             await proxies[pod.node].serve(pod.ep)
         for pod in pods.values():
@@ -278,6 +291,8 @@ async def mesh(ca: CertificateAuthority) -> AsyncIterator[Mesh]:
         for pod in pods.values():
             if pod.ep is not None:
                 pod.ep.close()
+        for sock in hbone_socks.values():
+            sock.close()  # idempotent; covers a failure before the pods got their listeners
 
 
 def policy(name: str, namespace: str, spec: dict[str, Any]) -> PolicyObject:
