@@ -11,7 +11,14 @@ import typer
 
 from agent.datapath.errors import DatapathError
 from agent.enrolled_store import DEFAULT_STATE_ROOT
-from agent.main import RESYNC_INTERVAL, AgentOptions, configure_logging, run, uninstall
+from agent.main import (
+    RESYNC_INTERVAL,
+    AgentOptions,
+    configure_logging,
+    loop_factory,
+    run,
+    uninstall,
+)
 
 app = typer.Typer(help="The nodemesh node agent (eBPF datapath, pod enrollment, relay).",
                   no_args_is_help=True)
@@ -47,9 +54,20 @@ def run_command(
     admin_socket: Annotated[Path | None, typer.Option("--admin-socket", help="Admin API Unix socket")] = None,
     flow_ring_size: Annotated[int, typer.Option("--flow-ring-size", help="Flow records kept", min=1)]
     = 10_000,
+    event_loop: Annotated[
+        str, typer.Option(
+            "--event-loop",
+            envvar="NODEMESH_EVENT_LOOP",
+            help="auto (uvloop when installed) | uvloop | asyncio",
+        )
+    ] = "auto",
 ) -> None:
     """Load the datapath, follow the controller, enroll this node's pods; stop on SIGTERM/SIGINT."""
     configure_logging(_level(log_level))
+    try:
+        factory = loop_factory(event_loop)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--event-loop") from exc
     if not pod_cgroup.is_dir():
         raise typer.BadParameter(f"{pod_cgroup} is not a directory", param_hint="--pod-cgroup")
     options = AgentOptions(
@@ -58,7 +76,8 @@ def run_command(
         flow_ring_size=flow_ring_size,
     )  # fmt: skip
     try:
-        code = asyncio.run(run(options))
+        with asyncio.Runner(loop_factory=factory) as runner:
+            code = runner.run(run(options))
     except (OSError, ValueError, DatapathError) as exc:
         logging.getLogger("nodemesh.agent").error("event=agent_failed error=%r", str(exc))
         raise typer.Exit(2) from exc

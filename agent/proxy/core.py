@@ -22,7 +22,7 @@ from agent.proxy import tls
 from agent.proxy.conns import ConnTracker
 from agent.proxy.index import MeshIndex
 from agent.proxy.metrics import ProxyMetrics
-from agent.proxy.pipe import CHUNK
+from agent.proxy.pipe import SocketEnd
 from api.resources import Workload
 from api.spiffe import SpiffeId
 
@@ -151,13 +151,15 @@ class ProxyCore:
         except Exception as exc:  # DatapathError (netns vanished), OSError
             raise ProxyError("POD_NETNS_UNAVAILABLE", f"{netns_path}: {exc}") from exc
 
-    async def dial(self, netns_path: str, dst: Addr) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    async def dial(self, netns_path: str, dst: Addr) -> SocketEnd:
         """Connect to `dst` from inside the pod netns; ProxyError("UPSTREAM_CONNECT_FAILED") if not."""
         sock = await self.new_socket(netns_path)
         sock.setblocking(False)
         try:
-            await asyncio.wait_for(asyncio.get_running_loop().sock_connect(sock, dst), self.connect_timeout)
-            return await asyncio.open_connection(sock=sock, limit=CHUNK)
+            loop = asyncio.get_running_loop()
+            await asyncio.wait_for(loop.sock_connect(sock, dst), self.connect_timeout)
+            _, end = await loop.create_connection(SocketEnd, sock=sock)
+            return end
         except (OSError, TimeoutError) as exc:
             sock.close()
             raise ProxyError("UPSTREAM_CONNECT_FAILED", f"{dst[0]}:{dst[1]}: {exc!r}") from exc

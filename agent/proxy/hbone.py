@@ -21,6 +21,7 @@ from enum import IntEnum
 import h2.config
 import h2.connection
 import h2.settings
+import hyperframe.frame
 
 HBONE_PORT = 15008
 ALPN_H2 = "h2"
@@ -329,6 +330,27 @@ def validate_connect(headers: HeaderInput, tls_dst_ip: str | IpAddress) -> Conne
 
 
 # --- the HTTP/2 connection ---------------------------------------------------------------------------
+
+_REPR_BYTES = 11  # hyperframe shows 10 bytes of a body in hex, then "..." when there are more
+
+
+def _data_frame_body_repr(frame: hyperframe.frame.DataFrame) -> str:
+    """`DataFrame`'s body repr from its first bytes: the same text as hyperframe's, in O(1).
+
+    h2's `_receive_frame` formats `repr(frame)` for its trace log before the (no-op) logger is called,
+    and hyperframe's fallback repr serializes the whole body (a copy) and hex-encodes all of it, only
+    to keep 20 hex digits: a quarter of the receiving proxy's CPU at bulk rates (py-spy, bench_l4).
+    """
+    head = (frame.serialize_padding_data() + bytes(frame.data[:_REPR_BYTES]) + b"\0" * frame.pad_length)[
+        :_REPR_BYTES
+    ]
+    if not head:
+        return "None"
+    text = head.hex()
+    return f"<hex:{text[:20]}...>" if len(text) > 20 else f"<hex:{text}>"
+
+
+hyperframe.frame.DataFrame._body_repr = _data_frame_body_repr  # type: ignore[method-assign,assignment]
 
 
 def new_h2_connection(

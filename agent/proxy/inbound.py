@@ -15,7 +15,6 @@ sk_lookup passes), then bytes both ways. They differ in what they know about the
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import socket
 import ssl
@@ -127,16 +126,11 @@ class Inbound:
             core.tracker.release()
 
     # -- 15006 --
-    async def plaintext(
-        self, ep: EnrolledPod, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
-    ) -> None:
+    async def plaintext(self, ep: EnrolledPod, client: SocketEnd) -> None:
         """A connection captured by sk_lookup to a pod port: the original port is getsockname()'s."""
         core = self.core
-        client = SocketEnd(reader, writer)
-        try:
-            peer: Addr = writer.get_extra_info("peername")[:2]
-            local: Addr = writer.get_extra_info("sockname")[:2]
-        except (TypeError, OSError):
+        peer, local = client.peername, client.sockname
+        if peer is None or local is None:
             client.close()
             return
         if not core.tracker.reserve():
@@ -223,7 +217,7 @@ class Inbound:
             answer(Status.UNAUTHORIZED)
             return
         try:
-            reader, writer = await core.dial(ep.pod.netns_path, dst)
+            app = await core.dial(ep.pod.netns_path, dst)
         except ProxyError as exc:
             core.tracker.stats["upstream_error"] += 1
             log.warning(
@@ -237,7 +231,6 @@ class Inbound:
             core.tracker.denied(t, exc.reason)
             answer(Status.SERVICE_UNAVAILABLE)
             return
-        app = SocketEnd(reader, writer)
         answer(Status.OK)
         dst_principal = str(core.index.identity(dst_workload))
         peers = TcpPeers(

@@ -67,14 +67,10 @@ class Outbound:
     async def reap(self) -> int:
         return sum([await pool.reap() for pool in list(self.pools.values())])
 
-    async def handle(
-        self, ep: EnrolledPod, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
-    ) -> None:
+    async def handle(self, ep: EnrolledPod, client: SocketEnd) -> None:
         core = self.core
-        client = SocketEnd(reader, writer)
-        try:
-            peer: Addr = writer.get_extra_info("peername")[:2]
-        except TypeError:
+        peer = client.peername
+        if peer is None:
             client.close()
             return
         if not core.tracker.reserve():
@@ -180,7 +176,7 @@ class Outbound:
     async def _passthrough(self, ep: EnrolledPod, route: Route, t: Tracked, client: SocketEnd) -> None:
         core = self.core
         try:
-            reader, writer = await core.dial(ep.pod.netns_path, route.dst)
+            upstream = await core.dial(ep.pod.netns_path, route.dst)
         except ProxyError as exc:
             core.tracker.stats["upstream_error"] += 1
             log.info(
@@ -194,7 +190,7 @@ class Outbound:
             client.close()
             return
         t.series = (core.metrics.series(self._source_peers(route, t.src_workload, mtls=False)),)
-        await self._pipe(t, client, SocketEnd(reader, writer))
+        await self._pipe(t, client, upstream)
 
     async def _hbone(
         self, ep: EnrolledPod, route: Route, t: Tracked, src_wl: Workload, client: SocketEnd

@@ -1,6 +1,6 @@
 """Copying bytes both ways between two ends of a proxied connection, with bounded buffers.
 
-An end is either a TCP socket (`SocketEnd`, asyncio streams) or an HBONE CONNECT stream
+An end is either a TCP socket (`SocketEnd`, an asyncio protocol) or an HBONE CONNECT stream
 (`StreamEnd`). `splice` copies until both directions reached end of stream (half-closes are
 forwarded), or until either fails, in which case both ends are torn down. Backpressure: a chunk is
 written and drained (socket buffer, or HTTP/2 window) before the next read, so at most one chunk
@@ -10,16 +10,20 @@ plus the transports' own bounded buffers are held per direction.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 from collections.abc import Callable
-from typing import Protocol
+from typing import Protocol, cast
 
 from agent.proxy.tunnel import Stream, TunnelError
 
 log = logging.getLogger(__name__)
 
-CHUNK = 64 * 1024  # bytes read per call; also the StreamReader limit of proxied sockets
+Addr = tuple[str, int]
+
+CHUNK = 256 * 1024  # most bytes handed over per read (an HBONE stream gives whole DATA frames, <= 1 MiB)
+HIGH_WATER = 2 * CHUNK  # a socket stops reading while this much waits to be read
 
 
 class End(Protocol):
@@ -38,36 +42,132 @@ class End(Protocol):
         """Release after both directions ended normally."""
 
 
-class SocketEnd:
-    """A TCP connection as asyncio streams."""
+class SocketEnd(asyncio.Protocol):
+    """A TCP connection as an asyncio protocol: received chunks are handed over as they came (no
+    StreamReader, which copies every byte in and out of its buffer), reading pauses while `HIGH_WATER`
+    bytes wait to be read, and `write` waits for the transport's buffer to drain."""
 
-    __slots__ = ("reader", "writer")
+    __slots__ = (
+        "_buffered", "_can_write", "_chunks", "_eof", "_error", "_on_made", "_paused", "_waiter", "transport"
+    )  # fmt: skip
 
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.reader = reader
-        self.writer = writer
+    def __init__(self, on_made: Callable[[SocketEnd], object] | None = None) -> None:
+        """`on_made(end)` runs once connected (a listener starts its handler there)."""
+        self._on_made = on_made
+        self.transport: asyncio.Transport | None = None
+        self._chunks: collections.deque[bytes] = collections.deque()
+        self._buffered = 0
+        self._eof = False
+        self._error: BaseException | None = None
+        self._paused = False
+        self._waiter: asyncio.Future[None] | None = None
+        self._can_write: asyncio.Future[None] | None = None  # set while the transport is paused
+
+    # -- asyncio.Protocol --
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)
+        if self._on_made is not None:
+            self._on_made(self)
+
+    def data_received(self, data: bytes) -> None:
+        self._chunks.append(data)
+        self._buffered += len(data)
+        if self._buffered >= HIGH_WATER and not self._paused and self.transport is not None:
+            self._paused = True
+            self.transport.pause_reading()
+        self._wake()
+
+    def eof_received(self) -> bool:
+        self._eof = True
+        self._wake()
+        return True  # keep the transport open for writing: half-close
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._eof = True
+        if exc is not None and self._error is None:
+            self._error = exc
+        self._wake()
+        waiter, self._can_write = self._can_write, None
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def pause_writing(self) -> None:
+        if self._can_write is None:
+            self._can_write = asyncio.get_running_loop().create_future()
+
+    def resume_writing(self) -> None:
+        waiter, self._can_write = self._can_write, None
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def _wake(self) -> None:
+        waiter, self._waiter = self._waiter, None
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    # -- End --
+    @property
+    def peername(self) -> Addr | None:
+        peer = self.transport.get_extra_info("peername") if self.transport is not None else None
+        return (peer[0], peer[1]) if peer else None
+
+    @property
+    def sockname(self) -> Addr | None:
+        local = self.transport.get_extra_info("sockname") if self.transport is not None else None
+        return (local[0], local[1]) if local else None
 
     async def read(self) -> bytes:
-        return await self.reader.read(CHUNK)
+        while not self._chunks:
+            if self._eof:
+                if self._error is not None:
+                    raise ConnectionResetError(f"socket failed: {self._error!r}") from self._error
+                return b""
+            self._waiter = asyncio.get_running_loop().create_future()
+            await self._waiter
+        chunks = self._chunks
+        data = chunks.popleft() if len(chunks) == 1 or len(chunks[0]) >= CHUNK else self._take()
+        self._buffered -= len(data)
+        if self._paused and self._buffered < HIGH_WATER and self.transport is not None:
+            self._paused = False
+            self.transport.resume_reading()
+        return data
+
+    def _take(self) -> bytes:
+        """Small chunks queued together: up to CHUNK bytes of them as one."""
+        parts: list[bytes] = []
+        size = 0
+        while self._chunks and size + len(self._chunks[0]) <= CHUNK:
+            part = self._chunks.popleft()
+            parts.append(part)
+            size += len(part)
+        return b"".join(parts) if parts else self._chunks.popleft()
 
     async def write(self, data: bytes) -> None:
-        self.writer.write(data)
-        await self.writer.drain()
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            raise ConnectionResetError("socket closed")
+        transport.write(data)
+        if self._can_write is not None:
+            await self._can_write
 
     def write_eof(self) -> None:
-        if not self.writer.transport.is_closing() and self.writer.can_write_eof():
+        transport = self.transport
+        if transport is not None and not transport.is_closing() and transport.can_write_eof():
             with contextlib.suppress(OSError, RuntimeError):
-                self.writer.write_eof()
+                transport.write_eof()
 
     def close(self) -> None:
-        transport = self.writer.transport
-        if not transport.is_closing():
+        transport = self.transport
+        if transport is not None and not transport.is_closing():
             transport.abort()
         # a pending read() must end too: abort() reports connection_lost only on the next loop turn
-        self.reader.feed_eof()
+        self._chunks.clear()
+        self._eof = True
+        self._wake()
 
     def finish(self) -> None:
-        self.writer.close()
+        if self.transport is not None:
+            self.transport.close()
 
 
 class StreamEnd:
@@ -79,7 +179,8 @@ class StreamEnd:
         self.stream = stream
 
     async def read(self) -> bytes:
-        return await self.stream.read(CHUNK)
+        # a whole DATA frame as received: splitting it would copy; the stream window bounds it anyway
+        return await self.stream.read()
 
     async def write(self, data: bytes) -> None:
         await self.stream.write(data)

@@ -26,7 +26,7 @@ from agent.proxy.inbound import Inbound
 from agent.proxy.index import MeshIndex
 from agent.proxy.metrics import ProxyMetrics
 from agent.proxy.outbound import Outbound
-from agent.proxy.pipe import CHUNK
+from agent.proxy.pipe import SocketEnd
 from api.authz import DEFAULT_ROOT_NAMESPACE
 from api.resources import PolicyObject, Service, Workload
 from api.spiffe import SpiffeId
@@ -148,11 +148,12 @@ class NodeProxy:
         if ep.pod.uid in self._served or ep.outbound is None or ep.inbound is None or ep.hbone is None:
             return
         served = _Served(ep)
-        out = await asyncio.start_server(
-            lambda r, w: self._spawn(self.outbound.handle(ep, r, w)), sock=ep.outbound, limit=CHUNK
+        loop = asyncio.get_running_loop()
+        out = await loop.create_server(
+            lambda: SocketEnd(lambda end: self._spawn(self.outbound.handle(ep, end))), sock=ep.outbound
         )
-        inb = await asyncio.start_server(
-            lambda r, w: self._spawn(self.inbound.plaintext(ep, r, w)), sock=ep.inbound, limit=CHUNK
+        inb = await loop.create_server(
+            lambda: SocketEnd(lambda end: self._spawn(self.inbound.plaintext(ep, end))), sock=ep.inbound
         )
         served.servers = [out, inb]
         served.hbone_task = asyncio.get_running_loop().create_task(

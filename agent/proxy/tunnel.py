@@ -18,6 +18,7 @@ import os
 import socket
 import ssl
 from collections.abc import Awaitable, Callable, Iterable
+from typing import cast
 
 import h2.connection
 import h2.errors
@@ -32,6 +33,7 @@ from api.spiffe import SpiffeId
 log = logging.getLogger(__name__)
 
 HANDSHAKE_TIMEOUT = 10.0
+FLUSH_BYTES = 64 * 1024  # DATA queued before it is written at once rather than at the end of the loop turn
 
 
 class TunnelError(ConnectionError):
@@ -168,18 +170,21 @@ class _H2Protocol(asyncio.Protocol):
         self._can_write.set()
         self.goaway = False
         self._pings: dict[bytes, asyncio.Future[None]] = {}
+        self._loop = asyncio.get_running_loop()
+        self._unflushed = 0  # DATA bytes queued in h2 and not yet written to the transport
+        self._flush_pending = False
 
     # -- asyncio.Protocol --
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        # a stream transport; uvloop's TLS transport does not subclass asyncio.Transport, hence no isinstance
+        self.transport = cast(asyncio.Transport, transport)
         ssl_object = transport.get_extra_info("ssl_object")
         try:
             self.peer = self._check_peer(ssl_object)
         except PeerIdentityError as exc:
             log.warning("event=hbone_peer_rejected reason=%r", exc.reason)
             self._set_ready_error(exc)
-            transport.abort()
+            self.transport.abort()
             return
         hbone.start(self.conn)
         self._flush()
@@ -276,9 +281,28 @@ class _H2Protocol(asyncio.Protocol):
 
     # -- used by Stream --
     def _flush(self) -> None:
+        self._unflushed = 0
         data = self.conn.data_to_send()
         if data and self.transport is not None and not self.transport.is_closing():
             self.transport.write(data)
+
+    def _deferred_flush(self) -> None:
+        self._flush_pending = False
+        if self._unflushed:
+            self._flush()
+
+    def _flush_soon(self, size: int) -> None:
+        """Write DATA frames now when `FLUSH_BYTES` are pending, else at the end of this loop turn.
+
+        Streams that each send a small chunk in the same turn (many keep-alive requests) then share one
+        TLS write and one send(2), and a bulk stream still hands the transport a bounded amount at a time.
+        """
+        self._unflushed += size
+        if self._unflushed >= FLUSH_BYTES:
+            self._flush()
+        elif not self._flush_pending:
+            self._flush_pending = True
+            self._loop.call_soon(self._deferred_flush)
 
     async def _drain(self) -> None:
         if not self._can_write.is_set():
@@ -299,7 +323,7 @@ class _H2Protocol(asyncio.Protocol):
         # the common case (a read chunk that fits the window) goes out without a copy
         chunk = data if offset == 0 and size == len(data) else data[offset : offset + size]
         self.conn.send_data(stream_id, chunk)
-        self._flush()
+        self._flush_soon(size)
         return size
 
     def _end_stream(self, stream_id: int) -> None:

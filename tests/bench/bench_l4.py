@@ -47,6 +47,7 @@ CLIENT, SERVER = "client", "httpbin-v2"
 HTTP_PORT, IPERF_PORT = 8080, 5201
 TUNNELS = [Tunnel("http", HTTP_PORT, 18080), Tunnel("iperf", IPERF_PORT, 15201)]
 MODES = ("no-mesh", "nodemesh", "stunnel")
+STEPS = ("bulk_1", "bulk_8", "fixed_keepalive", "fixed_close", "sat_keepalive", "sat_close")
 AIM_RATE = 1000  # req/s at which the issue-5 aim bounds the added p50
 LAB_WAIT_S = 240.0  # another session's e2e run may hold the (single) lab for a while
 
@@ -58,6 +59,7 @@ class Settings:
     wrk_threads: int = 2
     wrk_connections: int = 32
     pause: float = 1.0  # between runs, so one run's teardown does not land in the next
+    steps: tuple[str, ...] = STEPS  # a subset measures only those rows (the table shows "-" for others)
 
 
 class BenchError(Exception):
@@ -315,6 +317,8 @@ def measure_mode(mode: str, s: Settings) -> dict[str, Any]:
                 ("sat_close", lambda: wrk(lab, host, False, s)),
             ]
             for name, step in steps:
+                if name not in s.steps:
+                    continue
                 print(f"  {mode}: {name}...", flush=True)
                 out[name] = step()
                 time.sleep(s.pause)
@@ -343,17 +347,18 @@ def summarize(modes: dict[str, dict[str, Any]]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     if nm and st:
         out["nodemesh_vs_stunnel"] = {
-            key: _ratio(nm[key][field], st[key][field])
+            key: _ratio(nm[key][field], st[key][field]) if key in nm and key in st else None
             for key, field in (("bulk_1", "gbit_s"), ("bulk_8", "gbit_s"),
                                ("sat_keepalive", "rps"), ("sat_close", "rps"))
         }  # fmt: skip
     if base:
         for name, m in (("nodemesh", nm), ("stunnel", st)):
-            if m:
+            if m and "fixed_keepalive" in m:
                 out[f"{name}_added_p50_ms_at_{int(m['fixed_keepalive']['target_rps'])}rps"] = {
                     conn: round(m[key]["p50_ms"] - base[key]["p50_ms"], 3)
                     for conn, key in (("keep-alive", "fixed_keepalive"), ("close", "fixed_close"))
-                    if m[key]["p50_ms"] is not None and base[key]["p50_ms"] is not None
+                    if key in m and key in base
+                    and m[key]["p50_ms"] is not None and base[key]["p50_ms"] is not None
                 }
     ratios = out.get("nodemesh_vs_stunnel")
     added = out.get(f"nodemesh_added_p50_ms_at_{AIM_RATE}rps", {}).get("keep-alive")
@@ -388,7 +393,13 @@ def table(modes: dict[str, dict[str, Any]], s: Settings) -> str:
     rate = f"{s.rate:,.0f} req/s"
     rows: list[tuple[str, list[str], str]] = []
 
-    def add(label: str, get: Any, ratio: bool = False, digits: int = 2) -> None:
+    def add(label: str, getter: Any, ratio: bool = False, digits: int = 2) -> None:
+        def get(m: dict[str, Any]) -> Any:
+            try:
+                return getter(m)
+            except KeyError:  # a step not run (--steps)
+                return None
+
         vals = [get(modes[n]) for n in names]
         r = ""
         if ratio and show_ratio:
@@ -480,6 +491,9 @@ def main() -> int:
     parser.add_argument(
         "--modes", default=",".join(MODES), help="comma-separated subset of " + ",".join(MODES)
     )
+    parser.add_argument(
+        "--steps", default=",".join(STEPS), help="comma-separated subset of " + ",".join(STEPS)
+    )
     parser.add_argument("--wrk-connections", type=int, default=32)
     parser.add_argument("--wrk-threads", type=int, default=2)
     parser.add_argument("--out", type=Path, default=RESULTS)
@@ -488,11 +502,15 @@ def main() -> int:
     unknown = [m for m in modes if m not in MODES]
     if unknown:
         parser.error(f"unknown mode(s) {unknown}; choose from {', '.join(MODES)}")
+    steps = tuple(x.strip() for x in args.steps.split(",") if x.strip())
+    if bad := [x for x in steps if x not in STEPS]:
+        parser.error(f"unknown step(s) {bad}; choose from {', '.join(STEPS)}")
     s = Settings(
         seconds=args.seconds,
         rate=args.rate,
         wrk_threads=args.wrk_threads,
         wrk_connections=args.wrk_connections,
+        steps=steps,
     )
     run(modes, s, args.out)
     return 0

@@ -221,3 +221,20 @@ def test_validate_connect_never_raises_on_arbitrary_authority(authority: str) ->
 def test_arbitrary_forwarded_header_gives_a_target_or_400(value: str) -> None:
     decision = hbone.validate_connect([*headers(), (b"forwarded", value.encode())], "10.0.0.1")
     assert isinstance(decision, ConnectTarget) or decision.status == Status.BAD_REQUEST
+
+
+# --- DATA frame repr (h2 formats it for every received frame) -----------------------------------------
+
+
+@pytest.mark.parametrize("size", [0, 1, 9, 10, 11, 12, 64, 1 << 20])
+@pytest.mark.parametrize("pad", [None, 0, 1, 5, 40])
+def test_data_frame_repr_is_hyperframes_text_from_the_first_bytes_only(size: int, pad: int | None) -> None:
+    import hyperframe.frame
+
+    flags = ["PADDED"] if pad is not None else []
+    frame = hyperframe.frame.DataFrame(1, bytes(range(256)) * (size // 256) + bytes(size % 256),
+                                       flags=flags, pad_length=pad or 0)  # fmt: skip
+    # what hyperframe's own fallback (serialize the whole body, hex-encode it) says
+    assert hbone._data_frame_body_repr(frame) == hyperframe.frame.Frame._body_repr(frame)
+    assert hyperframe.frame.DataFrame._body_repr is hbone._data_frame_body_repr
+    assert repr(frame).endswith(hyperframe.frame.Frame._body_repr(frame))

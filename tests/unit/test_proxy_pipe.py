@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import socket
 from collections import deque
 from typing import Any, cast
 
@@ -15,7 +16,7 @@ from agent.proxy.hbone import canonical_ip
 from agent.proxy.inbound import Inbound
 from agent.proxy.index import MeshIndex
 from agent.proxy.metrics import ProxyMetrics
-from agent.proxy.pipe import splice
+from agent.proxy.pipe import CHUNK, HIGH_WATER, SocketEnd, splice
 from api.resources import Workload
 from api.spiffe import SpiffeId
 
@@ -143,3 +144,86 @@ def test_no_certificate_yet_refuses_the_handshake() -> None:
     core, made = core_with(Certs(set()))
     assert Inbound(core).pick_identity(canonical_ip("10.2.0.1")) is None
     assert made == []
+
+
+# --- SocketEnd over a real (local) socket pair ---------------------------------------------------------
+
+
+async def socket_end_pair() -> tuple[SocketEnd, socket.socket]:
+    ours, theirs = socket.socketpair()
+    _, end = await asyncio.get_running_loop().connect_accepted_socket(SocketEnd, ours)
+    theirs.setblocking(False)
+    return end, theirs
+
+
+async def test_socket_end_reads_what_was_sent_then_eof_and_can_still_write() -> None:
+    end, peer = await socket_end_pair()
+    loop = asyncio.get_running_loop()
+    payload = bytes(range(256)) * 4096  # 1 MiB: more than the socket buffers and HIGH_WATER hold
+
+    async def send() -> None:
+        await loop.sock_sendall(peer, payload)
+        peer.shutdown(socket.SHUT_WR)
+
+    sender = asyncio.create_task(send())
+    got = bytearray()
+    while data := await asyncio.wait_for(end.read(), 2):
+        assert len(data) <= CHUNK
+        got += data
+    await asyncio.wait_for(sender, 2)
+    assert bytes(got) == payload
+    await end.write(b"after half-close")  # the other direction stays open
+    end.write_eof()
+    assert await asyncio.wait_for(loop.sock_recv(peer, 100), 2) == b"after half-close"
+    assert await asyncio.wait_for(loop.sock_recv(peer, 100), 2) == b""
+    end.finish()
+    peer.close()
+
+
+async def test_socket_end_stops_reading_at_the_high_water_mark() -> None:
+    end, peer = await socket_end_pair()
+    loop = asyncio.get_running_loop()
+    total = 16 * 1024 * 1024
+    sender = asyncio.create_task(loop.sock_sendall(peer, bytes(total)))
+    await asyncio.sleep(0.3)
+    # nobody reads `end`: it stops reading at HIGH_WATER, the kernel buffers fill, the sender stalls
+    assert not sender.done()
+    assert end._paused
+    assert HIGH_WATER <= end._buffered < HIGH_WATER + 256 * 1024
+    got = 0
+    while got < total:
+        got += len(await asyncio.wait_for(end.read(), 2))
+    await asyncio.wait_for(sender, 2)
+    assert got == total and not end._paused
+    end.close()
+    peer.close()
+
+
+async def test_socket_end_write_waits_for_a_slow_reader() -> None:
+    end, peer = await socket_end_pair()
+    loop = asyncio.get_running_loop()
+    chunk = bytes(1024 * 1024)
+    writes = asyncio.create_task(asyncio.wait_for(_write_many(end, chunk, 64), 10))
+    await asyncio.sleep(0.1)
+    assert not writes.done()  # 64 MiB do not fit the socket buffers: write() waits for the reader
+    assert end.transport is not None and end.transport.get_write_buffer_size() <= 2 * len(chunk)
+    got = 0
+    while got < 64 * len(chunk):
+        got += len(await asyncio.wait_for(loop.sock_recv(peer, 1 << 20), 2))
+    await writes
+    end.close()
+    peer.close()
+
+
+async def _write_many(end: SocketEnd, chunk: bytes, n: int) -> None:
+    for _ in range(n):
+        await end.write(chunk)
+
+
+async def test_a_closed_socket_end_ends_a_pending_read() -> None:
+    end, peer = await socket_end_pair()
+    reader = asyncio.create_task(end.read())
+    await asyncio.sleep(0)
+    end.close()
+    assert await asyncio.wait_for(reader, 2) == b""
+    peer.close()
