@@ -37,6 +37,7 @@ log = logging.getLogger("nodemesh.agent.admin")
 MAX_REQUEST_BYTES = 16 * 1024
 REQUEST_TIMEOUT = 10.0
 STREAM_BATCH = 512  # records per chunk when a follower is behind
+FOLLOW_COALESCE = 0.02  # seconds a follower waits after a record for more to send with it
 
 _REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed",
             413: "Content Too Large", 500: "Internal Server Error"}
@@ -348,6 +349,8 @@ class AdminServer:
                         nxt.cancel()
                         break
                     batch = [nxt.result()]
+                    # let a burst gather: one chunk, one wake-up per FOLLOW_COALESCE instead of per record
+                    await asyncio.sleep(FOLLOW_COALESCE)
                     while len(batch) < STREAM_BATCH:
                         item = sub.get_nowait()
                         if item is None:

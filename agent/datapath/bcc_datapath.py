@@ -295,10 +295,8 @@ class BccDatapath:
     def original_destination(self, netns_cookie: int, peer: tuple[str, int]) -> tuple[str, int] | None:
         """Look up (listener netns cookie, peer port) in ``orig_dst_by_tuple``."""
         ip, port = peer
-        try:
-            if not ipaddress.IPv4Address(ip).is_loopback or not 0 < port < 65536:
-                return None
-        except ValueError:
+        # getpeername() gives dotted quads: 127/8 is loopback (the redirect connects from 127.0.0.1)
+        if not ip.startswith("127.") or ip.count(".") != 3 or not 0 < port < 65536:
             return None
         raw = bpfsys.map_lookup(self._map_fds["orig_dst_by_tuple"], abi.pack_tuple_key(netns_cookie, port),
                                 abi.ORIG_DST.size)

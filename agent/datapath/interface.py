@@ -52,7 +52,9 @@ class Datapath(Protocol):
         """Stop capturing the pod's traffic and forget its state (idempotent)."""
 
     def original_destination(self, netns_cookie: int, peer: tuple[str, int]) -> tuple[str, int] | None:
-        """Destination the app dialled for a connection accepted on 15001; None: close it."""
+        """Destination the app dialled for a connection accepted on 15001; None: close it.
+
+        Called on the proxy's event loop for every connection: must not sleep (a hash map lookup)."""
 
     def counters(self) -> dict[str, int]:
         """Datapath counters by name (see ``abi.COUNTERS``)."""

@@ -16,12 +16,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from agent.datapath.interface import Datapath, EnrolledPod
-from agent.datapath.netns import in_netns
 from agent.identity import CertificateManager, WorkloadCertificate
 from agent.proxy import tls
 from agent.proxy.conns import ConnTracker
 from agent.proxy.index import MeshIndex
 from agent.proxy.metrics import ProxyMetrics
+from agent.proxy.netns_sockets import NetnsSockets, connect
 from agent.proxy.pipe import SocketEnd
 from api.resources import Workload
 from api.spiffe import SpiffeId
@@ -49,13 +49,6 @@ class _CachedContext:
     context: ssl.SSLContext
 
 
-def _socket_in_netns(netns_path: str) -> socket.socket:
-    with in_netns(netns_path):  # synchronous: nothing else runs on this thread meanwhile
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    return sock
-
-
 class ProxyCore:
     """What both directions of the proxy read: config, identities, pods served, telemetry."""
 
@@ -71,6 +64,7 @@ class ProxyCore:
         hbone_port: int,
         connect_timeout: float = CONNECT_TIMEOUT,
         cert_wait: float = CERT_WAIT,
+        sockets: NetnsSockets | None = None,
     ) -> None:
         self.datapath = datapath
         self.certs = certs
@@ -85,6 +79,8 @@ class ProxyCore:
         self.local_ips: set[str] = set()
         self._server_ctx: dict[SpiffeId, _CachedContext] = {}
         self._client_ctx: dict[SpiffeId, _CachedContext] = {}
+        self.sockets = sockets if sockets is not None else NetnsSockets()
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     # -- pods --
     def add_pod(self, ep: EnrolledPod) -> None:
@@ -96,6 +92,7 @@ class ProxyCore:
             if ep.pod.uid == uid:
                 del self.served[ip]
                 self.local_ips.discard(ip)
+                self.sockets.drop(ep.pod.netns_path)
                 return ep
         return None
 
@@ -145,19 +142,21 @@ class ProxyCore:
 
     # -- sockets in a pod netns --
     async def new_socket(self, netns_path: str) -> socket.socket:
-        """A TCP socket created inside the pod netns (a thread does the setns)."""
+        """A new non-blocking TCP socket (TCP_NODELAY) of the pod netns, from `sockets`' stock."""
         try:
-            return await asyncio.to_thread(_socket_in_netns, netns_path)
-        except Exception as exc:  # DatapathError (netns vanished), OSError
+            return await self.sockets.take(netns_path)
+        except Exception as exc:  # DatapathError (netns vanished), OSError, pod removed meanwhile
             raise ProxyError("POD_NETNS_UNAVAILABLE", f"{netns_path}: {exc}") from exc
 
     async def dial(self, netns_path: str, dst: Addr) -> SocketEnd:
         """Connect to `dst` from inside the pod netns; ProxyError("UPSTREAM_CONNECT_FAILED") if not."""
         sock = await self.new_socket(netns_path)
-        sock.setblocking(False)
         try:
-            loop = asyncio.get_running_loop()
-            await asyncio.wait_for(loop.sock_connect(sock, dst), self.connect_timeout)
+            if self._loop is None:  # once: get_running_loop() costs a getpid(2) per call
+                self._loop = asyncio.get_running_loop()
+            loop = self._loop
+            async with asyncio.timeout(self.connect_timeout):  # no extra task, unlike wait_for
+                await connect(sock, dst, loop)
             _, end = await loop.create_connection(SocketEnd, sock=sock)
             return end
         except (OSError, TimeoutError) as exc:

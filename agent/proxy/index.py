@@ -12,6 +12,7 @@ policies. The proxy asks it three questions, none of which does I/O:
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import itertools
 from collections.abc import Iterable, Iterator
@@ -59,7 +60,13 @@ class Route:
 
 def workload_identity(workload: Workload, trust_domain: str) -> SpiffeId:
     """`spiffe://<td>/ns/<ns>/sa/<sa>` of a workload."""
-    return SpiffeId.for_workload(trust_domain, workload.namespace, workload.service_account)
+    return _identity(trust_domain, workload.namespace, workload.service_account)
+
+
+@functools.lru_cache(maxsize=4096)
+def _identity(trust_domain: str, namespace: str, service_account: str) -> SpiffeId:
+    # validated once per (td, ns, sa), not on every connection (SpiffeId is frozen)
+    return SpiffeId.for_workload(trust_domain, namespace, service_account)
 
 
 def _ipv4(value: str) -> bool:

@@ -127,6 +127,9 @@ def tcp_labels(peers: TcpPeers) -> dict[str, str]:
     return labels
 
 
+SERIES_CACHE = 4096  # label sets whose counters ProxyMetrics keeps resolved
+
+
 class TcpSeries:
     """The four counters of one connection's label set, resolved once (no label lookups per chunk)."""
 
@@ -145,6 +148,7 @@ class ProxyMetrics:
 
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry or CollectorRegistry(auto_describe=True)
+        self._series: dict[TcpPeers, TcpSeries] = {}
         self.opened = Counter(
             "istio_tcp_connections_opened", "Total TCP connections opened", TCP_LABELS, registry=self.registry
         )
@@ -165,7 +169,14 @@ class ProxyMetrics:
         )
 
     def series(self, peers: TcpPeers) -> TcpSeries:
-        return TcpSeries(self, tcp_labels(peers))
+        """The counters of a label set; resolved once per distinct `peers` (the label children live in
+        the registry for good anyway), so a new connection costs one dict lookup here."""
+        hit = self._series.get(peers)
+        if hit is None:
+            if len(self._series) >= SERIES_CACHE:  # bounded: pod churn makes new keys forever
+                self._series.clear()
+            hit = self._series[peers] = TcpSeries(self, tcp_labels(peers))
+        return hit
 
     def text(self) -> str:
         """Prometheus text exposition of this registry."""

@@ -48,7 +48,8 @@ class SocketEnd(asyncio.Protocol):
     bytes wait to be read, and `write` waits for the transport's buffer to drain."""
 
     __slots__ = (
-        "_buffered", "_can_write", "_chunks", "_eof", "_error", "_on_made", "_paused", "_waiter", "transport"
+        "_buffered", "_can_write", "_chunks", "_eof", "_error", "_loop", "_on_made", "_paused", "_waiter",
+        "transport",
     )  # fmt: skip
 
     def __init__(self, on_made: Callable[[SocketEnd], object] | None = None) -> None:
@@ -62,10 +63,13 @@ class SocketEnd(asyncio.Protocol):
         self._paused = False
         self._waiter: asyncio.Future[None] | None = None
         self._can_write: asyncio.Future[None] | None = None  # set while the transport is paused
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     # -- asyncio.Protocol --
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)
+        # once: get_running_loop() costs a getpid(2) per call (asyncio's fork check)
+        self._loop = asyncio.get_running_loop()
         if self._on_made is not None:
             self._on_made(self)
 
@@ -93,7 +97,7 @@ class SocketEnd(asyncio.Protocol):
 
     def pause_writing(self) -> None:
         if self._can_write is None:
-            self._can_write = asyncio.get_running_loop().create_future()
+            self._can_write = (self._loop or asyncio.get_running_loop()).create_future()
 
     def resume_writing(self) -> None:
         waiter, self._can_write = self._can_write, None
@@ -122,7 +126,7 @@ class SocketEnd(asyncio.Protocol):
                 if self._error is not None:
                     raise ConnectionResetError(f"socket failed: {self._error!r}") from self._error
                 return b""
-            self._waiter = asyncio.get_running_loop().create_future()
+            self._waiter = (self._loop or asyncio.get_running_loop()).create_future()
             await self._waiter
         chunks = self._chunks
         data = chunks.popleft() if len(chunks) == 1 or len(chunks[0]) >= CHUNK else self._take()
@@ -224,13 +228,15 @@ async def splice(client: End, upstream: End, up: Counter, down: Counter) -> str:
             upstream.close()
 
     clean = False
+    # one direction in a new task, the other in this one (not gather: a task and a future fewer)
+    other = asyncio.get_running_loop().create_task(direction(upstream, client, down, "upstream->client"))
     try:
-        await asyncio.gather(
-            direction(client, upstream, up, "client->upstream"),
-            direction(upstream, client, down, "upstream->client"),
-        )
+        await direction(client, upstream, up, "client->upstream")
+        await other
         clean = not error
     finally:
+        if not other.done():  # cancelled: take the other direction down too
+            other.cancel()
         for end in (client, upstream):
             if clean:
                 end.finish()

@@ -13,7 +13,8 @@ import asyncio
 import contextlib
 import logging
 import socket
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Coroutine, Iterable
+from typing import Any
 
 from agent.admin.sources import ConnectionInfo
 from agent.datapath.interface import Datapath, EnrolledPod
@@ -84,6 +85,7 @@ class NodeProxy:
         self._identities: dict[str, SpiffeId] = {}  # pod uid → identity ensured for it
         self._served: dict[str, _Served] = {}
         self._tasks: set[asyncio.Task[None]] = set()
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._reaper: asyncio.Task[None] | None = None
 
     # -- config --
@@ -166,8 +168,10 @@ class NodeProxy:
             self._reaper = asyncio.get_running_loop().create_task(self._reap(), name="hbone-pool-reaper")
         log.info("event=proxy_serving pod=%s ip=%s", ep.pod.uid, ep.pod.ip)
 
-    def _spawn(self, coro: asyncio.Future[None] | object) -> asyncio.Task[None]:
-        task: asyncio.Task[None] = asyncio.ensure_future(coro)  # type: ignore[arg-type]
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
+        if self._loop is None:  # once: get_running_loop() costs a getpid(2) per call
+            self._loop = asyncio.get_running_loop()
+        task = self._loop.create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         return task
@@ -223,6 +227,7 @@ class NodeProxy:
         self._sync_identities()
         if pod_uid is None:
             await self.outbound.close_pool(None)
+            self.core.sockets.close()
             if self._reaper is not None:
                 self._reaper.cancel()
                 self._reaper = None

@@ -9,6 +9,7 @@ and a match is an AND of fields whose values are OR-ed.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -72,6 +73,13 @@ class Reason(StrEnum):
     DENIED_CUSTOM_UNSUPPORTED = "DENIED_CUSTOM_UNSUPPORTED"  # a CUSTOM policy selects it; no provider
 
 
+@functools.lru_cache(maxsize=8192)
+def _ip_address(text: str) -> IpAddress:
+    """`ipaddress.ip_address`, parsed once per distinct string (a proxy sees the same pod IPs again and
+    again; the objects are immutable). ValueError as ip_address's."""
+    return ipaddress.ip_address(text)
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Connection:
     """A new TCP connection to a workload, as the inbound side of the node proxy sees it.
@@ -99,8 +107,8 @@ class Connection:
 
     def __post_init__(self) -> None:
         try:
-            src_addr = ipaddress.ip_address(self.src_ip)
-            dst_addr = ipaddress.ip_address(self.dst_ip)
+            src_addr = _ip_address(self.src_ip)
+            dst_addr = _ip_address(self.dst_ip)
         except ValueError as exc:
             raise ConnectionInputError(f"connection has a bad address: {exc}") from exc
         if not 0 <= self.dst_port <= 65535:
