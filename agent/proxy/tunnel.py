@@ -67,6 +67,11 @@ class _Signal:
     def clear(self) -> None:
         self._flag = False
 
+    @property
+    def waiting(self) -> bool:
+        """Someone waits and was not woken yet."""
+        return bool(self._waiters)
+
     async def wait(self) -> None:
         if self._flag:
             return
@@ -94,12 +99,22 @@ class Stream:
         self._error: BaseException | None = None
         self.status: int | None = None
         self._response: asyncio.Future[int] = proto._loop.create_future()
+        self._sink: Callable[[bytes], int] | None = None
 
     # -- fed by the protocol --
     def _feed(self, data: bytes) -> None:
-        if data:
-            self._chunks.append(data)
-            self._readable.set()
+        if not data:
+            return
+        if self._sink is not None and self._readable.waiting and not self._chunks:
+            # the reader waits with nothing queued: hand the bytes on now (pipe's direct path)
+            taken = self._sink(data)
+            if taken:
+                self._proto._consumed(self.stream_id, taken)
+            if taken == len(data):
+                return
+            data = data[taken:]
+        self._chunks.append(data)
+        self._readable.set()
 
     def _feed_eof(self) -> None:
         self._eof = True
@@ -135,6 +150,21 @@ class Stream:
             chunk = chunk[:n]
         self._proto._consumed(self.stream_id, len(chunk))
         return chunk
+
+    def set_sink(self, sink: Callable[[bytes], int] | None) -> None:
+        """While the reader waits in `read()` with nothing queued, received DATA goes to `sink`
+        (which returns how much it took; the rest is queued for `read()`)."""
+        self._sink = sink
+
+    def write_nowait(self, data: bytes) -> int:
+        """Send what the HTTP/2 window allows of `data` now (0 when the transport is paused or the
+        stream cannot send); the caller sends the rest with `write`."""
+        if self._error is not None or self._local_closed or not self._proto._can_write.is_set():
+            return 0
+        try:
+            return self._proto._send_data(self.stream_id, data, 0)
+        except (h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError):
+            return 0
 
     async def write(self, data: bytes) -> None:
         """Send `data`, waiting for HTTP/2 window and transport buffer space (backpressure)."""

@@ -227,3 +227,74 @@ async def test_a_closed_socket_end_ends_a_pending_read() -> None:
     end.close()
     assert await asyncio.wait_for(reader, 2) == b""
     peer.close()
+
+
+# --- the direct path (a receive callback hands bytes straight to the other end) ---------------------
+
+
+class NibblingEnd(FakeEnd):
+    """Takes at most `bite` bytes per write_nowait (like a small HTTP/2 window), the rest via write()."""
+
+    def __init__(self, bite: int) -> None:
+        super().__init__([], hold=True)
+        self.bite = bite
+        self.direct = 0
+
+    def write_nowait(self, data: bytes) -> int:
+        taken = data[: self.bite]
+        self.written += taken
+        self.direct += len(taken)
+        return len(taken)
+
+
+async def test_direct_path_keeps_order_when_the_other_end_takes_part_of_each_chunk() -> None:
+    end, peer = await socket_end_pair()
+    loop = asyncio.get_running_loop()
+    dst = NibblingEnd(bite=7)
+    counted: list[int] = []
+    copy = asyncio.create_task(splice(end, dst, counted.append, lambda n: None))
+    payload = b"".join(b"%06d|" % i for i in range(40_000))  # 280 kB, every position distinct
+    for i in range(0, len(payload), 1000):
+        await loop.sock_sendall(peer, payload[i : i + 1000])
+        if i % 10_000 == 0:
+            await asyncio.sleep(0.001)  # let the copying task go back to waiting: direct path again
+    peer.shutdown(socket.SHUT_WR)
+    for _ in range(200):
+        if dst.eof:
+            break
+        await asyncio.sleep(0.01)
+    assert bytes(dst.written) == payload
+    assert sum(counted) == len(payload)
+    assert dst.direct > 0  # some bytes did take the direct path
+    dst.close()
+    await asyncio.wait_for(copy, 2)
+    peer.close()
+
+
+async def test_direct_path_between_real_sockets_carries_everything_both_ways() -> None:
+    a, a_peer = await socket_end_pair()
+    b, b_peer = await socket_end_pair()
+    loop = asyncio.get_running_loop()
+    up: list[int] = []
+    down: list[int] = []
+    spliced = asyncio.create_task(splice(a, b, up.append, down.append))
+    one_way = bytes(range(256)) * 8192  # 2 MiB each way, more than HIGH_WATER and the socket buffers
+
+    async def send(sock: socket.socket) -> None:
+        await loop.sock_sendall(sock, one_way)
+        sock.shutdown(socket.SHUT_WR)
+
+    async def receive(sock: socket.socket) -> bytes:
+        got = bytearray()
+        while data := await loop.sock_recv(sock, 1 << 16):
+            got += data
+        return bytes(got)
+
+    results = await asyncio.wait_for(
+        asyncio.gather(send(a_peer), send(b_peer), receive(a_peer), receive(b_peer)), 10
+    )
+    assert results[2] == one_way and results[3] == one_way
+    assert await asyncio.wait_for(spliced, 2) == ""
+    assert sum(up) == sum(down) == len(one_way)
+    a_peer.close()
+    b_peer.close()
