@@ -39,7 +39,9 @@ def run_command(
     token: Annotated[Path, typer.Option("--token", help="File holding this node's bearer token")],
     ca: Annotated[Path, typer.Option("--ca", help="Trust bundle (PEM) for the controller's certificate")],
     pod_cgroup: Annotated[Path, typer.Option("--pod-cgroup", help="cgroup v2 directory holding the pods")],
-    log_level: Annotated[str, typer.Option("--log-level", help="debug|info|warning|error")] = "info",
+    log_level: Annotated[
+        str, typer.Option("--log-level", envvar="NODEMESH_LOG_LEVEL", help="debug|info|warning|error")
+    ] = "info",
     state_dir: Annotated[Path, typer.Option("--state-dir", help="Runtime state root (enrolled pods)")]
     = DEFAULT_STATE_ROOT,
     server_name: Annotated[

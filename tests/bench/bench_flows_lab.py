@@ -1,18 +1,23 @@
 """The flow log under a burst of new connections, in the real lab.
 
-Run as root: `.venv/bin/python tests/bench/bench_flows_lab.py [--seconds 5] [--rate 2000] [--clients 8]`;
-writes bench-results/flows-lab.json. Takes the lab lock of the e2e fixture
-(/run/lock/nodemesh-lab.lock: it waits while a test module holds the lab), brings the default lab
-up and removes it at the end.
+Run as root: `.venv/bin/python tests/bench/bench_flows_lab.py [--seconds 5] [--load wrk|python]
+[--clients N] [--rate 2000]`; writes bench-results/flows-lab.json. Takes the lab lock of the e2e
+fixture (/run/lock/nodemesh-lab.lock: it waits while a test module holds the lab), brings the default
+lab up and removes it at the end.
 
-What runs: a minimal TCP sink in httpbin-v1 (port 9000: read to EOF, close), CLIENTS processes in the
-client pod (same node as the sink, so every connection goes client -> node1's proxy (15001) ->
-same-node delivery -> sink) each opening, using (4 bytes) and closing connections paced to
-RATE/CLIENTS per second for SECONDS; and `nodemesh flows --follow -o json --node node1 --last 0
---pod default/client` reading the whole time. Each connection gives node1 an `open` and a `close`
-record. Reported: connections made, records received by the follower, records the agent added,
-drops the follower was told about, records the ring still holds that the follower did not get
-(must be 0), and the agent's RSS before and after.
+Every connection goes client (node1) -> node1's proxy (15001) -> same-node delivery -> a sink in
+httpbin-v1 on port 9000, and gives node1 an `open` and a `close` record, while
+`nodemesh flows --follow -o json --node node1 --last 0 --pod default/client` reads the whole time.
+Load:
+- `wrk` (default): `wrk -t 2 -c CLIENTS -H "Connection: close"` against nginx (`return 200`): a new
+  connection per request, as many per second as the path takes (closed loop, C: the load generator
+  leaves the CPU to the agent);
+- `python`: CLIENTS Python processes each opening, using (4 bytes) and closing connections paced to
+  RATE/CLIENTS per second, against an asyncio sink (read to EOF, close). On this 2-core box the
+  processes themselves take most of a core.
+Reported: connections made and per second, records received by the follower, records the agent
+added, drops the follower was told about, records the ring still holds that the follower did not
+get (must be 0), and the agent's RSS before, at its peak and after.
 """
 
 from __future__ import annotations
@@ -20,8 +25,10 @@ from __future__ import annotations
 import argparse
 import fcntl
 import json
+import shutil
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -29,6 +36,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "tests" / "e2e"))
 
+from bench_l4 import NGINX_CONF, parse_wrk  # noqa: E402
 from labtools import CLI, cli_env, cli_json, wait_for  # noqa: E402
 
 from nodemesh.lab.lab import DEFAULT_STATE_DIR, Lab, _listening  # noqa: E402
@@ -98,11 +106,17 @@ def rss_kib(pid: int) -> int:
     raise RuntimeError(f"no VmRSS for pid {pid}")
 
 
-def run(lab: Lab, seconds: float, rate: float, clients: int) -> dict[str, object]:
+def run(lab: Lab, seconds: float, rate: float, clients: int, load: str, tmp: Path) -> dict[str, object]:
     plan = lab.plan()
     v1 = plan.pod("httpbin-v1")
     logs = lab.state_dir / "logs"
-    sink = lab.popen("httpbin-v1", [sys.executable, "-c", SINK], log=logs / "bench-sink.log")
+    if load == "wrk":  # nginx answers `200 ok`; each request on its own connection (Connection: close)
+        conf = tmp / "nginx.conf"
+        conf.write_text(NGINX_CONF.format(tmp=tmp, port=SINK_PORT))
+        sink = lab.popen("httpbin-v1", ["nginx", "-p", str(tmp), "-e", str(tmp / "nginx-error.log"),
+                                        "-c", str(conf)], log=logs / "bench-sink.log")  # fmt: skip
+    else:
+        sink = lab.popen("httpbin-v1", [sys.executable, "-c", SINK], log=logs / "bench-sink.log")
     wait_for(lambda: _listening(sink.pid, SINK_PORT), 10, "the sink")
     agent_pid = lab.load_state()["processes"]["agent/node1"]  # type: ignore[index]
     time.sleep(1.0)
@@ -132,24 +146,39 @@ def run(lab: Lab, seconds: float, rate: float, clients: int) -> dict[str, object
         t.start()
     wait_for(lambda: cli_json("node1", "status")["flows"]["followers"] == 1, 10, "the follower")
 
-    start_at = time.time() + 1.0  # every client starts together, after its interpreter is up
-    procs, client_logs = [], []
-    for i in range(clients):
-        log = logs / f"bench-client-{i}.log"
-        log.unlink(missing_ok=True)
-        client_logs.append(log)
-        procs.append(lab.popen("client", [sys.executable, "-c", CLIENT, v1.ip, str(SINK_PORT), str(seconds),
-                                          str(rate / clients), f"{start_at:.3f}"], log=log))
+    if load == "wrk":
+        start_at = time.time()
+        wrk_log = logs / "bench-wrk.log"
+        wrk_log.unlink(missing_ok=True)
+        procs = [lab.popen("client", ["wrk", "-t", "2", "-c", str(clients), "-d", f"{seconds:g}s",
+                                      "--timeout", "2s", "--latency", "-H", "Connection: close",
+                                      f"http://{v1.ip}:{SINK_PORT}/"], log=wrk_log)]  # fmt: skip
+    else:
+        start_at = time.time() + 1.0  # every client starts together, after its interpreter is up
+        procs, client_logs = [], []
+        for i in range(clients):
+            log = logs / f"bench-client-{i}.log"
+            log.unlink(missing_ok=True)
+            client_logs.append(log)
+            procs.append(lab.popen("client", [sys.executable, "-c", CLIENT, v1.ip, str(SINK_PORT),
+                                              str(seconds), str(rate / clients), f"{start_at:.3f}"],
+                                   log=log))  # fmt: skip
     peak_rss = rss_before
     while any(p.poll() is None for p in procs) and time.time() < start_at + seconds + 60:
         peak_rss = max(peak_rss, rss_kib(agent_pid))
         time.sleep(0.1)
     for p in procs:
         p.wait(timeout=10)
-    summaries = [json.loads(log.read_text().strip().splitlines()[-1]) for log in client_logs]
-    made = sum(s["ok"] for s in summaries)
-    failed = sum(s["failed"] for s in summaries)
-    elapsed = max(s["elapsed"] for s in summaries)
+    if load == "wrk":
+        w = parse_wrk(wrk_log.read_text(errors="replace"))
+        made, failed, elapsed = w["requests"] - w["non_2xx"], w["socket_errors"] + w["non_2xx"], seconds
+        errors = {"socket_errors": w["socket_errors"], "non_2xx": w["non_2xx"]}
+    else:
+        summaries = [json.loads(log.read_text().strip().splitlines()[-1]) for log in client_logs]
+        made = sum(s["ok"] for s in summaries)
+        failed = sum(s["failed"] for s in summaries)
+        elapsed = max(s["elapsed"] for s in summaries)
+        errors = {k: v for s in summaries for k, v in s["errors"].items()}
 
     # drain: until the follower has every record the agent added for these connections (bounded)
     expected = 2 * made
@@ -178,8 +207,9 @@ def run(lab: Lab, seconds: float, rate: float, clients: int) -> dict[str, object
         by_event[str(r["event"])] = by_event.get(str(r["event"]), 0) + 1
     return {
         "seconds": seconds,
-        "target_rate_per_s": rate,
-        "client_processes": clients,
+        "load": load,
+        "target_rate_per_s": rate if load == "python" else None,  # wrk: as fast as the path goes
+        "clients": clients,
         "connections_made": made,
         "connections_failed": failed,
         "achieved_rate_per_s": round(made / elapsed, 1),
@@ -195,26 +225,34 @@ def run(lab: Lab, seconds: float, rate: float, clients: int) -> dict[str, object
         "agent_rss_mib_before": round(rss_before / 1024, 1),
         "agent_rss_mib_peak": round(peak_rss / 1024, 1),
         "agent_rss_mib_after": round(rss_after / 1024, 1),
-        "client_errors": {k: v for s in summaries for k, v in s["errors"].items()},
+        "client_errors": errors,
     }
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seconds", type=float, default=5.0)
-    parser.add_argument("--rate", type=float, default=2000.0)
-    parser.add_argument("--clients", type=int, default=8)
+    parser.add_argument("--load", choices=("wrk", "python"), default="wrk",
+                        help="wrk: as many new connections as the path takes (HTTP/1.1, Connection: close, "
+                             "nginx answers); python: paced to --rate by --clients processes")  # fmt: skip
+    parser.add_argument("--rate", type=float, default=2000.0, help="--load python: target connections/s")
+    parser.add_argument("--clients", type=int, default=None,
+                        help="wrk connections (default 32) or python processes (default 8)")  # fmt: skip
     args = parser.parse_args()
+    clients = args.clients or (32 if args.load == "wrk" else 8)
+    tmp = Path(tempfile.mkdtemp(prefix="nm-bench-flows-"))
+    tmp.chmod(0o755)  # nginx workers run as nobody
     LAB_LOCK.parent.mkdir(parents=True, exist_ok=True)
     with open(LAB_LOCK, "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         lab = Lab(DEFAULT_STATE_DIR)
         try:
             lab.up(load_topology())
-            result = run(lab, args.seconds, args.rate, args.clients)
+            result = run(lab, args.seconds, args.rate, clients, args.load, tmp)
         finally:
             lab.down(quiet=True)
             fcntl.flock(lock, fcntl.LOCK_UN)
+            shutil.rmtree(tmp, ignore_errors=True)
     OUT.parent.mkdir(exist_ok=True)
     OUT.write_text(json.dumps(result, indent=2) + "\n")
     for k, v in result.items():
