@@ -29,6 +29,8 @@ log = logging.getLogger(__name__)
 
 Addr = tuple[str, int]
 
+HBONE_KEEPALIVE_INTERVAL = 10.0  # seconds between PINGs on an HBONE connection of the pool
+HBONE_KEEPALIVE_TIMEOUT = 20.0  # an unanswered PING closes the connection after this long
 REASON_NO_ORIGINAL_DST = "NO_ORIGINAL_DESTINATION"
 REASON_NO_ENDPOINT = "NO_HEALTHY_UPSTREAM"
 REASON_UNKNOWN_SOURCE = "UNKNOWN_SOURCE_WORKLOAD"
@@ -37,9 +39,18 @@ REASON_UNKNOWN_SOURCE = "UNKNOWN_SOURCE_WORKLOAD"
 class Outbound:
     """Handles the 15001 listeners of the pods this proxy serves."""
 
-    def __init__(self, core: ProxyCore, inbound: Inbound) -> None:
+    def __init__(
+        self,
+        core: ProxyCore,
+        inbound: Inbound,
+        *,
+        keepalive: tuple[float, float] | None = (HBONE_KEEPALIVE_INTERVAL, HBONE_KEEPALIVE_TIMEOUT),
+    ) -> None:
         self.core = core
         self.inbound = inbound
+        # (interval, timeout) of HTTP/2 PINGs on every pooled connection: a peer node that went away
+        # without a FIN/RST is noticed and the connection dropped, not kept in the pool until TCP gives up
+        self.keepalive = keepalive
         # one pool per source pod: a pooled connection was made inside that pod's netns, so two pods
         # sharing an identity must not share connections (ztunnel's pool key includes the source IP)
         self.pools: dict[str, HbonePool] = {}
@@ -265,9 +276,12 @@ class Outbound:
         sock = await core.new_socket(netns_path)
         try:
             sock.bind((src_ip, 0))
-            return await HboneClient.connect(
+            client = await HboneClient.connect(
                 key.dst_addr, context, key.dst_identity, sock=sock, handshake_timeout=core.connect_timeout
             )
         except BaseException:
             sock.close()
             raise
+        if self.keepalive is not None:
+            client.start_keepalive(*self.keepalive)
+        return client

@@ -26,7 +26,7 @@ from agent.proxy.hbone import HBONE_PORT
 from agent.proxy.inbound import Inbound
 from agent.proxy.index import MeshIndex
 from agent.proxy.metrics import ProxyMetrics
-from agent.proxy.outbound import Outbound
+from agent.proxy.outbound import HBONE_KEEPALIVE_INTERVAL, HBONE_KEEPALIVE_TIMEOUT, Outbound
 from agent.proxy.pipe import SocketEnd
 from api.authz import DEFAULT_ROOT_NAMESPACE
 from api.resources import PolicyObject, Service, Workload
@@ -64,6 +64,7 @@ class NodeProxy:
         hbone_port: int = HBONE_PORT,
         connect_timeout: float = CONNECT_TIMEOUT,
         manage_identities: bool = True,
+        hbone_keepalive: tuple[float, float] | None = (HBONE_KEEPALIVE_INTERVAL, HBONE_KEEPALIVE_TIMEOUT),
     ) -> None:
         self.flows = FlowLog(flow_ring)
         self.metrics = metrics or ProxyMetrics()
@@ -80,7 +81,7 @@ class NodeProxy:
             connect_timeout=connect_timeout,
         )
         self.inbound = Inbound(self.core)
-        self.outbound = Outbound(self.core, self.inbound)
+        self.outbound = Outbound(self.core, self.inbound, keepalive=hbone_keepalive)
         self._manage_identities = manage_identities
         self._identities: dict[str, SpiffeId] = {}  # pod uid → identity ensured for it
         self._served: dict[str, _Served] = {}

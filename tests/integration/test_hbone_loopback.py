@@ -367,6 +367,24 @@ async def test_keepalive_pings_are_answered(running: Callable[[Handler], Running
     await client.close()
 
 
+async def test_an_unanswered_ping_closes_the_connection(server_svid: Svid, client_svid: Svid) -> None:
+    """A peer that completed TLS and then went silent (a node gone without FIN/RST): the keepalive
+    notices and the connection stops being usable, so the pool drops it."""
+    context = tls.server_context(server_svid.chain, server_svid.key, server_svid.bundle)
+    server = await asyncio.get_running_loop().create_server(asyncio.Protocol, "127.0.0.1", 0, ssl=context)
+    addr = server.sockets[0].getsockname()[:2]
+    try:
+        client = await HboneClient.connect(addr, client_ctx(client_svid), SERVER_ID)
+        assert client.usable
+        client.start_keepalive(interval=0.02, timeout=0.2)
+        await assert_eventually(lambda: not client.usable, timeout=3)
+        assert client.pings_acked == 0
+        await client.close()
+    finally:
+        server.close()
+        await server.wait_closed()
+
+
 async def test_single_stream_throughput_64_mib(
     running: Callable[[Handler], Running], client_svid: Svid
 ) -> None:

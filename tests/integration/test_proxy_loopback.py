@@ -393,6 +393,20 @@ async def test_many_connections_share_one_pooled_hbone_connection(mesh: Mesh) ->
         w.close()
 
 
+async def test_pooled_hbone_connections_are_kept_alive_with_pings(mesh: Mesh) -> None:
+    outbound = mesh.proxies["node1"].outbound
+    assert outbound.keepalive is not None  # on by default (10 s / 20 s)
+    outbound.keepalive = (0.02, 2.0)  # pings every 20 ms for this test's new connections
+    b = mesh.pods["b"]
+    r, w = await mesh.connect("a", (b.ip, APP_PORT))
+    assert await exchange(r, w, b"k", len(b"b:k")) == b"b:k"
+    clients = [e.client for slot in outbound.pool(mesh.pods["a"].ep)._slots.values() for e in slot.entries]
+    assert len(clients) == 1
+    await assert_eventually(lambda: clients[0].pings_acked >= 3)  # answered by node2's 15008
+    assert await exchange(r, w, b"again", len(b"again")) == b"again"  # the stream is unaffected
+    w.close()
+
+
 # --- refusals at 15008 ----------------------------------------------------------------------------
 
 
