@@ -5,7 +5,9 @@ Shared by the server (agent) and the client (`nodemesh` node CLI), so both agree
 
 from __future__ import annotations
 
+import contextlib
 import os
+import socket
 from pathlib import Path
 
 DEFAULT_RUN_DIR = Path("/run/nodemesh")
@@ -43,3 +45,25 @@ def node_sockets(root: Path | None = None) -> dict[str, Path]:
         except OSError:  # a directory we may not read: not ours to list
             continue
     return found
+
+
+def remove_stale(node: str, root: Path | None = None) -> bool:
+    """Remove a node's admin socket when nothing answers on it any more (its agent was killed), then
+    the node's directory if that left it empty. A live socket is left alone. True if anything went."""
+    sock = admin_socket_path(node, root)
+    removed = False
+    with contextlib.suppress(OSError):
+        if sock.is_socket():
+            probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                probe.connect(str(sock))
+                return False  # an agent answers: not stale
+            except (ConnectionRefusedError, FileNotFoundError):
+                sock.unlink(missing_ok=True)
+                removed = True
+            finally:
+                probe.close()
+    with contextlib.suppress(OSError):  # not empty, or already gone
+        sock.parent.rmdir()
+        removed = True
+    return removed

@@ -32,6 +32,7 @@ from typing import Any
 
 import yaml
 
+from agent.admin.paths import remove_stale
 from agent.datapath.netns import in_netns
 from nodemesh.lab import system
 from nodemesh.lab.system import LabError
@@ -552,6 +553,9 @@ class Lab:
                     log.warning("nodemesh uninstall --node %s failed: %s", node, proc.stderr.strip()[-500:])
                 shutil.rmtree(pins, ignore_errors=True)
                 removed.append(f"bpffs {pins}")
+        for node in sorted(set(nodes)):  # the killed agents' admin sockets (live ones stay)
+            if remove_stale(node):
+                removed.append(f"admin socket of {node}")
         with contextlib.suppress(OSError):
             if BPFFS_NODEMESH.is_dir() and not any(BPFFS_NODEMESH.iterdir()):
                 BPFFS_NODEMESH.rmdir()

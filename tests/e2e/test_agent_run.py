@@ -28,6 +28,7 @@ from typing import Any
 import pytest
 from dpnet import BPFFS_NODEMESH, CLIENT, ECHO_SERVER, DpNet, assert_eventually
 
+from agent.admin.paths import remove_stale
 from agent.datapath import bpfsys
 from agent.datapath.netns import in_netns
 from agent.main import uninstall
@@ -372,6 +373,7 @@ class Env:
             self.controller_proc.wait(5)
         with contextlib.suppress(Exception):
             uninstall(self.net.node, self.state_root)
+        remove_stale(self.net.node)  # the killed agents' /run/nodemesh/<node>/admin.sock
         self.net.close()
 
 
