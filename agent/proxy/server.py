@@ -257,4 +257,5 @@ class NodeProxy:
             **self.inbound.hbone_stats,
             "active": len(self.tracker.open),
             "pods": len(self._served),
+            "netns_sockets_idle": self.core.sockets.idle(),
         }
