@@ -24,7 +24,7 @@ from agent.admin.sources import ConnPath
 from agent.datapath.interface import EnrolledPod
 from agent.proxy.conns import Tracked, new_connection_id
 from agent.proxy.core import ProxyCore, ProxyError
-from agent.proxy.hbone import ConnectTarget, IpAddress, Status
+from agent.proxy.hbone import ConnectTarget, IpAddress, Status, canonical_ip
 from agent.proxy.metrics import TcpPeers
 from agent.proxy.pipe import End, SocketEnd, StreamEnd, splice
 from agent.proxy.tunnel import HboneServer, ServerStream
@@ -82,8 +82,13 @@ class Inbound:
         core = self.core
         dst_ip = str(target.ip)
         # The TCP peer, not `forwarded`: the source proxy dials from inside the source pod's netns,
-        # so the peer address is the source pod's IP, and a peer cannot claim another address.
+        # so the peer address is the source pod's IP, and a peer cannot claim another address. The
+        # port is the app's (from `forwarded`) when it names that same IP: both nodes' flow records then
+        # show one source address (nothing decides on source ports).
         src = sock_peer
+        fwd = target.forwarded_for
+        if fwd is not None and fwd[1] is not None and fwd[0] == canonical_ip(sock_peer[0]):
+            src = (sock_peer[0], fwd[1])
         if not core.tracker.reserve():
             log.warning("event=overload side=inbound-hbone peer=%s", peer)
             return int(Status.SERVICE_UNAVAILABLE)

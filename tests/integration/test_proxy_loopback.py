@@ -321,6 +321,7 @@ def peer_authentication(name: str, namespace: str, mode: str) -> PolicyObject:
 async def test_hbone_round_trip_with_the_right_identities(mesh: Mesh) -> None:
     b = mesh.pods["b"]
     r, w = await mesh.connect("a", (b.ip, APP_PORT))
+    app_port = w.get_extra_info("sockname")[1]
     assert await exchange(r, w, b"ping", 6) == b"b:ping"
     w.close()
     await assert_eventually(lambda: any(f.event is FlowEvent.CLOSE for f in mesh.flows("node2")))
@@ -329,6 +330,9 @@ async def test_hbone_round_trip_with_the_right_identities(mesh: Mesh) -> None:
     f = opened[0]
     assert f.src_identity == str(mesh.pods["a"].identity)
     assert (f.src_ip, f.src_pod, f.src_namespace) == (mesh.pods["a"].ip, "a", "front")
+    # the app's source port (from `forwarded`, its IP being the tunnel's), as node1 records it
+    assert f.src_port == app_port
+    assert [x.src_port for x in mesh.flows("node1") if x.event is FlowEvent.OPEN] == [app_port]
     assert (f.dst_ip, f.dst_port, f.dst_pod, f.dst_namespace) == (b.ip, APP_PORT, "b", "back")
     assert f.reason == "ALLOWED_NO_POLICY"
     # the source side used HBONE with both principals known
@@ -417,13 +421,17 @@ def svid_context(ca: CertificateAuthority, identity: SpiffeId, bundle: bytes) ->
 
 
 def h2_connect(
-    addr: tuple[str, int], ctx: ssl.SSLContext, authority: str, message: bytes
+    addr: tuple[str, int],
+    ctx: ssl.SSLContext,
+    authority: str,
+    message: bytes,
+    extra_headers: tuple[tuple[str, str], ...] = (),
 ) -> tuple[int, bytes]:
     """An independent HTTP/2 client: blocking socket + ssl + bare h2, none of nodemesh's I/O code."""
     with socket.create_connection(addr, timeout=5) as raw, ctx.wrap_socket(raw, server_hostname=None) as s:
         conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
         conn.initiate_connection()
-        conn.send_headers(1, [(":method", "CONNECT"), (":authority", authority)])
+        conn.send_headers(1, [(":method", "CONNECT"), (":authority", authority), *extra_headers])
         s.sendall(conn.data_to_send())
         status, body, sent = 0, bytearray(), False
         while True:
@@ -468,6 +476,19 @@ async def test_independent_h2_client_reaches_the_app_through_15008(mesh: Mesh) -
     f = next(f for f in mesh.flows("node2") if f.event is FlowEvent.OPEN)
     assert f.src_identity == f"spiffe://{TD}/ns/ops/sa/tester"
     assert f.src_pod == ""  # no workload proven by that certificate
+
+
+async def test_forwarded_naming_another_ip_does_not_change_the_recorded_source(mesh: Mesh) -> None:
+    b = mesh.pods["b"]
+    ctx = svid_context(mesh.ca, SpiffeId.for_workload(TD, "ops", "tester"), mesh.ca.trust_bundle_pem())
+    spoof = (("forwarded", 'for="10.9.9.9:1234"'),)
+    status, body = await asyncio.to_thread(
+        h2_connect, (b.ip, mesh.hbone_port), ctx, f"{b.ip}:{APP_PORT}", b"hi", spoof
+    )
+    assert (status, body) == (200, b"b:hi")
+    await assert_eventually(lambda: any(f.event is FlowEvent.CLOSE for f in mesh.flows("node2")))
+    f = next(f for f in mesh.flows("node2") if f.event is FlowEvent.OPEN)
+    assert f.src_ip != "10.9.9.9" and f.src_port != 1234  # the TCP peer's address, all of it
 
 
 async def test_authority_ip_not_the_tls_destination_gets_400(mesh: Mesh) -> None:
