@@ -18,11 +18,11 @@ from dataclasses import dataclass
 from agent.datapath.interface import Datapath, EnrolledPod
 from agent.identity import CertificateManager, WorkloadCertificate
 from agent.proxy import tls
-from agent.proxy.conns import ConnTracker
+from agent.proxy.conns import ConnTracker, Tracked
 from agent.proxy.index import MeshIndex
 from agent.proxy.metrics import ProxyMetrics
 from agent.proxy.netns_sockets import NetnsSockets, connect
-from agent.proxy.pipe import SocketEnd
+from agent.proxy.pipe import End, SocketEnd, splice
 from api.resources import Workload
 from api.spiffe import SpiffeId
 
@@ -147,6 +147,22 @@ class ProxyCore:
             return await self.sockets.take(netns_path)
         except Exception as exc:  # DatapathError (netns vanished), OSError, pod removed meanwhile
             raise ProxyError("POD_NETNS_UNAVAILABLE", f"{netns_path}: {exc}") from exc
+
+    async def pipe(self, t: Tracked, client: End, upstream: End) -> None:
+        """Carry an accepted connection: recorded open (with a closer for policy re-checks and pod
+        removal), bytes both ways counted, recorded closed with the error that ended it, if any."""
+
+        def closer() -> None:
+            client.close()
+            upstream.close()
+
+        t.closer = closer
+        self.tracker.opened(t)
+        error = ""
+        try:
+            error = await splice(client, upstream, t.count_up, t.count_down)
+        finally:
+            self.tracker.closed(t, error)
 
     async def dial(self, netns_path: str, dst: Addr) -> SocketEnd:
         """Connect to `dst` from inside the pod netns; ProxyError("UPSTREAM_CONNECT_FAILED") if not."""

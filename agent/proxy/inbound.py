@@ -26,7 +26,7 @@ from agent.proxy.conns import Tracked, new_connection_id
 from agent.proxy.core import ProxyCore, ProxyError
 from agent.proxy.hbone import ConnectTarget, IpAddress, Status, canonical_ip
 from agent.proxy.metrics import TcpPeers
-from agent.proxy.pipe import End, SocketEnd, StreamEnd, splice
+from agent.proxy.pipe import End, SocketEnd, StreamEnd
 from agent.proxy.tunnel import HboneServer, ServerStream
 from api.authz import MtlsMode
 from api.resources import Service, Workload
@@ -248,18 +248,7 @@ class Inbound:
             mtls=mtls,
         )
         t.series = tuple(core.metrics.series(p) for p in (*extra_series, peers))
-
-        def closer() -> None:
-            client.close()
-            app.close()
-
-        t.closer = closer
-        core.tracker.opened(t)
-        error = ""
-        try:
-            error = await splice(client, app, t.count_up, t.count_down)
-        finally:
-            core.tracker.closed(t, error)
+        await core.pipe(t, client, app)
 
     def _src_pod(self, src_workload: Workload | None) -> tuple[str, ...]:
         if src_workload is None or not src_workload.ips:

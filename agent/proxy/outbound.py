@@ -19,7 +19,7 @@ from agent.proxy.hbone import HboneError, Status
 from agent.proxy.inbound import Inbound
 from agent.proxy.index import Route, RouteKind
 from agent.proxy.metrics import TcpPeers
-from agent.proxy.pipe import SocketEnd, StreamEnd, splice
+from agent.proxy.pipe import SocketEnd, StreamEnd
 from agent.proxy.pool import HbonePool, PoolKey
 from agent.proxy.tls import PeerIdentityError
 from agent.proxy.tunnel import HboneClient, TunnelError
@@ -169,21 +169,6 @@ class Outbound:
             mtls=mtls,
         )
 
-    async def _pipe(self, t: Tracked, client: SocketEnd, upstream: SocketEnd | StreamEnd) -> None:
-        core = self.core
-
-        def closer() -> None:
-            client.close()
-            upstream.close()
-
-        t.closer = closer
-        core.tracker.opened(t)
-        error = ""
-        try:
-            error = await splice(client, upstream, t.count_up, t.count_down)
-        finally:
-            core.tracker.closed(t, error)
-
     async def _passthrough(self, ep: EnrolledPod, route: Route, t: Tracked, client: SocketEnd) -> None:
         core = self.core
         try:
@@ -201,7 +186,7 @@ class Outbound:
             client.close()
             return
         t.series = (core.metrics.series(self._source_peers(route, t.src_workload, mtls=False)),)
-        await self._pipe(t, client, upstream)
+        await core.pipe(t, client, upstream)
 
     async def _hbone(
         self, ep: EnrolledPod, route: Route, t: Tracked, src_wl: Workload, client: SocketEnd
@@ -234,7 +219,7 @@ class Outbound:
             client.close()
             return
         t.series = (core.metrics.series(self._source_peers(route, src_wl, mtls=True)),)
-        await self._pipe(t, client, StreamEnd(stream))
+        await core.pipe(t, client, StreamEnd(stream))
 
     async def _same_node(self, route: Route, src: Addr, src_wl: Workload, client: SocketEnd) -> None:
         core = self.core

@@ -242,7 +242,7 @@ async def _copy(src: End, dst: End, count: Counter) -> None:
 
         def sink(data: bytes) -> int:
             try:
-                taken = int(write_nowait(data))
+                taken: int = write_nowait(data)
             except Exception:  # leave it to the task's write(), which reports the failure
                 return 0
             if taken:

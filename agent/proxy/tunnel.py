@@ -27,6 +27,7 @@ import h2.exceptions
 
 from agent.proxy import hbone
 from agent.proxy.hbone import ConnectTarget, HboneError, IpAddress, Status
+from agent.proxy.netns_sockets import connect
 from agent.proxy.tls import PeerIdentityError, check_server_identity, peer_spiffe_id
 from api.spiffe import SpiffeId
 
@@ -108,8 +109,8 @@ class Stream:
         if self._sink is not None and self._readable.waiting and not self._chunks:
             # the reader waits with nothing queued: hand the bytes on now (pipe's direct path)
             taken = self._sink(data)
-            if taken:
-                self._proto._consumed(self.stream_id, taken)
+            if taken:  # acknowledged now; written with what data_received flushes after its events
+                self._proto._consumed(self.stream_id, taken, flush=False)
             if taken == len(data):
                 return
             data = data[taken:]
@@ -351,12 +352,13 @@ class _H2Protocol(asyncio.Protocol):
         if not self._can_write.is_set():
             await self._can_write.wait()
 
-    def _consumed(self, stream_id: int, n: int) -> None:
+    def _consumed(self, stream_id: int, n: int, *, flush: bool = True) -> None:
         if n and self.transport is not None and not self.transport.is_closing():
             self.conn.acknowledge_received_data(
                 n, stream_id
             )  # a closed stream: h2 credits the connection only
-            self._flush()
+            if flush:
+                self._flush()
 
     def _send_data(self, stream_id: int, data: bytes, offset: int) -> int:
         window = self.conn.local_flow_control_window(stream_id)
@@ -482,12 +484,13 @@ class HboneClient:
             sock.setblocking(False)
             with contextlib.suppress(OSError):  # see HboneServer.serve
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            try:
-                sock.getpeername()
-            except OSError:  # not connected yet: connect it (it keeps the namespace it was made in)
-                await loop.sock_connect(sock, dst)
         try:
             async with asyncio.timeout(handshake_timeout):
+                if sock is not None:
+                    try:
+                        sock.getpeername()
+                    except OSError:  # not connected yet: connect it (it keeps the netns it was made in)
+                        await connect(sock, dst, loop)
                 if sock is None:
                     _, proto = await loop.create_connection(
                         lambda: _ClientProtocol(expected_ids, max_streams),
