@@ -122,6 +122,18 @@ def lab() -> Generator[LabHandle, None, None]:
         assert left == [], f"lab down left these behind: {left}"
 
 
+@pytest.fixture
+def policies(lab: LabHandle, tmp_path: Path) -> Generator[Any, None, None]:
+    """`meshlab.Policies` on the module's lab: every policy a test applied is removed after it."""
+    from meshlab import Policies  # meshlab imports this module
+
+    p = Policies(lab, tmp_path)
+    try:
+        yield p
+    finally:
+        p.remove_all()
+
+
 def nodemesh_cli(*args: str, timeout: float = 60.0) -> subprocess.CompletedProcess[str]:
     """Run the real `nodemesh` CLI (the installed entry point's module) as a subprocess."""
     return subprocess.run(

@@ -43,15 +43,21 @@ def wait_for(check: Callable[[], T], timeout: float = 5.0, what: str = "conditio
 
 
 # ---- flow records (the agents' log lines `msg=flow key=value ...`) ------------------------------
-def flows(lab: LabHandle, node: str, **fields: str) -> list[dict[str, str]]:
+def parse_flow_lines(log_text: str, **fields: str) -> list[dict[str, str]]:
+    """The flow records (`msg=flow key=value ...` lines) of an agent log whose fields match `fields`."""
     out = []
-    for line in lab.log(f"agent-{node}").splitlines():
+    for line in log_text.splitlines():
         if "msg=flow " not in line:
             continue
         rec = dict(kv.split("=", 1) for kv in shlex.split(line.split("msg=flow ", 1)[1]) if "=" in kv)
         if all(rec.get(k) == v for k, v in fields.items()):
             out.append(rec)
     return out
+
+
+def flows(lab: LabHandle, node: str, **fields: str) -> list[dict[str, str]]:
+    """The flow records in the log of `node`'s agent whose fields match `fields`."""
+    return parse_flow_lines(lab.log(f"agent-{node}"), **fields)
 
 
 def flows_from(lab: LabHandle, node: str, src_ip: str, **fields: str) -> list[dict[str, str]]:

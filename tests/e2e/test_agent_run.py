@@ -14,7 +14,6 @@ import contextlib
 import json
 import os
 import re
-import shlex
 import signal
 import subprocess
 import sys
@@ -27,6 +26,7 @@ from typing import Any
 
 import pytest
 from dpnet import BPFFS_NODEMESH, CLIENT, ECHO_SERVER, DpNet, assert_eventually
+from meshlab import parse_flow_lines
 
 from agent.admin.paths import remove_stale
 from agent.datapath import bpfsys
@@ -388,14 +388,7 @@ def env(tmp_path: Path) -> Iterator[Env]:
 
 def flow_lines(agent: Agent, **fields: str) -> list[dict[str, str]]:
     """The node proxy's flow records (`msg=flow key=value ...` log lines) matching `fields`."""
-    out = []
-    for line in agent.log().splitlines():
-        if "msg=flow " not in line:
-            continue
-        rec = dict(kv.split("=", 1) for kv in shlex.split(line.split("msg=flow ", 1)[1]) if "=" in kv)
-        if all(rec.get(k) == v for k, v in fields.items()):
-            out.append(rec)
-    return out
+    return parse_flow_lines(agent.log(), **fields)
 
 
 def prog_ids(env: Env) -> set[int]:

@@ -13,26 +13,15 @@ import os
 import signal
 import subprocess
 import time
-from collections.abc import Generator
 from pathlib import Path
 from typing import Any
 
-import pytest
 from conftest import LabHandle
 from meshlab import Policies, flows, flows_from, request_ok, request_refused, wait_for, wait_new_flow
 
 CLIENT_PRINCIPAL = "cluster.local/ns/default/sa/client"
 CLIENT_ID = f"spiffe://{CLIENT_PRINCIPAL}"
 HTTPBIN = {"matchLabels": {"app": "httpbin"}}
-
-
-@pytest.fixture
-def policies(lab: LabHandle, tmp_path: Path) -> Generator[Policies, None, None]:
-    p = Policies(lab, tmp_path)
-    try:
-        yield p
-    finally:
-        p.remove_all()
 
 
 def url(lab: LabHandle, pod: str, port: int = 8000, path: str = "/authz") -> str:

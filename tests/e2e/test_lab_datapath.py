@@ -7,12 +7,12 @@ uninstalls an agent, so it builds its own lab (module-scoped fixture).
 from __future__ import annotations
 
 import json
-import shlex
 import socket
 import subprocess
 import time
 
 from conftest import LabHandle, nodemesh_cli
+from meshlab import flows, wait_for
 
 from agent.datapath.netns import in_netns
 from nodemesh.lab.lab import BPFFS_NODEMESH
@@ -36,26 +36,6 @@ def probe(lab: LabHandle, pod: str, ip: str, port: int) -> dict[str, object]:
     assert proc.returncode == 0, proc.stderr.decode()
     out: dict[str, object] = json.loads(proc.stdout)
     return out
-
-
-def flows(lab: LabHandle, node: str, **fields: str) -> list[dict[str, str]]:
-    """The node proxy's flow log lines (`msg=flow key=value ...`) whose fields match `fields`."""
-    out = []
-    for line in lab.log(f"agent-{node}").splitlines():
-        if "msg=flow " not in line:
-            continue
-        rec = dict(kv.split("=", 1) for kv in shlex.split(line.split("msg=flow ", 1)[1]) if "=" in kv)
-        if all(rec.get(k) == v for k, v in fields.items()):
-            out.append(rec)
-    return out
-
-
-def wait_for(check, timeout: float = 5.0):  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while not (result := check()):
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.05)
-    return result
 
 
 def nodemesh_programs() -> tuple[int, int]:

@@ -49,15 +49,6 @@ HTTPBIN_ID = "spiffe://cluster.local/ns/default/sa/httpbin"
 CLIENT_ID = "spiffe://cluster.local/ns/default/sa/client"
 
 
-@pytest.fixture
-def policies(lab: LabHandle, tmp_path: Path) -> Generator[Policies, None, None]:
-    p = Policies(lab, tmp_path)
-    try:
-        yield p
-    finally:
-        p.remove_all()
-
-
 @pytest.fixture(scope="module")
 def lab_ca(lab: LabHandle) -> CertificateAuthority:
     """The lab controller's CA, opened read-only in the test process (its files exist: nothing is written)."""

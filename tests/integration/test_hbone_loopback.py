@@ -10,11 +10,9 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-import h2.config
-import h2.connection
-import h2.events
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
+from h2client import h2_connect
 
 from agent.proxy import tls
 from agent.proxy.hbone import (
@@ -234,41 +232,12 @@ async def test_no_client_cert_is_refused(
     await assert_refused(srv, ctx)
 
 
-def plain_h2_exchange(addr: tuple[str, int], ctx: ssl.SSLContext, message: bytes) -> tuple[int, bytes]:
-    """An independent HTTP/2 client: blocking socket + ssl + bare h2, no nodemesh I/O code."""
-    with socket.create_connection(addr, timeout=5) as raw, ctx.wrap_socket(raw, server_hostname=None) as s:
-        conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
-        conn.initiate_connection()
-        conn.send_headers(1, [(":method", "CONNECT"), (":authority", f"127.0.0.1:{9000}")])
-        conn.send_data(1, message, end_stream=True)
-        s.sendall(conn.data_to_send())
-        status = 0
-        body = bytearray()
-        while True:
-            data = s.recv(65536)
-            if not data:
-                break
-            done = False
-            for ev in conn.receive_data(data):
-                if isinstance(ev, h2.events.ResponseReceived):
-                    status = int(dict(ev.headers)[b":status"])
-                elif isinstance(ev, h2.events.DataReceived):
-                    body += ev.data
-                    conn.acknowledge_received_data(ev.flow_controlled_length, 1)
-                elif isinstance(ev, h2.events.StreamEnded | h2.events.StreamReset):
-                    done = True
-            s.sendall(conn.data_to_send())
-            if done:
-                break
-        return status, bytes(body)
-
-
 async def test_independent_h2_client_talks_to_handler(
     running: Callable[[Handler], Running], client_svid: Svid
 ) -> None:
     srv = running(echo)
     status, body = await asyncio.to_thread(
-        plain_h2_exchange, srv.addr, client_ctx(client_svid), b"hello mesh"
+        h2_connect, srv.addr, client_ctx(client_svid), "127.0.0.1:9000", b"hello mesh"
     )
     assert (status, body) == (200, b"hello mesh")
     assert srv.seen[0][0] == CLIENT_ID

@@ -23,10 +23,8 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-import h2.config
-import h2.connection
-import h2.events
 import pytest
+from h2client import h2_connect
 
 from agent.admin.flows import FlowEvent, FlowRecord, Verdict
 from agent.datapath.interface import EnrolledPod, PodRef
@@ -418,42 +416,6 @@ def svid_context(ca: CertificateAuthority, identity: SpiffeId, bundle: bytes) ->
     key, csr = new_workload_csr(identity)
     issued = ca.sign(ca.validate_csr(csr))
     return tls.client_context(issued.chain_pem, key, bundle)
-
-
-def h2_connect(
-    addr: tuple[str, int],
-    ctx: ssl.SSLContext,
-    authority: str,
-    message: bytes,
-    extra_headers: tuple[tuple[str, str], ...] = (),
-) -> tuple[int, bytes]:
-    """An independent HTTP/2 client: blocking socket + ssl + bare h2, none of nodemesh's I/O code."""
-    with socket.create_connection(addr, timeout=5) as raw, ctx.wrap_socket(raw, server_hostname=None) as s:
-        conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
-        conn.initiate_connection()
-        conn.send_headers(1, [(":method", "CONNECT"), (":authority", authority), *extra_headers])
-        s.sendall(conn.data_to_send())
-        status, body, sent = 0, bytearray(), False
-        while True:
-            data = s.recv(65536)
-            if not data:
-                break
-            done = False
-            for ev in conn.receive_data(data):
-                if isinstance(ev, h2.events.ResponseReceived):
-                    status = int(dict(ev.headers)[b":status"])
-                    if status == 200 and not sent:
-                        conn.send_data(1, message, end_stream=True)
-                        sent = True
-                elif isinstance(ev, h2.events.DataReceived):
-                    body += ev.data
-                    conn.acknowledge_received_data(ev.flow_controlled_length, 1)
-                elif isinstance(ev, h2.events.StreamEnded | h2.events.StreamReset):
-                    done = True
-            s.sendall(conn.data_to_send())
-            if done:
-                break
-        return status, bytes(body)
 
 
 async def refused_handshake(addr: tuple[str, int], ctx: ssl.SSLContext, authority: str) -> bool:
