@@ -25,7 +25,8 @@ Addr = tuple[str, int]
 CHUNK = 256 * 1024  # most bytes handed over per read (an HBONE stream gives whole DATA frames, <= 1 MiB)
 HIGH_WATER = 2 * CHUNK  # a socket stops reading while this much waits to be read
 
-Sink = Callable[[bytes], int]  # takes what it can of a received chunk now; returns how many bytes
+# takes what it can of a received chunk now; returns how many bytes
+Sink = Callable[[bytes | memoryview], int]
 
 
 class End(Protocol):
@@ -158,7 +159,7 @@ class SocketEnd(asyncio.Protocol):
     def set_sink(self, sink: Sink | None) -> None:
         self._sink = sink
 
-    def write_nowait(self, data: bytes) -> int:
+    def write_nowait(self, data: bytes | memoryview) -> int:
         """Write all of `data` if the transport takes it without waiting, else nothing (0)."""
         transport = self.transport
         if transport is None or self._can_write is not None or transport.is_closing():
@@ -212,7 +213,7 @@ class StreamEnd:
     def set_sink(self, sink: Sink | None) -> None:
         self.stream.set_sink(sink)
 
-    def write_nowait(self, data: bytes) -> int:
+    def write_nowait(self, data: bytes | memoryview) -> int:
         return self.stream.write_nowait(data)
 
     def write_eof(self) -> None:
@@ -240,7 +241,7 @@ async def _copy(src: End, dst: End, count: Counter) -> None:
     write_nowait = getattr(dst, "write_nowait", None)
     if set_sink is not None and write_nowait is not None:
 
-        def sink(data: bytes) -> int:
+        def sink(data: bytes | memoryview) -> int:
             try:
                 taken: int = write_nowait(data)
             except Exception:  # leave it to the task's write(), which reports the failure

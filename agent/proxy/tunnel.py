@@ -25,7 +25,7 @@ import h2.errors
 import h2.events
 import h2.exceptions
 
-from agent.proxy import hbone
+from agent.proxy import hbone, tls_transport
 from agent.proxy.hbone import ConnectTarget, HboneError, IpAddress, Status
 from agent.proxy.netns_sockets import connect
 from agent.proxy.tls import PeerIdentityError, check_server_identity, peer_spiffe_id
@@ -100,10 +100,12 @@ class Stream:
         self._error: BaseException | None = None
         self.status: int | None = None
         self._response: asyncio.Future[int] = proto._loop.create_future()
-        self._sink: Callable[[bytes], int] | None = None
+        self._sink: Callable[[bytes | memoryview], int] | None = None
 
     # -- fed by the protocol --
-    def _feed(self, data: bytes) -> None:
+    def _feed(self, data: bytes | memoryview) -> None:
+        """Received DATA; a memoryview (a large payload, see `hbone._FrameBuffer`) points into the
+        received chunk and is only valid to hand on now: what is queued is copied."""
         if not data:
             return
         if self._sink is not None and self._readable.waiting and not self._chunks:
@@ -114,7 +116,7 @@ class Stream:
             if taken == len(data):
                 return
             data = data[taken:]
-        self._chunks.append(data)
+        self._chunks.append(data if type(data) is bytes else bytes(data))
         self._readable.set()
 
     def _feed_eof(self) -> None:
@@ -152,12 +154,12 @@ class Stream:
         self._proto._consumed(self.stream_id, len(chunk))
         return chunk
 
-    def set_sink(self, sink: Callable[[bytes], int] | None) -> None:
+    def set_sink(self, sink: Callable[[bytes | memoryview], int] | None) -> None:
         """While the reader waits in `read()` with nothing queued, received DATA goes to `sink`
         (which returns how much it took; the rest is queued for `read()`)."""
         self._sink = sink
 
-    def write_nowait(self, data: bytes) -> int:
+    def write_nowait(self, data: bytes | memoryview) -> int:
         """Send what the HTTP/2 window allows of `data` now (0 when the transport is paused or the
         stream cannot send); the caller sends the rest with `write`."""
         if self._error is not None or self._local_closed or not self._proto._can_write.is_set():
@@ -344,9 +346,12 @@ class _H2Protocol(asyncio.Protocol):
 
     # -- used by Stream --
     def _flush(self) -> None:
-        data = self.conn.data_to_send()
-        if data and self.transport is not None and not self.transport.is_closing():
-            self.transport.write(data)
+        buffers = self.conn.buffers_to_send()
+        if buffers and self.transport is not None and not self.transport.is_closing():
+            if len(buffers) == 1:
+                self.transport.write(buffers[0])
+            else:
+                self.transport.writelines(buffers)
 
     async def _drain(self) -> None:
         if not self._can_write.is_set():
@@ -360,7 +365,7 @@ class _H2Protocol(asyncio.Protocol):
             if flush:
                 self._flush()
 
-    def _send_data(self, stream_id: int, data: bytes, offset: int) -> int:
+    def _send_data(self, stream_id: int, data: bytes | memoryview, offset: int) -> int:
         window = self.conn.local_flow_control_window(stream_id)
         size = min(window, self.conn.max_outbound_frame_size, len(data) - offset)
         if size <= 0:
@@ -480,39 +485,34 @@ class HboneClient:
         expected_ids = expected if isinstance(expected, SpiffeId) else tuple(expected)
         if sock is None and sock_factory is not None:
             sock = sock_factory()
-        if sock is not None:
-            sock.setblocking(False)
-            with contextlib.suppress(OSError):  # see HboneServer.serve
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        connected = sock is not None
+        if sock is None:
+            family = socket.AF_INET6 if ":" in dst[0] else socket.AF_INET
+            sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setblocking(False)
+        with contextlib.suppress(OSError):  # see HboneServer.serve
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        proto = _ClientProtocol(expected_ids, max_streams)
         try:
             async with asyncio.timeout(handshake_timeout):
-                if sock is not None:
+                if connected:
                     try:
                         sock.getpeername()
                     except OSError:  # not connected yet: connect it (it keeps the netns it was made in)
-                        await connect(sock, dst, loop)
-                if sock is None:
-                    _, proto = await loop.create_connection(
-                        lambda: _ClientProtocol(expected_ids, max_streams),
-                        host=dst[0],
-                        port=dst[1],
-                        ssl=ssl_context,
-                        server_hostname="",  # no SNI: the server picks its certificate by IP
-                        ssl_handshake_timeout=handshake_timeout,
-                    )
-                else:
-                    _, proto = await loop.create_connection(
-                        lambda: _ClientProtocol(expected_ids, max_streams),
-                        sock=sock,
-                        ssl=ssl_context,
-                        server_hostname="",
-                        ssl_handshake_timeout=handshake_timeout,
-                    )
+                        connected = False
+                if not connected:
+                    await connect(sock, dst, loop)
+                # no SNI: the server picks its certificate by IP
+                await tls_transport.start(sock, ssl_context, proto, server_side=False)
                 await proto.ready
-        except (OSError, TimeoutError) as exc:
-            if isinstance(exc, ssl.SSLError | TunnelError):
+        except (OSError, TimeoutError, PeerIdentityError) as exc:
+            sock.close()
+            if isinstance(exc, ssl.SSLError | TunnelError | PeerIdentityError):
                 raise
             raise TunnelError(f"HBONE connect to {dst[0]}:{dst[1]} failed: {exc!r}") from exc
+        except BaseException:
+            sock.close()
+            raise
         log.debug("event=hbone_connected dst=%s:%s peer=%s", dst[0], dst[1], proto.peer)
         return cls(proto, dst)
 
@@ -689,7 +689,6 @@ class HboneServer:
 
     async def serve(self, sock: socket.socket) -> None:
         """Handle one accepted TCP socket until its connection ends. Never raises for a bad peer."""
-        loop = asyncio.get_running_loop()
         try:
             local_ip = hbone.canonical_ip(sock.getsockname()[0])
             peer_addr = sock.getpeername()
@@ -707,19 +706,10 @@ class HboneServer:
         # waits for the peer's delayed ACK: ~40 ms per new stream on a busy connection (measured).
         with contextlib.suppress(OSError):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        proto: _ServerProtocol | None = None
-
-        def factory() -> _ServerProtocol:
-            nonlocal proto
-            proto = _ServerProtocol(self, local_ip)
-            return proto
-
+        proto = _ServerProtocol(self, local_ip)
         try:
             async with asyncio.timeout(self.handshake_timeout):
-                await loop.connect_accepted_socket(
-                    factory, sock, ssl=context, ssl_handshake_timeout=self.handshake_timeout
-                )
-                assert proto is not None
+                await tls_transport.start(sock, context, proto, server_side=True)
                 await proto.ready
         except (OSError, TimeoutError, PeerIdentityError) as exc:
             self.handshake_failures += 1
@@ -728,6 +718,9 @@ class HboneServer:
             )
             sock.close()
             return
+        except BaseException:
+            sock.close()
+            raise
         self._conns.add(proto)
         try:
             await proto.closed

@@ -1,0 +1,231 @@
+"""`agent.proxy.tls_transport` over real loopback TCP sockets with real mesh certificates (TLS 1.3)."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import random
+import socket
+import ssl
+from dataclasses import dataclass, field
+
+import pytest
+import uvloop
+
+from agent.proxy import tls, tls_transport
+from api.csr import new_workload_csr
+from api.spiffe import SpiffeId
+from controller.ca.authority import CertificateAuthority
+
+TD = "cluster.local"
+
+
+@dataclass
+class Recorder(asyncio.Protocol):
+    """Keeps what arrived and what happened to the connection."""
+
+    chunks: list[bytes] = field(default_factory=list)
+    got_eof: bool = False
+    lost: asyncio.Future[Exception | None] | None = None
+    paused: int = 0
+    resumed: int = 0
+    transport: asyncio.Transport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        self.lost = asyncio.get_running_loop().create_future()
+
+    def data_received(self, data: bytes) -> None:
+        self.chunks.append(bytes(data))
+
+    def eof_received(self) -> None:
+        self.got_eof = True
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        assert self.lost is not None
+        if not self.lost.done():
+            self.lost.set_result(exc)
+
+    def pause_writing(self) -> None:
+        self.paused += 1
+
+    def resume_writing(self) -> None:
+        self.resumed += 1
+
+    @property
+    def received(self) -> bytes:
+        return b"".join(self.chunks)
+
+
+@pytest.fixture(scope="module")
+def contexts(tmp_path_factory: pytest.TempPathFactory) -> dict[str, ssl.SSLContext]:
+    ca = CertificateAuthority.load_or_create(tmp_path_factory.mktemp("ca"), TD)
+    other = CertificateAuthority.load_or_create(tmp_path_factory.mktemp("other-ca"), TD)
+    bundle = ca.trust_bundle_pem()
+    out = {}
+    for name, authority, server in (
+        ("server", ca, True),
+        ("client", ca, False),
+        ("stranger", other, False),
+    ):
+        key, csr = new_workload_csr(SpiffeId.for_workload(TD, "ns", name))
+        chain = authority.sign(authority.validate_csr(csr)).chain_pem
+        out[name] = (tls.server_context if server else tls.client_context)(chain, key, bundle)
+    return out
+
+
+def _socket_pair() -> tuple[socket.socket, socket.socket]:
+    """(server side, client side) of a loopback TCP connection, non-blocking."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    client = socket.create_connection(listener.getsockname())
+    server, _ = listener.accept()
+    listener.close()
+    for s in (client, server):
+        s.setblocking(False)
+    return server, client
+
+
+async def _pair(
+    sockets: tuple[socket.socket, socket.socket], server_ctx: ssl.SSLContext, client_ctx: ssl.SSLContext
+) -> tuple[Recorder, Recorder]:
+    server_sock, client_sock = sockets
+    srv, cli = Recorder(), Recorder()
+    async with asyncio.timeout(5):
+        await asyncio.gather(
+            tls_transport.start(server_sock, server_ctx, srv, server_side=True),
+            tls_transport.start(client_sock, client_ctx, cli, server_side=False),
+        )
+    return srv, cli
+
+
+async def _until(predicate: object, timeout: float = 10.0) -> None:
+    async with asyncio.timeout(timeout):
+        while not predicate():  # type: ignore[operator]
+            await asyncio.sleep(0.001)
+
+
+@pytest.fixture(params=["asyncio", "uvloop"])
+def loop_kind(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+def _run(kind: str, coro_fn: object) -> None:
+    if kind == "uvloop":
+        uvloop.run(coro_fn())  # type: ignore[operator]
+    else:
+        asyncio.run(coro_fn())  # type: ignore[operator]
+
+
+def test_bytes_arrive_intact_both_ways_with_backpressure(
+    contexts: dict[str, ssl.SSLContext], loop_kind: str
+) -> None:
+    async def main() -> None:
+        s, c = _socket_pair()
+        srv, cli = await _pair((s, c), contexts["server"], contexts["client"])
+        assert srv.transport is not None and cli.transport is not None
+        up = os.urandom(8 << 20)
+        down = os.urandom(3 << 20)
+        srv.transport.pause_reading()  # the server does not read: the client's buffer must fill
+        view = memoryview(up)
+        for i in range(0, len(up), 1 << 20):
+            cli.transport.write(view[i : i + (1 << 20)])
+        assert cli.paused == 1 and cli.transport.get_write_buffer_size() > tls_transport.WRITE_HIGH
+        srv.transport.resume_reading()
+        srv.transport.write(down)
+        await _until(lambda: len(srv.received) == len(up) and len(cli.received) == len(down))
+        assert hashlib.sha256(srv.received).digest() == hashlib.sha256(up).digest()
+        assert cli.received == down
+        assert cli.resumed == 1 and cli.transport.get_write_buffer_size() == 0
+        assert max(len(c) for c in srv.chunks) <= tls_transport.PLAIN_SIZE
+        cli.transport.close()
+        srv.transport.close()
+        assert cli.lost is not None and srv.lost is not None
+        assert await cli.lost is None and await srv.lost is None
+
+    _run(loop_kind, main)
+
+
+def test_writelines_equals_the_concatenation(contexts: dict[str, ssl.SSLContext]) -> None:
+    rng = random.Random(7)
+    pieces = [os.urandom(rng.choice([0, 1, 9, 100, 5000, 16384, 16385, 70000])) for _ in range(60)]
+
+    async def main() -> None:
+        s, c = _socket_pair()
+        srv, cli = await _pair((s, c), contexts["server"], contexts["client"])
+        assert cli.transport is not None
+        expected = b"".join(pieces)
+        for i in range(0, len(pieces), 7):
+            cli.transport.writelines(pieces[i : i + 7])
+        await _until(lambda: len(srv.received) >= len(expected))
+        assert srv.received == expected
+        cli.transport.abort()
+
+    uvloop.run(main())
+
+
+def test_close_sends_close_notify_and_the_peer_sees_eof(contexts: dict[str, ssl.SSLContext]) -> None:
+    async def main() -> None:
+        s, c = _socket_pair()
+        srv, cli = await _pair((s, c), contexts["server"], contexts["client"])
+        assert cli.transport is not None and srv.lost is not None and cli.lost is not None
+        cli.transport.write(b"last words")
+        cli.transport.close()
+        assert cli.transport.is_closing()
+        assert await asyncio.wait_for(srv.lost, 5) is None
+        assert srv.received == b"last words" and srv.got_eof  # data, then close_notify
+        assert await cli.lost is None
+
+    uvloop.run(main())
+
+
+def test_abort_and_a_vanished_peer_end_the_connection_with_an_error(
+    contexts: dict[str, ssl.SSLContext],
+) -> None:
+    async def main() -> None:
+        s, c = _socket_pair()
+        srv, cli = await _pair((s, c), contexts["server"], contexts["client"])
+        assert cli.transport is not None and srv.lost is not None
+        cli.transport.abort()  # FIN without close_notify: a truncation to TLS
+        exc = await asyncio.wait_for(srv.lost, 5)
+        assert isinstance(exc, ConnectionResetError) and "close_notify" in str(exc)
+        assert not srv.got_eof
+        assert srv.transport is not None and srv.transport.is_closing()
+        srv.transport.write(b"ignored")  # writing after the end is a no-op, not an error
+
+    uvloop.run(main())
+
+
+@pytest.mark.parametrize("client", ["stranger", "none"])
+def test_refused_client_certificate_gets_the_alert(contexts: dict[str, ssl.SSLContext], client: str) -> None:
+    """The server's handshake fails and sends OpenSSL's alert; the client learns why, not just EOF."""
+    if client == "none":
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        ctx.minimum_version = ssl.TLSVersion.TLSv1_3
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+    else:
+        ctx = contexts["stranger"]
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE  # the stranger does not trust our CA; only the server refuses here
+
+    async def main() -> None:
+        s, c = _socket_pair()
+        cli = Recorder()
+        server_task = asyncio.ensure_future(
+            tls_transport.start(s, contexts["server"], Recorder(), server_side=True)
+        )
+        async with asyncio.timeout(5):
+            await tls_transport.start(c, ctx, cli, server_side=False)  # TLS 1.3: the client finishes first
+            with pytest.raises(ssl.SSLError) as refused:
+                await server_task
+            assert cli.lost is not None
+            alert = await cli.lost
+        s.close()
+        expected = "CERTIFICATE_REQUIRED" if client == "none" else "UNKNOWN_CA"
+        assert expected in str(refused.value).upper() or "CERTIFICATE" in str(refused.value).upper()
+        assert isinstance(alert, ssl.SSLError), alert
+        assert expected in str(alert).upper(), alert
+
+    uvloop.run(main())

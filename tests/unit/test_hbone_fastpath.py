@@ -1,0 +1,276 @@
+"""`hbone.HboneConnection` (DATA fast path, by-reference payloads, its frame buffer) against plain h2.
+
+Two worlds run the same random exchange: a client and a server that are `HboneConnection`s, and a
+client and a server that are h2's own `H2Connection` with the same settings. After every step both
+worlds must have put the same bytes on the wire, raised the same exceptions and produced the same
+events (payloads compared as bytes, whether they came as bytes or as views).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import h2.config
+import h2.connection
+import h2.errors
+import h2.events
+import h2.exceptions
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from agent.proxy import hbone
+
+Conn = h2.connection.H2Connection
+TRACE = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+
+
+def _make(fast: bool, client_side: bool) -> Conn:
+    if fast:
+        conn: Conn = hbone.new_h2_connection(client_side=client_side)
+    else:
+        conn = h2.connection.H2Connection(
+            h2.config.H2Configuration(client_side=client_side, header_encoding=None)
+        )
+        hbone.apply_settings(conn)
+    hbone.start(conn)
+    return conn
+
+
+def _norm(value: Any) -> Any:
+    if isinstance(value, bytes | bytearray | memoryview):
+        return bytes(value)
+    if isinstance(value, h2.events.Event):
+        return type(value).__name__
+    if isinstance(value, list):
+        return [_norm(v) for v in value]
+    return repr(value)
+
+
+def _fields(event: h2.events.Event) -> dict[str, Any]:
+    if dataclasses.is_dataclass(event):
+        return {f.name: _norm(getattr(event, f.name)) for f in dataclasses.fields(event)}
+    return {k: _norm(v) for k, v in vars(event).items()}
+
+
+def _events(events: list[h2.events.Event]) -> list[tuple[str, dict[str, Any]]]:
+    return [(type(e).__name__, _fields(e)) for e in events]
+
+
+def _wire(conn: Conn) -> bytes:
+    return bytes(conn.data_to_send())
+
+
+class World:
+    """A client and a server, the bytes each has sent and not yet delivered, what each received."""
+
+    def __init__(self, fast: bool) -> None:
+        self.ends = {"c": _make(fast, True), "s": _make(fast, False)}
+        self.in_flight = {"c": b"", "s": b""}  # bytes sent by that end, not yet delivered
+        self.unacked = {"c": {}, "s": {}}  # type: dict[str, dict[int, int]]
+
+    def collect(self) -> None:
+        for name, conn in self.ends.items():
+            self.in_flight[name] += _wire(conn)
+
+    def deliver(self, sender: str, cut: int) -> list[tuple[str, dict[str, Any]]]:
+        """Deliver the first `cut` in-flight bytes of `sender` to the other end."""
+        receiver = "s" if sender == "c" else "c"
+        data, self.in_flight[sender] = self.in_flight[sender][:cut], self.in_flight[sender][cut:]
+        if not data:
+            return []
+        events = self.ends[receiver].receive_data(data)
+        for e in events:
+            if isinstance(e, h2.events.DataReceived):
+                acks = self.unacked[receiver]
+                acks[e.stream_id] = acks.get(e.stream_id, 0) + e.flow_controlled_length
+        self.collect()
+        return _events(events)
+
+
+def _state(world: World) -> dict[str, Any]:
+    """Windows and stream states of both ends (what a DATA frame changes)."""
+    out: dict[str, Any] = {}
+    for name, conn in world.ends.items():
+        out[name] = (
+            conn.state_machine.state,
+            conn.outbound_flow_control_window,
+            conn.inbound_flow_control_window,
+            conn._inbound_flow_control_window_manager.current_window_size,
+            sorted(
+                (
+                    sid,
+                    stream.state_machine.state,
+                    stream.outbound_flow_control_window,
+                    stream.inbound_flow_control_window,
+                    stream._inbound_window_manager.current_window_size,
+                )
+                for sid, stream in conn.streams.items()
+            ),
+        )
+    return out
+
+
+def _step(world: World, op: tuple[Any, ...]) -> tuple[Any, ...]:
+    """Run one operation; returns what it observably did (events, or the exception type)."""
+    kind = op[0]
+    try:
+        if kind == "open":
+            client = world.ends["c"]
+            sid = client.get_next_available_stream_id()
+            client.send_headers(
+                sid, hbone.connect_headers(("10.1.0.5", 8080), ("10.2.0.9", 40000), traceparent=TRACE)
+            )
+            world.collect()
+            return ("opened", sid)
+        if kind == "respond":
+            server = world.ends["s"]
+            sids = sorted(sid for sid, st_ in server.streams.items() if st_.open)
+            if not sids:
+                return ("none",)
+            sid = sids[op[1] % len(sids)]
+            server.send_headers(sid, hbone.response_headers(200))
+            world.collect()
+            return ("responded", sid)
+        if kind == "send":
+            _, side, pick, size, end = op
+            conn = world.ends[side]
+            sids = sorted(conn.streams)
+            if not sids:
+                return ("none",)
+            sid = sids[pick % len(sids)]
+            payload = bytes((sid + i) % 251 for i in range(size))
+            window = conn.local_flow_control_window(sid)
+            conn.send_data(
+                sid, payload[: max(0, min(size, window, conn.max_outbound_frame_size))], end_stream=end
+            )
+            world.collect()
+            return ("sent", sid)
+        if kind == "deliver":
+            _, side, cut = op
+            return ("delivered", world.deliver(side, cut))
+        if kind == "ack":
+            _, side, pick = op
+            acks = world.unacked[side]
+            if not acks:
+                return ("none",)
+            sid = sorted(acks)[pick % len(acks)]
+            world.ends[side].acknowledge_received_data(acks.pop(sid), sid)
+            world.collect()
+            return ("acked", sid)
+        if kind in ("end", "reset"):
+            _, side, pick = op
+            conn = world.ends[side]
+            sids = sorted(conn.streams)
+            if not sids:
+                return ("none",)
+            close = conn.end_stream if kind == "end" else conn.reset_stream
+            close(sids[pick % len(sids)])
+            world.collect()
+            return (kind,)
+        if kind == "ping":
+            world.ends[op[1]].ping(b"12345678")
+            world.collect()
+            return ("pinged",)
+    except (h2.exceptions.ProtocolError, h2.exceptions.StreamClosedError, ValueError, KeyError) as exc:
+        world.collect()
+        return ("raised", type(exc).__name__)
+    raise AssertionError(op)
+
+
+sides = st.sampled_from(["c", "s"])
+ops = st.one_of(
+    st.just(("open",)),
+    st.tuples(st.just("respond"), st.integers(0, 7)),
+    st.tuples(
+        st.just("send"),
+        sides,
+        st.integers(0, 7),
+        st.one_of(st.integers(0, 200), st.integers(4000, 70_000)),
+        st.booleans(),
+    ),
+    st.tuples(st.just("deliver"), sides, st.integers(0, 140_000)),
+    st.tuples(st.just("ack"), sides, st.integers(0, 7)),
+    st.tuples(st.just("end"), sides, st.integers(0, 7)),
+    st.tuples(st.just("reset"), sides, st.integers(0, 7)),
+    st.tuples(st.just("ping"), sides),
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(ops, min_size=1, max_size=40))
+def test_fast_connection_behaves_like_h2(steps: list[tuple[Any, ...]]) -> None:
+    fast, plain = World(True), World(False)
+    assert fast.in_flight == plain.in_flight == {"c": b"", "s": b""}
+    fast.collect()
+    plain.collect()
+    for op in [("deliver", "c", 10**6), ("deliver", "s", 10**6), ("deliver", "c", 10**6), *steps]:
+        assert _step(fast, op) == _step(plain, op), op
+        assert fast.in_flight == plain.in_flight, op
+        assert _state(fast) == _state(plain), op
+    for side in ("c", "s", "c", "s"):  # drain what is left
+        assert _step(fast, ("deliver", side, 10**7)) == _step(plain, ("deliver", side, 10**7))
+
+
+def _open_pair() -> tuple[hbone.HboneConnection, hbone.HboneConnection, int]:
+    client = hbone.new_h2_connection(client_side=True)
+    server = hbone.new_h2_connection(client_side=False)
+    hbone.start(client)
+    hbone.start(server)
+    for _ in range(3):
+        server.receive_data(client.data_to_send())
+        client.receive_data(server.data_to_send())
+    sid = client.get_next_available_stream_id()
+    client.send_headers(sid, hbone.connect_headers(("10.1.0.5", 8080)))
+    server.receive_data(client.data_to_send())
+    server.send_headers(sid, hbone.response_headers(200))
+    client.receive_data(server.data_to_send())
+    return client, server, sid
+
+
+def test_large_payload_leaves_by_reference_and_arrives_as_a_view() -> None:
+    client, server, sid = _open_pair()
+    payload = bytes(range(256)) * 64  # 16 KiB >= BY_REFERENCE
+    client.send_data(sid, payload)
+    buffers = client.buffers_to_send()
+    assert buffers[-1] is payload  # not copied on the way out
+    assert bytes(buffers[-2]) == b"\x00\x40\x00\x00\x00" + sid.to_bytes(4, "big")
+    wire = b"".join(bytes(b) for b in buffers)
+    (event,) = server.receive_data(wire)
+    assert isinstance(event, h2.events.DataReceived)
+    assert isinstance(event.data, memoryview) and event.data == payload
+    assert event.flow_controlled_length == len(payload)
+    assert server.remote_flow_control_window(sid) == hbone.STREAM_WINDOW - len(payload)
+
+
+def test_small_payload_arrives_as_bytes_and_split_frames_are_joined() -> None:
+    client, server, sid = _open_pair()
+    client.send_data(sid, b"x" * 100)
+    client.send_data(sid, b"y" * 9000)
+    wire = client.data_to_send()
+    events: list[h2.events.Event] = []
+    for i in range(0, len(wire), 7):  # 7-byte pieces: every header and payload is split
+        events += server.receive_data(wire[i : i + 7])
+    data = [e for e in events if isinstance(e, h2.events.DataReceived)]
+    assert [type(e.data) for e in data] == [bytes, memoryview]
+    assert bytes(data[0].data) == b"x" * 100 and bytes(data[1].data) == b"y" * 9000
+
+
+def test_overlong_frame_is_refused_before_it_is_buffered() -> None:
+    _, server, sid = _open_pair()
+    header = (hbone.MAX_FRAME_SIZE + 1).to_bytes(3, "big") + b"\x00\x00" + sid.to_bytes(4, "big")
+    with pytest.raises(h2.exceptions.FrameTooLargeError):
+        server.receive_data(header)  # no payload sent: refused on the header alone
+    out = server.data_to_send()
+    assert out[3] == 0x07  # GOAWAY
+    assert int.from_bytes(out[13:17], "big") == h2.errors.ErrorCodes.FRAME_SIZE_ERROR
+
+
+def test_data_beyond_the_window_is_a_flow_control_error() -> None:
+    _, server, sid = _open_pair()
+    size = 1 << 20
+    frame = size.to_bytes(3, "big") + b"\x00\x00" + sid.to_bytes(4, "big") + b"z" * size
+    with pytest.raises(h2.exceptions.FlowControlError):
+        for _ in range(5):  # a 4 MiB stream window: the fifth MiB overflows it
+            server.receive_data(frame)
