@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -56,15 +57,27 @@ class Tracked:
     close_reason: str = ""
     deciding: Decision | None = None
 
+    reported_up: int = 0  # of bytes_up, what the Prometheus counters have
+    reported_down: int = 0
+
+    # per chunk only an int grows; the counters are brought up to date when collected and at close
     def count_up(self, n: int) -> None:
         self.bytes_up += n
-        for s in self.series:
-            s.received.inc(n)
 
     def count_down(self, n: int) -> None:
         self.bytes_down += n
-        for s in self.series:
-            s.sent.inc(n)
+
+    def report_bytes(self) -> None:
+        """Add the bytes counted since the last report to the series (the tracker holds its lock)."""
+        up, down = self.bytes_up, self.bytes_down
+        if up != self.reported_up:
+            for s in self.series:
+                s.received.inc(up - self.reported_up)
+            self.reported_up = up
+        if down != self.reported_down:
+            for s in self.series:
+                s.sent.inc(down - self.reported_down)
+            self.reported_down = down
 
     def kill(self, reason: str) -> None:
         """Close both ends now (policy change, pod gone, shutdown)."""
@@ -82,6 +95,7 @@ class ConnTracker:
         self.max_connections = max_connections
         self.in_use = 0  # admitted sockets and streams, including those still being set up
         self.open: dict[str, Tracked] = {}
+        self._report_lock = threading.Lock()  # a scrape reports from the metrics server's thread
         self.stats: dict[str, int] = {
             "opened": 0,
             "closed": 0,
@@ -138,9 +152,17 @@ class ConnTracker:
             s.opened.inc()
         self.flows.add(self._record(t, FlowEvent.OPEN, Verdict.ALLOWED, reason=self._reason(t, "")))
 
+    def report_bytes(self) -> None:
+        """Bring every open connection's byte counters up to date (runs before each collection)."""
+        with self._report_lock:
+            for t in list(self.open.values()):  # one C-level copy: safe against the loop's changes
+                t.report_bytes()
+
     def closed(self, t: Tracked, error: str = "") -> None:
         if self.open.pop(t.id, None) is None:
             return
+        with self._report_lock:
+            t.report_bytes()
         self.stats["closed"] += 1
         for s in t.series:
             s.closed.inc()

@@ -560,6 +560,24 @@ class HboneConnection(h2.connection.H2Connection):
             self._data_to_send += header
             self._data_to_send += data
 
+    def acknowledge_received_data(self, acknowledged_size: int, stream_id: int) -> None:
+        stream = self.streams.get(stream_id)
+        if stream is None or not stream.open or acknowledged_size < 0:
+            super().acknowledge_received_data(acknowledged_size, stream_id)  # h2 decides (and raises)
+            return
+        # h2's: both windows take the bytes back; a WINDOW_UPDATE only once half a window is owed
+        conn_increment = self._inbound_flow_control_window_manager.process_bytes(acknowledged_size)
+        stream_increment = stream._inbound_window_manager.process_bytes(acknowledged_size)
+        if conn_increment or stream_increment:
+            frames: list[hyperframe.frame.Frame] = []
+            if conn_increment:
+                frames.append(hyperframe.frame.WindowUpdateFrame(0, window_increment=conn_increment))
+            if stream_increment:
+                frames.append(
+                    hyperframe.frame.WindowUpdateFrame(stream_id, window_increment=stream_increment)
+                )
+            self._prepare_for_sending(frames)
+
     def local_flow_control_window(self, stream_id: int) -> int:
         stream = self.streams.get(stream_id)
         if stream is None:

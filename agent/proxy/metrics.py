@@ -9,10 +9,13 @@ Counters `istio_tcp_connections_opened_total`, `istio_tcp_connections_closed_tot
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import prometheus_client
 from prometheus_client import CollectorRegistry, Counter
+from prometheus_client.metrics_core import Metric
+from prometheus_client.registry import Collector
 
 from api.resources import Service, Workload
 
@@ -143,11 +146,27 @@ class TcpSeries:
         self.received = metrics.received.labels(*values)
 
 
+class _BeforeCollect(Collector):
+    """A collector with no metrics of its own: runs hooks (bringing counters up to date) when a
+    collection starts."""
+
+    def __init__(self, hooks: list[Callable[[], None]]) -> None:
+        self.hooks = hooks
+
+    def collect(self) -> Iterable[Metric]:
+        for hook in self.hooks:
+            hook()
+        return ()
+
+
 class ProxyMetrics:
     """The proxy's Prometheus registry (the agent exposes it at `:15020/metrics` / the admin API)."""
 
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry or CollectorRegistry(auto_describe=True)
+        self._before_collect: list[Callable[[], None]] = []
+        # registered before the counters, so a collection runs the hooks first (registration order)
+        self.registry.register(_BeforeCollect(self._before_collect))
         self._series: dict[TcpPeers, TcpSeries] = {}
         self.opened = Counter(
             "istio_tcp_connections_opened", "Total TCP connections opened", TCP_LABELS, registry=self.registry
@@ -167,6 +186,10 @@ class ProxyMetrics:
             TCP_LABELS,
             registry=self.registry,
         )
+
+    def before_collect(self, hook: Callable[[], None]) -> None:
+        """Run `hook` at the start of every collection (a scrape, `text()`), in the collecting thread."""
+        self._before_collect.append(hook)
 
     def series(self, peers: TcpPeers) -> TcpSeries:
         """The counters of a label set; resolved once per distinct `peers` (the label children live in

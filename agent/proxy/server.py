@@ -69,6 +69,7 @@ class NodeProxy:
         self.flows = FlowLog(flow_ring)
         self.metrics = metrics or ProxyMetrics()
         self.tracker = ConnTracker(self.flows, max_connections)
+        self.metrics.before_collect(self.tracker.report_bytes)
         self.certs = certs
         self.core = ProxyCore(
             datapath=datapath,

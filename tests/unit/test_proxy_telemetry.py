@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import threading
 from typing import Any
 
 import pytest
@@ -196,3 +197,33 @@ def test_tracker_counts_bytes_and_closes_connections_a_push_denies() -> None:
     text = metrics.text()
     assert "istio_tcp_received_bytes_total{" in text and "} 5.0" in text and "} 7.0" in text
     assert [i.id for i in tracker.infos()] == ["c-10.9.0.1"]
+
+
+def test_open_connection_bytes_are_in_every_scrape_and_counted_once() -> None:
+    """Bytes are counted per chunk as ints and reach the counters when collected (scrape thread or
+    loop) and at close: never lost, never twice."""
+    metrics = ProxyMetrics()
+    tracker = ConnTracker(FlowLog(FlowRing()))
+    metrics.before_collect(tracker.report_bytes)
+    t = Tracked("c-1", ConnPath.HBONE, ("b",), ("10.1.0.1", 1), ("10.2.0.1", 8080), dst_workload=B)
+    peers = TcpPeers("destination", None, None, B, None, None, False)
+    t.series = (metrics.series(peers),)
+    tracker.opened(t)
+
+    def received() -> float:
+        return metrics.registry.get_sample_value("istio_tcp_received_bytes_total", tcp_labels(peers)) or 0.0
+
+    t.count_up(5)
+    assert received() == 5.0  # collected while open
+    assert received() == 5.0  # nothing new: not counted again
+    scrapes = [threading.Thread(target=metrics.text) for _ in range(4)]
+    for th in scrapes:
+        th.start()
+    for _ in range(1000):  # the loop thread counts while other threads scrape
+        t.count_up(1)
+    for th in scrapes:
+        th.join()
+    t.count_down(3)
+    tracker.closed(t)
+    assert received() == 1005.0
+    assert metrics.registry.get_sample_value("istio_tcp_sent_bytes_total", tcp_labels(peers)) == 3.0
