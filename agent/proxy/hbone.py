@@ -369,6 +369,7 @@ _CLIENT_OPEN = h2.connection.ConnectionState.CLIENT_OPEN  # compared with `is`: 
 _SERVER_OPEN = h2.connection.ConnectionState.SERVER_OPEN
 _CAN_SEND = frozenset({h2.stream.StreamState.OPEN, h2.stream.StreamState.HALF_CLOSED_REMOTE})
 _CAN_RECEIVE = frozenset({h2.stream.StreamState.OPEN, h2.stream.StreamState.HALF_CLOSED_LOCAL})
+_INCOMPLETE = (0, -1)  # plain_data_head: wait for more bytes
 _FRAME_HEADER = struct.Struct(">HBBBL")  # RFC 9113 §4.1: 24-bit length, type, flags, stream id
 _END_STREAM = 0x01
 BY_REFERENCE = 4096  # DATA payloads from this size on are queued as the caller's object
@@ -439,12 +440,17 @@ class _FrameBuffer(h2.frame_buffer.FrameBuffer):
         return memoryview(head)
 
     def plain_data_head(self) -> tuple[int, int] | None:
-        """(stream id, length) when a whole DATA frame without flags is next, else None."""
+        """(stream id, length) when a whole DATA frame without flags is next; (0, -1) when the next
+        frame (of any type, not over the size limit) has not fully arrived; None for anything else."""
         if self._size < 9:
-            return None
+            return _INCOMPLETE
         length_hi, length_lo, frame_type, flags, stream_id = _FRAME_HEADER.unpack(self._peek_header())
         length = (length_hi << 8) + length_lo
-        if frame_type or flags or self._size < 9 + length or length > self.max_frame_size:
+        if length > self.max_frame_size:
+            return None  # h2's path raises FrameTooLargeError
+        if self._size < 9 + length:
+            return _INCOMPLETE
+        if frame_type or flags:
             return None
         return stream_id & 0x7FFFFFFF, length
 
@@ -594,6 +600,8 @@ class HboneConnection(h2.connection.H2Connection):
         try:
             while True:
                 head = buf.plain_data_head()
+                if head is _INCOMPLETE:
+                    break
                 if head is not None:
                     stream_id, size = head
                     stream = self.streams.get(stream_id)

@@ -132,19 +132,21 @@ class TlsTransport(asyncio.Transport):
         self._decrypt()
 
     def _decrypt(self) -> None:
-        obj, incoming, view = self._obj, self._in, self._plain_view
+        # the C object's methods: SSLObject's Python wrappers cost a frame per 16 KiB record
+        read, pending = self._obj._sslobj.read, self._obj._sslobj.pending  # type: ignore[attr-defined]
+        incoming, view = self._in, self._plain_view
         while not self._closing:
             got = 0
             eof = False
             try:
                 while got < PLAIN_SIZE:
                     # with a buffer, read() returns the count (typeshed only knows the bytes form)
-                    k = cast(int, obj.read(PLAIN_SIZE - got, view[got:]))
+                    k = cast(int, read(PLAIN_SIZE - got, view[got:]))
                     if not k:
                         eof = True
                         break
                     got += k
-                    if not incoming.pending and not obj.pending():
+                    if not incoming.pending and not pending():
                         break  # all decrypted: skip the SSLWantReadError a further read would raise
             except ssl.SSLWantReadError:
                 pass
@@ -163,7 +165,7 @@ class TlsTransport(asyncio.Transport):
                     self._protocol.eof_received()
                     self.close()
                 return
-            if got < PLAIN_SIZE or not (incoming.pending or obj.pending()):
+            if got < PLAIN_SIZE or not (incoming.pending or pending()):
                 return
 
     def pause_reading(self) -> None:
