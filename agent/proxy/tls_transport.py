@@ -32,8 +32,8 @@ log = logging.getLogger(__name__)
 RECV_SIZE = 256 * 1024  # ciphertext per recv(2)
 PLAIN_SIZE = 256 * 1024  # plaintext handed to the protocol per data_received, at most
 RECORD = 16384  # TLS's largest record payload (RFC 8446 §5.1)
-WRITE_HIGH = 256 * 1024  # send buffer above which the protocol is told to pause writing
-WRITE_LOW = 64 * 1024
+WRITE_HIGH = 1024 * 1024  # send buffer above which the protocol is told to pause writing
+WRITE_LOW = 256 * 1024
 _RETRY = (BlockingIOError, InterruptedError)
 
 
@@ -89,6 +89,10 @@ class TlsTransport(asyncio.Transport):
         self._sock = sock
         self._fd = sock.fileno()
         self._obj, self._in, self._out = tls
+        # the C object's methods: SSLObject's Python wrappers cost a frame per call on the hot path
+        self._write = self._obj._sslobj.write  # type: ignore[attr-defined]
+        self._read = self._obj._sslobj.read  # type: ignore[attr-defined]
+        self._pending = self._obj._sslobj.pending  # type: ignore[attr-defined]
         self._protocol = protocol
         self._recv_buf = bytearray(RECV_SIZE)
         self._recv_view = memoryview(self._recv_buf)
@@ -132,9 +136,7 @@ class TlsTransport(asyncio.Transport):
         self._decrypt()
 
     def _decrypt(self) -> None:
-        # the C object's methods: SSLObject's Python wrappers cost a frame per 16 KiB record
-        read, pending = self._obj._sslobj.read, self._obj._sslobj.pending  # type: ignore[attr-defined]
-        incoming, view = self._in, self._plain_view
+        read, pending, incoming, view = self._read, self._pending, self._in, self._plain_view
         while not self._closing:
             got = 0
             eof = False
@@ -186,7 +188,7 @@ class TlsTransport(asyncio.Transport):
         if self._closing or not data:
             return
         try:
-            self._obj.write(data)
+            self._write(data)
         except ssl.SSLError as exc:
             self._fail(exc)
             return
@@ -197,7 +199,7 @@ class TlsTransport(asyncio.Transport):
         encrypted where they are (no join of a large payload)."""
         if self._closing:
             return
-        write = self._obj.write
+        write = self._write
         pending: list[bytes | bytearray | memoryview] = []
         size = 0
         try:
