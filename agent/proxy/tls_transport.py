@@ -34,6 +34,7 @@ PLAIN_SIZE = 256 * 1024  # plaintext handed to the protocol per data_received, a
 RECORD = 16384  # TLS's largest record payload (RFC 8446 §5.1)
 WRITE_HIGH = 1024 * 1024  # send buffer above which the protocol is told to pause writing
 WRITE_LOW = 256 * 1024
+CLOSE_LINGER = 10.0  # seconds close() waits for buffered bytes to drain before aborting
 _RETRY = (BlockingIOError, InterruptedError)
 
 
@@ -161,7 +162,12 @@ class TlsTransport(asyncio.Transport):
             if self._out.pending:  # e.g. a KeyUpdate answer
                 self._flush_out()
             if got:
-                self._protocol.data_received(bytes(view[:got]))
+                try:
+                    self._protocol.data_received(bytes(view[:got]))
+                except Exception as exc:  # a protocol bug ends this connection, never the loop
+                    log.warning("event=tls_protocol_error error=%r", exc, exc_info=True)
+                    self._fail(exc)
+                    return
             if eof:  # the peer's close_notify
                 if not self._closing:
                     self._protocol.eof_received()
@@ -303,6 +309,13 @@ class TlsTransport(asyncio.Transport):
         self._flush_out()
         if not self._wbuf and not self._lost:
             self._finish(None)
+        elif not self._lost:  # a peer that stopped reading must not hold the socket for ever
+            self._loop.call_later(CLOSE_LINGER, self._linger_expired)
+
+    def _linger_expired(self) -> None:
+        if not self._lost:
+            log.info("event=tls_close_linger_expired unsent=%d", self._wsize)
+            self._fail(None)
 
     def abort(self) -> None:
         self._fail(None)

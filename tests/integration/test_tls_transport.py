@@ -229,3 +229,49 @@ def test_refused_client_certificate_gets_the_alert(contexts: dict[str, ssl.SSLCo
         assert expected in str(alert).upper(), alert
 
     uvloop.run(main())
+
+
+def test_a_failing_protocol_ends_only_its_connection(contexts: dict[str, ssl.SSLContext]) -> None:
+    class Broken(Recorder):
+        def data_received(self, data: bytes) -> None:
+            raise RuntimeError("bug in the protocol")
+
+    async def main() -> None:
+        s, c = _socket_pair()
+        srv, cli = Broken(), Recorder()
+        async with asyncio.timeout(5):
+            await asyncio.gather(
+                tls_transport.start(s, contexts["server"], srv, server_side=True),
+                tls_transport.start(c, contexts["client"], cli, server_side=False),
+            )
+            assert cli.transport is not None and srv.lost is not None and cli.lost is not None
+            cli.transport.write(b"trigger")
+            exc = await srv.lost
+            assert isinstance(exc, RuntimeError)
+            assert isinstance(await cli.lost, ConnectionResetError)  # the server's socket went away
+            await asyncio.sleep(0)  # and the loop goes on
+
+    uvloop.run(main())
+
+
+def test_close_gives_up_on_a_peer_that_stopped_reading(
+    contexts: dict[str, ssl.SSLContext], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(tls_transport, "CLOSE_LINGER", 0.3)
+
+    async def main() -> None:
+        s, c = _socket_pair()
+        srv, cli = await _pair((s, c), contexts["server"], contexts["client"])
+        assert srv.transport is not None and cli.transport is not None and cli.lost is not None
+        srv.transport.pause_reading()
+        chunk = os.urandom(1 << 20)
+        while cli.transport.get_write_buffer_size() == 0:  # until the kernel buffers are full
+            cli.transport.write(chunk)
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        cli.transport.close()
+        assert await asyncio.wait_for(cli.lost, 5) is None
+        assert 0.25 < loop.time() - started < 3
+        srv.transport.abort()
+
+    uvloop.run(main())
