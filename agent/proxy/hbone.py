@@ -602,7 +602,7 @@ class HboneConnection(h2.connection.H2Connection):
                 head = buf.plain_data_head()
                 if head is _INCOMPLETE:
                     break
-                if head is not None:
+                if head is not None and not buf._headers_buffer:  # inside a header block: h2 refuses
                     stream_id, size = head
                     stream = self.streams.get(stream_id)
                     if stream is not None and self._can_receive_plain(stream):

@@ -16,6 +16,7 @@ import h2.connection
 import h2.errors
 import h2.events
 import h2.exceptions
+import hpack
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -284,3 +285,21 @@ def test_data_beyond_the_window_is_a_flow_control_error() -> None:
     with pytest.raises(h2.exceptions.FlowControlError):
         for _ in range(5):  # a 4 MiB stream window: the fifth MiB overflows it
             server.receive_data(frame)
+
+
+@pytest.mark.parametrize("fast", [True, False])
+def test_data_inside_a_header_block_is_a_protocol_error(fast: bool) -> None:
+    """HEADERS without END_HEADERS must be followed by CONTINUATION (RFC 9113 §6.10), even when the
+    next frame is DATA for an open stream, the fast path's kind."""
+    client, server = _make(fast, True), _make(fast, False)
+    for _ in range(3):
+        server.receive_data(client.data_to_send())
+        client.receive_data(server.data_to_send())
+    client.send_headers(1, hbone.connect_headers(("10.1.0.5", 8080), traceparent=TRACE))
+    server.receive_data(client.data_to_send())  # stream 1 is open
+    headers = hpack.Encoder().encode(hbone.connect_headers(("10.1.0.5", 8081), traceparent=TRACE))
+    open_block = len(headers).to_bytes(3, "big") + b"\x01\x00" + (3).to_bytes(4, "big") + headers
+    data = (5000).to_bytes(3, "big") + b"\x00\x00" + (1).to_bytes(4, "big") + b"d" * 5000
+    assert server.receive_data(open_block) == []  # stream 3's block is not complete yet
+    with pytest.raises(h2.exceptions.ProtocolError):
+        server.receive_data(data)  # a separate read: the fast path sees this DATA first
