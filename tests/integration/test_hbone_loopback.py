@@ -383,3 +383,19 @@ def test_connect_headers_are_what_the_independent_client_would_send() -> None:
     headers = dict(connect_headers(("127.0.0.1", 9000), ("10.0.0.1", 5)))
     assert headers[b":method"] == b"CONNECT"
     assert headers[b"forwarded"] == b'for="10.0.0.1:5"'
+
+
+async def test_silent_peer_is_dropped_after_the_handshake_timeout(
+    running: Callable[[Handler], Running], client_svid: Svid
+) -> None:
+    """A peer that connects and never says anything costs one socket for `handshake_timeout` only."""
+    srv = running(echo)
+    srv.server.handshake_timeout = 0.3
+    reader, writer = await asyncio.open_connection(*srv.addr)
+    started = asyncio.get_running_loop().time()
+    assert await asyncio.wait_for(reader.read(100), 5) == b""  # the server closed it
+    assert 0.25 < asyncio.get_running_loop().time() - started < 3
+    await assert_eventually(lambda: srv.server.handshake_failures == 1)
+    writer.close()
+    client = await HboneClient.connect(srv.addr, client_ctx(client_svid), SERVER_ID)  # still serving
+    await client.close()
