@@ -47,6 +47,19 @@ def node_sockets(root: Path | None = None) -> dict[str, Path]:
     return found
 
 
+def answers(sock_path: Path) -> bool:
+    """Whether a process accepts connections on the Unix socket at `sock_path` (False: refused or
+    gone, i.e. a stale socket file). Other errors (e.g. EACCES) raise OSError."""
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(str(sock_path))
+    except (ConnectionRefusedError, FileNotFoundError):
+        return False
+    finally:
+        probe.close()
+    return True
+
+
 def remove_stale(node: str, root: Path | None = None) -> bool:
     """Remove a node's admin socket when nothing answers on it any more (its agent was killed), then
     the node's directory if that left it empty. A live socket is left alone. True if anything went."""
@@ -54,15 +67,10 @@ def remove_stale(node: str, root: Path | None = None) -> bool:
     removed = False
     with contextlib.suppress(OSError):
         if sock.is_socket():
-            probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            try:
-                probe.connect(str(sock))
-                return False  # an agent answers: not stale
-            except (ConnectionRefusedError, FileNotFoundError):
-                sock.unlink(missing_ok=True)
-                removed = True
-            finally:
-                probe.close()
+            if answers(sock):
+                return False
+            sock.unlink(missing_ok=True)
+            removed = True
     with contextlib.suppress(OSError):  # not empty, or already gone
         sock.parent.rmdir()
         removed = True

@@ -12,11 +12,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import errno
 import json
 import logging
 import os
-import socket
 import stat
 import time
 from collections.abc import Callable
@@ -30,6 +28,7 @@ import httptools
 from agent.admin import views
 from agent.admin.explain import ExplainError, explain
 from agent.admin.flows import Dropped, FlowFilter, FlowRecord, FlowRing, Verdict
+from agent.admin.paths import answers
 from agent.admin.sources import AdminSources
 
 log = logging.getLogger("nodemesh.agent.admin")
@@ -148,18 +147,14 @@ def prepare_socket_path(path: Path) -> None:
         return
     if not stat.S_ISSOCK(st.st_mode):
         raise AdminError(f"{path} exists and is not a socket; remove it")
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
-        probe.connect(str(path))
+        live = answers(path)
     except OSError as exc:
-        if exc.errno not in (errno.ECONNREFUSED, errno.ENOENT):
-            raise AdminError(f"cannot probe {path}: {exc}") from exc
-        log.info("event=admin_stale_socket_removed path=%s", path)
-        path.unlink(missing_ok=True)
-    else:
+        raise AdminError(f"cannot probe {path}: {exc}") from exc
+    if live:
         raise AdminError(f"{path} is in use: another agent for this node is running")
-    finally:
-        probe.close()
+    log.info("event=admin_stale_socket_removed path=%s", path)
+    path.unlink(missing_ok=True)
 
 
 class AdminServer:
