@@ -50,9 +50,10 @@ EVENT_LOOPS = ("auto", "uvloop", "asyncio")
 
 
 def loop_factory(name: str = "auto") -> Callable[[], asyncio.AbstractEventLoop] | None:
-    """The event loop the agent runs on: `uvloop` (libuv; its TLS and socket transports are Cython, which
-    roughly halves the proxy's per-byte CPU), `asyncio` (the standard library's), or `auto`: uvloop when
-    it is installed. None means asyncio's default. ValueError for an unknown name or a missing uvloop."""
+    """The event loop the agent runs on: `uvloop` (libuv; its socket transports are Cython, which cut the
+    proxy's per-byte CPU; HBONE's TLS is `agent.proxy.tls_transport` on either loop), `asyncio` (the
+    standard library's), or `auto`: uvloop when it is installed. None means asyncio's default.
+    ValueError for an unknown name or a missing uvloop."""
     if name not in EVENT_LOOPS:
         raise ValueError(f"unknown event loop {name!r}; expected one of {', '.join(EVENT_LOOPS)}")
     if name == "asyncio":

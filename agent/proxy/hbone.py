@@ -371,7 +371,6 @@ _CAN_SEND = frozenset({h2.stream.StreamState.OPEN, h2.stream.StreamState.HALF_CL
 _CAN_RECEIVE = frozenset({h2.stream.StreamState.OPEN, h2.stream.StreamState.HALF_CLOSED_LOCAL})
 _INCOMPLETE = (0, -1)  # plain_data_head: wait for more bytes
 _FRAME_HEADER = struct.Struct(">HBBBL")  # RFC 9113 §4.1: 24-bit length, type, flags, stream id
-_END_STREAM = 0x01
 BY_REFERENCE = 4096  # DATA payloads from this size on are queued as the caller's object
 
 
@@ -382,10 +381,10 @@ class _FrameBuffer(h2.frame_buffer.FrameBuffer):
     body to bytes: three copies per payload byte, a third of the receiving proxy's user-space copying
     at bulk rates (perf, bench_l4). Here received chunks are kept as they came (immutable `bytes`);
     a frame inside one chunk is parsed from a view of it, a frame split across chunks is joined once.
-    A DATA payload of `BY_REFERENCE` bytes or more is handed on as that view: it stays valid (the
-    chunk is immutable), and the stream copies whatever it queues instead of handing on at once, so a
-    queued payload never keeps a whole received chunk alive. Smaller payloads and all other frames are
-    parsed by hyperframe as h2 does (which copies what it keeps).
+    `HboneConnection.receive_data` takes a plain DATA payload of `BY_REFERENCE` bytes or more as that
+    view (`take_payload`): it stays valid (the chunk is immutable), and the stream copies whatever it
+    queues instead of handing on at once, so a queued payload never keeps a whole received chunk
+    alive. Everything else is parsed by hyperframe as h2 does (which copies what it keeps).
     """
 
     def __init__(self, server: bool) -> None:
@@ -440,8 +439,9 @@ class _FrameBuffer(h2.frame_buffer.FrameBuffer):
         return memoryview(head)
 
     def plain_data_head(self) -> tuple[int, int] | None:
-        """(stream id, length) when a whole DATA frame without flags is next; (0, -1) when the next
-        frame (of any type, not over the size limit) has not fully arrived; None for anything else."""
+        """(stream id, length) when a whole DATA frame without flags is next (and no header block
+        awaits its CONTINUATION); (0, -1) when the next frame (of any type, not over the size limit)
+        has not fully arrived; None for anything else (h2's path)."""
         if self._size < 9:
             return _INCOMPLETE
         length_hi, length_lo, frame_type, flags, stream_id = _FRAME_HEADER.unpack(self._peek_header())
@@ -450,7 +450,7 @@ class _FrameBuffer(h2.frame_buffer.FrameBuffer):
             return None  # h2's path raises FrameTooLargeError
         if self._size < 9 + length:
             return _INCOMPLETE
-        if frame_type or flags:
+        if frame_type or flags or self._headers_buffer:  # inside a header block h2 refuses DATA
             return None
         return stream_id & 0x7FFFFFFF, length
 
@@ -470,57 +470,32 @@ class _FrameBuffer(h2.frame_buffer.FrameBuffer):
             self._validate_frame_length(length)  # before buffering it: an overlong frame fails at once
             if self._size < 9 + length:
                 raise StopIteration
-            body = self._take(9 + length)[9:]
-            if (
-                type(frame) is hyperframe.frame.DataFrame
-                and length >= BY_REFERENCE
-                and "PADDED" not in frame.flags
-            ):
-                frame.data = body  # type: ignore[assignment]  # read as a buffer downstream
-                frame.body_len = length
-            else:
-                try:
-                    frame.parse_body(body)
-                except hyperframe.exceptions.InvalidDataError as err:
-                    raise h2.exceptions.ProtocolError("Received frame with non-compliant data") from err
-                except hyperframe.exceptions.InvalidFrameError as err:
-                    raise h2.exceptions.FrameDataMissingError("Frame data missing or invalid") from err
+            try:
+                frame.parse_body(self._take(9 + length)[9:])
+            except hyperframe.exceptions.InvalidDataError as err:
+                raise h2.exceptions.ProtocolError("Received frame with non-compliant data") from err
+            except hyperframe.exceptions.InvalidFrameError as err:
+                raise h2.exceptions.FrameDataMissingError("Frame data missing or invalid") from err
             new_frame = self._update_header_buffer(frame)
             if new_frame is not None:
                 return new_frame
 
 
 class HboneConnection(h2.connection.H2Connection):
-    """`H2Connection` whose larger DATA payloads leave it by reference.
+    """`H2Connection` with a fast path for plain DATA frames, whose larger payloads leave it by
+    reference.
 
     h2 copies a DATA payload three times before `data_to_send()` returns it (frame body, header +
     body, output buffer) and `data_to_send()` a fourth: at bulk rates those copies were a sixth of the
-    sending proxy's CPU (py-spy, bench_l4). Here a payload of `BY_REFERENCE` bytes or more is queued
-    as the object the caller passed, after its 9-byte frame header; `buffers_to_send()` returns the
-    queue in wire order. Everything else (state, flow control, other frames) is h2's own.
+    sending proxy's CPU (py-spy, bench_l4). Here `send_data` queues a payload of `BY_REFERENCE` bytes
+    or more as the object the caller passed, after its 9-byte frame header; `buffers_to_send()`
+    returns the queue in wire order. Everything else (state, other frames) is h2's own.
     """
 
     def __init__(self, config: h2.config.H2Configuration) -> None:
         super().__init__(config=config)
         self._buffers: list[bytes] = []
         self.incoming_buffer = _FrameBuffer(server=not config.client_side)
-
-    def _prepare_for_sending(self, frames: list[hyperframe.frame.Frame]) -> None:
-        for frame in frames:
-            if type(frame) is hyperframe.frame.DataFrame and not frame.pad_length:
-                data = frame.data
-                size = len(data)
-                if size >= BY_REFERENCE:
-                    if self._data_to_send:  # what was queued before goes first
-                        self._buffers.append(bytes(self._data_to_send))
-                        self._data_to_send = bytearray()
-                    flags = _END_STREAM if "END_STREAM" in frame.flags else 0
-                    self._buffers.append(
-                        _FRAME_HEADER.pack(size >> 8, size & 0xFF, frame.type, flags, frame.stream_id)
-                    )
-                    self._buffers.append(data)
-                    continue
-            self._data_to_send += frame.serialize()
 
     # -- the DATA fast path ------------------------------------------------------------------------
     # A DATA frame on an open stream (no END_STREAM, no padding) changes nothing in h2's state machines
@@ -603,7 +578,7 @@ class HboneConnection(h2.connection.H2Connection):
                 head = buf.plain_data_head()
                 if head is _INCOMPLETE:
                     break
-                if head is not None and not buf._headers_buffer:  # inside a header block: h2 refuses
+                if head is not None:
                     stream_id, size = head
                     stream = self.streams.get(stream_id)
                     if stream is not None and self._can_receive_plain(stream):

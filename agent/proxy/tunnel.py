@@ -18,7 +18,6 @@ import os
 import socket
 import ssl
 from collections.abc import Awaitable, Callable, Iterable
-from typing import cast
 
 import h2.connection
 import h2.errors
@@ -241,8 +240,8 @@ class _H2Protocol(asyncio.Protocol):
 
     # -- asyncio.Protocol --
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        # a stream transport; uvloop's TLS transport does not subclass asyncio.Transport, hence no isinstance
-        self.transport = cast(asyncio.Transport, transport)
+        assert isinstance(transport, asyncio.Transport)  # a tls_transport.TlsTransport
+        self.transport = transport
         ssl_object = transport.get_extra_info("ssl_object")
         try:
             self.peer = self._check_peer(ssl_object)
@@ -485,22 +484,17 @@ class HboneClient:
         expected_ids = expected if isinstance(expected, SpiffeId) else tuple(expected)
         if sock is None and sock_factory is not None:
             sock = sock_factory()
-        connected = sock is not None
         if sock is None:
-            family = socket.AF_INET6 if ":" in dst[0] else socket.AF_INET
-            sock = socket.socket(family, socket.SOCK_STREAM)
+            sock = socket.socket(socket.AF_INET6 if ":" in dst[0] else socket.AF_INET, socket.SOCK_STREAM)
         sock.setblocking(False)
         with contextlib.suppress(OSError):  # see HboneServer.serve
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         proto = _ClientProtocol(expected_ids, max_streams)
         try:
             async with asyncio.timeout(handshake_timeout):
-                if connected:
-                    try:
-                        sock.getpeername()
-                    except OSError:  # not connected yet: connect it (it keeps the netns it was made in)
-                        connected = False
-                if not connected:
+                try:
+                    sock.getpeername()
+                except OSError:  # not connected yet (a socket made in a pod netns keeps that netns)
                     await connect(sock, dst, loop)
                 # no SNI: the server picks its certificate by IP
                 await tls_transport.start(sock, ssl_context, proto, server_side=False)

@@ -88,14 +88,15 @@ def _socket_pair() -> tuple[socket.socket, socket.socket]:
 
 
 async def _pair(
-    sockets: tuple[socket.socket, socket.socket], server_ctx: ssl.SSLContext, client_ctx: ssl.SSLContext
+    contexts: dict[str, ssl.SSLContext], server: Recorder | None = None
 ) -> tuple[Recorder, Recorder]:
-    server_sock, client_sock = sockets
-    srv, cli = Recorder(), Recorder()
+    """A connected mesh server and client over loopback TCP, both on `TlsTransport`."""
+    server_sock, client_sock = _socket_pair()
+    srv, cli = server or Recorder(), Recorder()
     async with asyncio.timeout(5):
         await asyncio.gather(
-            tls_transport.start(server_sock, server_ctx, srv, server_side=True),
-            tls_transport.start(client_sock, client_ctx, cli, server_side=False),
+            tls_transport.start(server_sock, contexts["server"], srv, server_side=True),
+            tls_transport.start(client_sock, contexts["client"], cli, server_side=False),
         )
     return srv, cli
 
@@ -122,8 +123,7 @@ def test_bytes_arrive_intact_both_ways_with_backpressure(
     contexts: dict[str, ssl.SSLContext], loop_kind: str
 ) -> None:
     async def main() -> None:
-        s, c = _socket_pair()
-        srv, cli = await _pair((s, c), contexts["server"], contexts["client"])
+        srv, cli = await _pair(contexts)
         assert srv.transport is not None and cli.transport is not None
         up = os.urandom(8 << 20)
         down = os.urandom(3 << 20)
@@ -152,8 +152,7 @@ def test_writelines_equals_the_concatenation(contexts: dict[str, ssl.SSLContext]
     pieces = [os.urandom(rng.choice([0, 1, 9, 100, 5000, 16384, 16385, 70000])) for _ in range(60)]
 
     async def main() -> None:
-        s, c = _socket_pair()
-        srv, cli = await _pair((s, c), contexts["server"], contexts["client"])
+        srv, cli = await _pair(contexts)
         assert cli.transport is not None
         expected = b"".join(pieces)
         for i in range(0, len(pieces), 7):
@@ -167,8 +166,7 @@ def test_writelines_equals_the_concatenation(contexts: dict[str, ssl.SSLContext]
 
 def test_close_sends_close_notify_and_the_peer_sees_eof(contexts: dict[str, ssl.SSLContext]) -> None:
     async def main() -> None:
-        s, c = _socket_pair()
-        srv, cli = await _pair((s, c), contexts["server"], contexts["client"])
+        srv, cli = await _pair(contexts)
         assert cli.transport is not None and srv.lost is not None and cli.lost is not None
         cli.transport.write(b"last words")
         cli.transport.close()
@@ -184,8 +182,7 @@ def test_abort_and_a_vanished_peer_end_the_connection_with_an_error(
     contexts: dict[str, ssl.SSLContext],
 ) -> None:
     async def main() -> None:
-        s, c = _socket_pair()
-        srv, cli = await _pair((s, c), contexts["server"], contexts["client"])
+        srv, cli = await _pair(contexts)
         assert cli.transport is not None and srv.lost is not None
         cli.transport.abort()  # FIN without close_notify: a truncation to TLS
         exc = await asyncio.wait_for(srv.lost, 5)
@@ -237,13 +234,8 @@ def test_a_failing_protocol_ends_only_its_connection(contexts: dict[str, ssl.SSL
             raise RuntimeError("bug in the protocol")
 
     async def main() -> None:
-        s, c = _socket_pair()
-        srv, cli = Broken(), Recorder()
+        srv, cli = await _pair(contexts, Broken())
         async with asyncio.timeout(5):
-            await asyncio.gather(
-                tls_transport.start(s, contexts["server"], srv, server_side=True),
-                tls_transport.start(c, contexts["client"], cli, server_side=False),
-            )
             assert cli.transport is not None and srv.lost is not None and cli.lost is not None
             cli.transport.write(b"trigger")
             exc = await srv.lost
@@ -260,8 +252,7 @@ def test_close_gives_up_on_a_peer_that_stopped_reading(
     monkeypatch.setattr(tls_transport, "CLOSE_LINGER", 0.3)
 
     async def main() -> None:
-        s, c = _socket_pair()
-        srv, cli = await _pair((s, c), contexts["server"], contexts["client"])
+        srv, cli = await _pair(contexts)
         assert srv.transport is not None and cli.transport is not None and cli.lost is not None
         srv.transport.pause_reading()
         chunk = os.urandom(1 << 20)
