@@ -380,9 +380,10 @@ class _FrameBuffer(h2.frame_buffer.FrameBuffer):
     h2 appends every received chunk to one bytearray, slices each frame out of it and copies the
     body to bytes: three copies per payload byte, a third of the receiving proxy's user-space copying
     at bulk rates (perf, bench_l4). Here received chunks are kept as they came (immutable `bytes`);
-    a frame inside one chunk is parsed from a view of it, a frame split across chunks is joined once.
-    `HboneConnection.receive_data` takes a plain DATA payload of `BY_REFERENCE` bytes or more as that
-    view (`take_payload`): it stays valid (the chunk is immutable), and the stream copies whatever it
+    a frame inside one chunk is parsed from a view of it, a frame split across chunks is joined once,
+    except a plain DATA payload (below). `HboneConnection.receive_data` takes a plain DATA payload of
+    `BY_REFERENCE` bytes or more as that view, or as views of each chunk it spans (`take_payload`,
+    an event per piece): it stays valid (the chunk is immutable), and the stream copies whatever it
     queues instead of handing on at once, so a queued payload never keeps a whole received chunk
     alive. Everything else is parsed by hyperframe as h2 does (which copies what it keeps).
     """
@@ -454,10 +455,37 @@ class _FrameBuffer(h2.frame_buffer.FrameBuffer):
             return None
         return stream_id & 0x7FFFFFFF, length
 
-    def take_payload(self, length: int) -> bytes | memoryview:
-        """Consume the frame `plain_data_head` described; its payload (a view from BY_REFERENCE bytes)."""
-        body = self._take(9 + length)[9:]
-        return body if length >= BY_REFERENCE else body.tobytes()
+    def take_payload(self, length: int) -> bytes | memoryview | list[bytes | memoryview]:
+        """Consume the frame `plain_data_head` described; its payload: a view from BY_REFERENCE bytes,
+        else bytes. A payload of BY_REFERENCE bytes or more split across received chunks comes as a
+        list of pieces in order instead of being joined (a sender's 256 KiB frames rarely line up with
+        the receiver's reads: joining them copied every byte once more), views of the chunks, with
+        runs of pieces under BY_REFERENCE bytes joined."""
+        first = self._parts[0]
+        if len(first) >= 9 + length or length < BY_REFERENCE:
+            body = self._take(9 + length)[9:]
+            return body if length >= BY_REFERENCE else body.tobytes()
+        self._take(9)
+        self._size -= length
+        pieces: list[bytes | memoryview] = []
+        small: list[memoryview] = []
+        need = length
+        while need:
+            part = self._parts.popleft()
+            if len(part) > need:
+                self._parts.appendleft(part[need:])
+                part = part[:need]
+            need -= len(part)
+            if len(part) >= BY_REFERENCE:
+                if small:
+                    pieces.append(b"".join(small))
+                    small = []
+                pieces.append(part)
+            else:
+                small.append(part)
+        if small:
+            pieces.append(b"".join(small))
+        return pieces
 
     def __next__(self) -> hyperframe.frame.Frame:
         while True:
@@ -583,7 +611,10 @@ class HboneConnection(h2.connection.H2Connection):
                     stream = self.streams.get(stream_id)
                     if stream is not None and self._can_receive_plain(stream):
                         payload = buf.take_payload(size)
-                        events.append(self._received_plain(stream, stream_id, payload, size))
+                        if type(payload) is list:
+                            events.extend(self._received_plain_pieces(stream, stream_id, payload, size))
+                        else:
+                            events.append(self._received_plain(stream, stream_id, payload, size))  # type: ignore[arg-type]
                         continue
                 frame = next(buf, None)
                 if frame is None:
@@ -617,6 +648,20 @@ class HboneConnection(h2.connection.H2Connection):
         event.data = payload  # type: ignore[assignment]  # read as a buffer downstream
         event.flow_controlled_length = size
         return event
+
+    def _received_plain_pieces(
+        self, stream: h2.stream.H2Stream, stream_id: int, pieces: list[bytes | memoryview], size: int
+    ) -> list[h2.events.DataReceived]:
+        """One frame's payload in pieces: the windows take the frame once, an event per piece."""
+        self._inbound_flow_control_window_manager.window_consumed(size)
+        stream._inbound_window_manager.window_consumed(size)
+        events = []
+        for piece in pieces:
+            event = h2.events.DataReceived(stream_id=stream_id)
+            event.data = piece  # type: ignore[assignment]
+            event.flow_controlled_length = len(piece)
+            events.append(event)
+        return events
 
     def buffers_to_send(self) -> list[bytes]:
         """What to write, in order (frame headers, payloads, runs of other frames); empties the queue."""
