@@ -19,6 +19,9 @@ class EchoHandler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     server_version = "nodemesh-echo/1"
     pod_name = ""
+    # the status line and headers go out in one write, the body in another: with Nagle the body
+    # waited for the peer's delayed ACK, 40 ms per keep-alive request
+    disable_nagle_algorithm = True
 
     def _echo(self) -> None:
         length = int(self.headers.get("content-length") or 0)
