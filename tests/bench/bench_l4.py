@@ -182,17 +182,33 @@ def run_in_client(lab: Lab, argv: list[str], timeout: float) -> str:
     return out
 
 
+def _cpu_jiffies() -> tuple[int, int]:
+    """(busy, total) jiffies of the whole machine since boot (/proc/stat; idle and iowait are idle)."""
+    with open("/proc/stat") as f:
+        fields = [int(v) for v in f.readline().split()[1:9]]
+    idle = fields[3] + fields[4]
+    return sum(fields) - idle, sum(fields)
+
+
 def iperf(lab: Lab, host: str, streams: int, s: Settings) -> dict[str, Any]:
     argv = ["iperf3", "-c", host, "-p", str(IPERF_PORT), "-t", str(max(1, round(s.seconds))), "-O", "1",
             "-P", str(streams), "-J"]  # fmt: skip
+    busy0, total0 = _cpu_jiffies()
     report = json.loads(run_in_client(lab, argv, timeout=s.seconds + 30))
+    busy1, total1 = _cpu_jiffies()
     if "error" in report:
         raise BenchError(f"iperf3 -P {streams}: {report['error']}")
     received = report["end"]["sum_received"]
+    gbit_s = received["bits_per_second"] / 1e9
+    # the whole machine (apps, proxies, kernel) during the run, as a share and per GB carried: the
+    # host's speed drifts between runs, CPU per byte shows what a mode costs regardless
+    busy = (busy1 - busy0) / max(1, total1 - total0)
     return {
         "streams": streams,
-        "gbit_s": round(received["bits_per_second"] / 1e9, 3),
+        "gbit_s": round(gbit_s, 3),
         "retransmits": report["end"]["sum_sent"].get("retransmits"),
+        "machine_busy": round(busy, 3),
+        "cpu_s_per_gb": round(busy * (os.cpu_count() or 1) / (gbit_s / 8), 3) if gbit_s else None,
     }
 
 
@@ -387,6 +403,12 @@ def _achieved(r: dict[str, Any]) -> str:
     return text + " (overloaded)" if r["achieved_rps"] < 0.95 * r["target_rps"] else text
 
 
+def _cpu_cell(r: dict[str, Any]) -> str:
+    if r.get("cpu_s_per_gb") is None:  # results from before the bench measured it
+        return "-"
+    return f"{r['machine_busy'] * 100:.0f} / {r['cpu_s_per_gb']:.2f}"
+
+
 def table(modes: dict[str, dict[str, Any]], s: Settings) -> str:
     names = [m for m in MODES if m in modes]
     show_ratio = "nodemesh" in modes and "stunnel" in modes
@@ -409,8 +431,9 @@ def table(modes: dict[str, dict[str, Any]], s: Settings) -> str:
     def errs(r: dict[str, Any]) -> int:
         return int(r.get("errors", 0) + r.get("socket_errors", 0) + r.get("non_2xx", 0))
 
-    add("bulk, 1 stream (Gbit/s)", lambda m: m["bulk_1"]["gbit_s"], ratio=True)
-    add("bulk, 8 streams (Gbit/s)", lambda m: m["bulk_8"]["gbit_s"], ratio=True)
+    for key, label in (("bulk_1", "1 stream"), ("bulk_8", "8 streams")):
+        add(f"bulk, {label} (Gbit/s)", lambda m, k=key: m[k]["gbit_s"], ratio=True)
+        add("  machine busy (%) / CPU-s per GB", lambda m, k=key: _cpu_cell(m[k]))
     for key, label in (("sat_keepalive", "keep-alive"), ("sat_close", "new conn/request")):
         add(f"saturation, {label} (req/s)", lambda m, k=key: m[k]["rps"], ratio=True, digits=0)
         add("  p50 / p99 (ms)", lambda m, k=key: f"{m[k]['p50_ms']:.2f} / {m[k]['p99_ms']:.2f}")
