@@ -438,6 +438,9 @@ def test_non_enrolled_pod_is_untouched(env: Env) -> None:
     out = env.connect("outsider", env.net.pods["client"].ip, 8001, "plain")
     assert '"data": "plain"' in out["reply"]
     assert out["local"][0] == outsider.ip  # not rewritten to 127.0.0.1:15001
+    # the inbound side's record of it (written within 50 ms), and no outbound one
+    src = f"{outsider.ip}:{out['local'][1]}"
+    agent.wait_for(rf"msg=flow event=close .*src={re.escape(src)} ")
     assert flow_lines(agent, src_pod="shop/outsider") == []
     assert not (env.pins() / "links" / "sk_lookup-shop_outsider").exists()
     assert "shop_outsider" not in agent.log()

@@ -217,7 +217,8 @@ def test_a_policy_change_closes_an_open_connection_it_now_denies(
     conn = deny[0]["conn"]
     (close,) = wait_for(lambda: flows(lab, "node2", event="close", conn=conn), 5)
     assert close["reason"] == "policy_changed:DENIED_BY_POLICY" and int(close["bytes_received"]) > 0
-    assert f"event=connection_closed_by_policy conn={conn} policy={name}" in lab.log("agent-node2")
+    said = f"event=connection_closed_by_policy conn={conn} policy={name}"
+    wait_for(lambda: said in lab.log("agent-node2"), 5, said)
     # a new connection is refused; once the policy is gone, the client is served again
     assert_denied(lab, "client", "httpbin-v2", reason="DENIED_BY_POLICY", policy=name)
     policies.remove("deny-client-live.yaml")
