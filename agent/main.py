@@ -74,7 +74,7 @@ _log_sink: LogSink | None = None
 
 
 def configure_logging(level: int | str = logging.INFO) -> None:
-    """Log records go to stderr through `agent.logsink` (a bounded queue and a writer thread): a
+    """Log records go to stderr through `agent.logsink` (a bounded buffer and a writer thread): a
     write to a stalled log pipe must not stop the event loop."""
     global _log_sink
     old, _log_sink = _log_sink, LogSink(sys.stderr, LOG_FORMAT)
@@ -121,27 +121,13 @@ ConfigHook = Callable[["NodeConfig", ConfigUpdate], None]
 class NodeAgent:
     """Keeps the datapath's enrolled pods and the carrier (proxy) equal to the node's config view."""
 
-    def __init__(
-        self,
-        node: str,
-        datapath: Datapath,
-        relay: Carrier,
-        store: EnrolledStore | None = None,
-        *,
-        resync_interval: float = RESYNC_INTERVAL,
-        on_config: ConfigHook | None = None,
-    ) -> None:
+    def __init__(self, node: str, datapath: Datapath, relay: Carrier, store: EnrolledStore | None = None,
+                 *, resync_interval: float = RESYNC_INTERVAL, on_config: ConfigHook | None = None) -> None:
         self.node = node
         self.config = NodeConfig()
         self.reconciler = Reconciler()
-        self.stats = {
-            "reconciles": 0,
-            "enrolled": 0,
-            "unenrolled": 0,
-            "enroll_errors": 0,
-            "unenroll_errors": 0,
-            "reconcile_errors": 0,
-        }
+        self.stats = {"reconciles": 0, "enrolled": 0, "unenrolled": 0, "enroll_errors": 0,
+                      "unenroll_errors": 0, "reconcile_errors": 0}
         self._dp = datapath
         self._relay = relay
         self._store = store
@@ -195,11 +181,8 @@ class NodeAgent:
                 log.error("event=pod_skipped workload=%s reason=%r", s.workload_uid, s.reason)
         vanished = [k for k, ref in self.reconciler.enrolled.items() if not os.path.exists(ref.netns_path)]
         for key in vanished:
-            log.error(
-                "event=pod_netns_vanished pod=%s netns=%s action=release_and_retry",
-                key,
-                self.reconciler.enrolled[key].netns_path,
-            )
+            log.error("event=pod_netns_vanished pod=%s netns=%s action=release_and_retry",
+                      key, self.reconciler.enrolled[key].netns_path)
         plan = self.reconciler.plan(desired, vanished)
         self.stats["reconciles"] += 1
         if not plan:
@@ -211,13 +194,9 @@ class NodeAgent:
         for ref in plan.enroll:
             await self._enroll(ref)
         self._save(self.reconciler.known())
-        log.info(
-            "event=reconciled enrolled=%d unenroll=%d enroll=%d failed=%d",
-            len(self.reconciler.enrolled),
-            len(plan.unenroll),
-            len(plan.enroll),
-            len(self.reconciler.failures),
-        )
+        log.info("event=reconciled enrolled=%d unenroll=%d enroll=%d failed=%d",
+                 len(self.reconciler.enrolled), len(plan.unenroll), len(plan.enroll),
+                 len(self.reconciler.failures))
         return plan
 
     async def _enroll(self, ref: PodRef) -> None:
@@ -227,23 +206,13 @@ class NodeAgent:
         except Exception as exc:
             self.stats["enroll_errors"] += 1
             self.reconciler.enroll_failed(ref, str(exc))
-            log.error(
-                "event=pod_enroll_failed pod=%s netns=%s ip=%s error=%r action=retry_later",
-                ref.uid,
-                ref.netns_path,
-                ref.ip,
-                str(exc),
-            )
+            log.error("event=pod_enroll_failed pod=%s netns=%s ip=%s error=%r action=retry_later",
+                      ref.uid, ref.netns_path, ref.ip, str(exc))
             return
         self.stats["enrolled"] += 1
         self.reconciler.enroll_succeeded(ref)
-        log.debug(
-            "event=pod_serving pod=%s netns=%s ip=%s netns_cookie=%d",
-            ref.uid,
-            ref.netns_path,
-            ref.ip,
-            ep.netns_cookie,
-        )
+        log.debug("event=pod_serving pod=%s netns=%s ip=%s netns_cookie=%d",
+                 ref.uid, ref.netns_path, ref.ip, ep.netns_cookie)
 
     async def _unenroll(self, ref: PodRef) -> None:
         try:
@@ -252,12 +221,8 @@ class NodeAgent:
         except Exception as exc:
             self.stats["unenroll_errors"] += 1
             self.reconciler.unenroll_failed(ref, str(exc))
-            log.error(
-                "event=pod_unenroll_failed pod=%s netns=%s error=%r action=retry_later",
-                ref.uid,
-                ref.netns_path,
-                str(exc),
-            )
+            log.error("event=pod_unenroll_failed pod=%s netns=%s error=%r action=retry_later",
+                      ref.uid, ref.netns_path, str(exc))
             return
         self.stats["unenrolled"] += 1
         self.reconciler.unenroll_succeeded(ref)
@@ -348,42 +313,25 @@ async def run(options: AgentOptions, stop: asyncio.Event | None = None) -> int:
     ring = FlowRing(options.flow_ring_size)
     registry = CollectorRegistry(auto_describe=True)
     certs = CertificateManager(sign, lambda: ca_pem, options.trust_domain)
-    proxy = NodeProxy(
-        dp,
-        certs,
-        options.trust_domain,
-        node=options.node,
-        bundle=lambda: ca_pem,
-        flow_ring=ring,
-        metrics=ProxyMetrics(registry),
-    )
+    proxy = NodeProxy(dp, certs, options.trust_domain, node=options.node, bundle=lambda: ca_pem,
+                      flow_ring=ring, metrics=ProxyMetrics(registry))
     link = LinkState(options.controller, connected=lambda: client is not None and client.connected.is_set())
 
     def on_config(config: NodeConfig, update: ConfigUpdate) -> None:
         if config.trust_domain and config.trust_domain != certs.trust_domain:
             certs.trust_domain = config.trust_domain
-        proxy.update(
-            config.workloads(), config.services(), _policies(config), trust_domain=config.trust_domain or None
-        )
+        proxy.update(config.workloads(), config.services(), _policies(config),
+                     trust_domain=config.trust_domain or None)
         link.last_push_nonce = update.nonce
         link.last_push_version = update.nonce
         link.last_push_at = time.time()
 
-    agent = NodeAgent(
-        options.node, dp, proxy, store, resync_interval=options.resync_interval, on_config=on_config
-    )
+    agent = NodeAgent(options.node, dp, proxy, store, resync_interval=options.resync_interval,
+                      on_config=on_config)
     agent.restore(leftover_pods(options.node, store))
     client = ConfigClient(options.controller, token, ca_pem, agent.on_update, server_name=options.server_name)
-    sources = AgentSources(
-        options.node,
-        agent.config,
-        proxy,
-        certs,
-        link,
-        dp.counters,
-        lambda: len(agent.reconciler.enrolled),
-        str(dp.node_dir(options.node)),
-    )
+    sources = AgentSources(options.node, agent.config, proxy, certs, link, dp.counters,
+                           lambda: len(agent.reconciler.enrolled), str(dp.node_dir(options.node)))
     registry.register(AgentCollector(options.node, dp.counters, proxy.stats))
     admin = AdminServer(sources, ring, options.admin_socket or admin_socket_path(options.node))
     metrics_server: MetricsServer | None = None
@@ -396,17 +344,10 @@ async def run(options: AgentOptions, stop: asyncio.Event | None = None) -> int:
         await admin.close()
         dp.close()
         return 2
-    log.info(
-        "event=agent_started node=%s controller=%s pod_cgroup=%s pid=%d",
-        options.node,
-        options.controller,
-        options.pod_cgroup,
-        os.getpid(),
-    )
-    tasks = {
-        asyncio.create_task(client.run(), name="config"),
-        asyncio.create_task(agent.run(), name="reconcile"),
-    }
+    log.info("event=agent_started node=%s controller=%s pod_cgroup=%s pid=%d",
+             options.node, options.controller, options.pod_cgroup, os.getpid())
+    tasks = {asyncio.create_task(client.run(), name="config"),
+             asyncio.create_task(agent.run(), name="reconcile")}
     stop_wait = asyncio.create_task(stop.wait())
     code = 0
     try:
@@ -426,9 +367,8 @@ async def run(options: AgentOptions, stop: asyncio.Event | None = None) -> int:
             metrics_server.close()
         await client.close()
         dp.close()
-    log.info(
-        "event=agent_stopped node=%s enrolled=%d pins=kept", options.node, len(agent.reconciler.enrolled)
-    )
+    log.info("event=agent_stopped node=%s enrolled=%d pins=kept",
+             options.node, len(agent.reconciler.enrolled))
     return code
 
 
