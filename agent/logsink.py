@@ -41,7 +41,8 @@ class _BufferHandler(logging.Handler):
         super().__init__()
         self.size = size
         self.records: collections.deque[logging.LogRecord] = collections.deque()
-        self.dropped = 0
+        self.dropped = 0  # since the last report line
+        self.dropped_total = 0  # since start (the agent's nodemesh_agent_log_records_dropped)
 
     def emit(self, record: logging.LogRecord) -> None:
         records = self.records
@@ -52,6 +53,7 @@ class _BufferHandler(logging.Handler):
             records.append(record)
         else:
             self.dropped += 1
+            self.dropped_total += 1
 
     def take(self, final: bool = False) -> list[logging.LogRecord]:
         """What gathered (and, `final`, a line for drops after the last record that fitted)."""
@@ -82,6 +84,11 @@ class LogSink:
     def dropped(self) -> int:
         """Records dropped and not yet reported."""
         return self.handler.dropped
+
+    @property
+    def dropped_total(self) -> int:
+        """Records dropped since the sink started."""
+        return self.handler.dropped_total
 
     def _run(self) -> None:
         while not self._stopping.wait(self._interval):

@@ -101,6 +101,11 @@ def _stop_logging() -> None:
         _log_sink.stop()
 
 
+def log_records_dropped() -> int:
+    """Log records the agent dropped since logging was configured (0 when it was not)."""
+    return _log_sink.dropped_total if _log_sink is not None else 0
+
+
 def set_relay_vips(relay: Relay, vips: Mapping[Addr, Addr]) -> None:
     """Replace the placeholder relay's VIP table in place (it has no setter; the proxy replaces it)."""
     relay._vips.clear()
@@ -332,7 +337,7 @@ async def run(options: AgentOptions, stop: asyncio.Event | None = None) -> int:
     client = ConfigClient(options.controller, token, ca_pem, agent.on_update, server_name=options.server_name)
     sources = AgentSources(options.node, agent.config, proxy, certs, link, dp.counters,
                            lambda: len(agent.reconciler.enrolled), str(dp.node_dir(options.node)))
-    registry.register(AgentCollector(options.node, dp.counters, proxy.stats))
+    registry.register(AgentCollector(options.node, dp.counters, proxy.stats, log_records_dropped))
     admin = AdminServer(sources, ring, options.admin_socket or admin_socket_path(options.node))
     metrics_server: MetricsServer | None = None
     try:

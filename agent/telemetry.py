@@ -30,10 +30,12 @@ class AgentCollector(Collector):
         node: str,
         datapath_counters: Callable[[], Mapping[str, int]],
         proxy_stats: Callable[[], Mapping[str, int]],
+        log_records_dropped: Callable[[], int] = lambda: 0,
     ) -> None:
         self._node = node
         self._counters = datapath_counters
         self._proxy_stats = proxy_stats
+        self._log_dropped = log_records_dropped
         self._proc = psutil.Process()
 
     def collect(self) -> Iterator[Metric]:
@@ -46,6 +48,11 @@ class AgentCollector(Collector):
             "nodemesh_agent_cpu_seconds", "Agent CPU time (user+system)", value=cpu.user + cpu.system
         )
         yield GaugeMetricFamily("nodemesh_agent_open_fds", "Agent open file descriptors", value=fds)
+        yield CounterMetricFamily(
+            "nodemesh_agent_log_records_dropped",
+            "Log records dropped because stderr did not take them fast enough (agent/logsink.py)",
+            value=self._log_dropped(),
+        )
         dp = CounterMetricFamily(
             "nodemesh_datapath_events", "Datapath counters from the BPF maps", labels=["node", "counter"]
         )

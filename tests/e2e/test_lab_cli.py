@@ -395,6 +395,7 @@ def test_metrics_15020_counts_the_bytes_sent_with_istio_labels(lab: LabHandle, t
     fds = metric_sum(m2b, "nodemesh_agent_open_fds")
     assert 10 < fds < 1000 and abs(fds - len(list(Path(f"/proc/{pid}/fd").iterdir()))) < 20
     assert metric_sum(m2b, "nodemesh_agent_cpu_seconds_total") > 0
+    assert metric_sum(m2b, "nodemesh_agent_log_records_dropped_total") == 0  # stderr kept up
     assert delta(m2a, m2b, "nodemesh_datapath_events_total", counter="sklookup_redirected", node="node2") >= 1
     assert delta(m1a, m1b, "nodemesh_datapath_events_total", counter="connect_redirected", node="node1") >= 1
     assert delta(m2a, m2b, "nodemesh_proxy_stat", stat="opened") >= 2

@@ -73,6 +73,7 @@ def test_a_blocked_stream_does_not_block_the_logger_and_drops_are_reported(logge
     t.join(5)
     assert not t.is_alive(), "logging waited for the blocked stream"
     assert sink.dropped == 1000 - 10  # ten buffered behind the blocked write, the rest dropped
+    assert sink.dropped_total == 990
     stream.gate.set()
     for _ in range(500):  # until the writer wrote what was queued
         if "i=9" in stream.getvalue():
@@ -87,6 +88,7 @@ def test_a_blocked_stream_does_not_block_the_logger_and_drops_are_reported(logge
         "level=WARNING logger=nodemesh.log msg=event=log_records_dropped count=990 (the log buffer was full)"
     )
     assert lines[12:] == ["level=INFO logger=test.logsink msg=after"]
+    assert sink.dropped == 0 and sink.dropped_total == 990  # reported, still counted
 
 
 def test_drops_after_the_last_record_are_reported_at_stop(logger: logging.Logger) -> None:
