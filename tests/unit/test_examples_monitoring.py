@@ -1,0 +1,37 @@
+"""examples/monitoring: every metric and proxy stat the alerting rules name is one the agent exports."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import yaml
+from prometheus_client import CollectorRegistry
+
+from agent.proxy.conns import ConnTracker
+from agent.proxy.flows import FlowLog
+from agent.telemetry import AgentCollector
+
+RULES = Path(__file__).resolve().parents[2] / "examples" / "monitoring" / "prometheus-rules.yaml"
+_METRIC = re.compile(r"\b(nodemesh_[a-z0-9_]+)\s*[{\[]")
+_STAT = re.compile(r'stat="([a-z0-9_]+)"')
+
+
+def _exported_names() -> set[str]:
+    registry = CollectorRegistry()
+    stats = ConnTracker(FlowLog()).stats
+    registry.register(AgentCollector("node1", dict, lambda: stats))
+    return {sample.name for family in registry.collect() for sample in family.samples}
+
+
+def test_alert_rules_name_only_what_the_agent_exports() -> None:
+    doc = yaml.safe_load(RULES.read_text())
+    rules = [rule for group in doc["groups"] for rule in group["rules"]]
+    assert rules and all({"alert", "expr"} <= rule.keys() for rule in rules)
+    exported = _exported_names()
+    stats = set(ConnTracker(FlowLog()).stats)
+    for rule in rules:
+        names = _METRIC.findall(rule["expr"])
+        assert names, rule["expr"]
+        assert set(names) <= exported, (rule["alert"], set(names) - exported)
+        assert set(_STAT.findall(rule["expr"])) <= stats, rule["alert"]
