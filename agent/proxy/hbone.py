@@ -420,17 +420,21 @@ class _FrameBuffer(h2.frame_buffer.FrameBuffer):
                 self._parts[0] = first[n:]
             self._size -= n
             return first[:n]
-        pieces: list[memoryview] = []
+        return memoryview(b"".join(self._take_views(n)))
+
+    def _take_views(self, n: int) -> list[memoryview]:
+        """The next `n` buffered bytes as views of the chunks they lie in, in order."""
+        views: list[memoryview] = []
         need = n
         while need:
             part = self._parts.popleft()
             if len(part) > need:
                 self._parts.appendleft(part[need:])
                 part = part[:need]
-            pieces.append(part)
+            views.append(part)
             need -= len(part)
         self._size -= n
-        return memoryview(b"".join(pieces))
+        return views
 
     def _peek_header(self) -> memoryview:
         first = self._parts[0]
@@ -470,16 +474,9 @@ class _FrameBuffer(h2.frame_buffer.FrameBuffer):
             body = self._take(9 + length)[9:]
             return body if length >= BY_REFERENCE else body.tobytes()
         self._take(9)
-        self._size -= length
         pieces: list[bytes | memoryview] = []
         small: list[memoryview] = []
-        need = length
-        while need:
-            part = self._parts.popleft()
-            if len(part) > need:
-                self._parts.appendleft(part[need:])
-                part = part[:need]
-            need -= len(part)
+        for part in self._take_views(length):
             if len(part) >= BY_REFERENCE:
                 if small:
                     pieces.append(b"".join(small))
