@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 import stunnel_pair
+from proc_usage import Watch
 from stunnel_pair import Tunnel
 
 from agent.datapath.netns import in_netns
@@ -190,9 +191,13 @@ def _cpu_jiffies() -> tuple[int, int]:
     return sum(fields) - idle, sum(fields)
 
 
-def iperf(lab: Lab, host: str, streams: int, s: Settings) -> dict[str, Any]:
-    argv = ["iperf3", "-c", host, "-p", str(IPERF_PORT), "-t", str(max(1, round(s.seconds))), "-O", "1",
+def iperf(lab: Lab, host: str, streams: int, s: Settings, proxies: dict[str, int]) -> dict[str, Any]:
+    """`proxies`: name -> pid of the processes that carry the traffic (agents, stunnels), whose share
+    of a core and context switches are sampled inside the run (after the omitted second)."""
+    seconds = max(1, round(s.seconds))
+    argv = ["iperf3", "-c", host, "-p", str(IPERF_PORT), "-t", str(seconds), "-O", "1",
             "-P", str(streams), "-J"]  # fmt: skip
+    watch = Watch(proxies, start=1.5, end=seconds + 0.5).begin()
     busy0, total0 = _cpu_jiffies()
     report = json.loads(run_in_client(lab, argv, timeout=s.seconds + 30))
     busy1, total1 = _cpu_jiffies()
@@ -209,6 +214,7 @@ def iperf(lab: Lab, host: str, streams: int, s: Settings) -> dict[str, Any]:
         "retransmits": report["end"]["sum_sent"].get("retransmits"),
         "machine_busy": round(busy, 3),
         "cpu_s_per_gb": round(busy * (os.cpu_count() or 1) / (gbit_s / 8), 3) if gbit_s else None,
+        "proxies": watch.result(),
     }
 
 
@@ -320,13 +326,19 @@ def measure_mode(mode: str, s: Settings) -> dict[str, Any]:
         with lab_up(agents=mode == "nodemesh") as lab:
             procs += start_servers(lab, tmp)
             host = lab.plan().pod(SERVER).ip
+            proxies: dict[str, int] = {}
             if mode == "stunnel":
-                procs += start_stunnel(lab, tmp)
+                server, client = start_stunnel(lab, tmp)
+                procs += [server, client]
+                proxies = {"stunnel/client": client.pid, "stunnel/server": server.pid}
                 host = "127.0.0.1"
+            elif mode == "nodemesh":
+                state = lab.load_state() or {}
+                proxies = {n: pid for n, pid in state.get("processes", {}).items() if n.startswith("agent/")}
             out: dict[str, Any] = {"mode": mode, "target": host}
             steps: list[tuple[str, Any]] = [
-                ("bulk_1", lambda: iperf(lab, host, 1, s)),
-                ("bulk_8", lambda: iperf(lab, host, 8, s)),
+                ("bulk_1", lambda: iperf(lab, host, 1, s, proxies)),
+                ("bulk_8", lambda: iperf(lab, host, 8, s, proxies)),
                 ("fixed_keepalive", lambda: open_loop(lab, host, True, s)),
                 ("fixed_close", lambda: open_loop(lab, host, False, s)),
                 ("sat_keepalive", lambda: wrk(lab, host, True, s)),
@@ -409,6 +421,14 @@ def _cpu_cell(r: dict[str, Any]) -> str:
     return f"{r['machine_busy'] * 100:.0f} / {r['cpu_s_per_gb']:.2f}"
 
 
+def _busiest_cell(r: dict[str, Any]) -> str:
+    """The proxy process that used most CPU: its share of a core and how often it slept per second."""
+    if not r.get("proxies"):
+        return "-"
+    name, u = max(r["proxies"].items(), key=lambda item: item[1]["core_share"])
+    return f"{u['core_share'] * 100:.0f}% / {u['voluntary_per_s']:,.0f} ({name})"
+
+
 def table(modes: dict[str, dict[str, Any]], s: Settings) -> str:
     names = [m for m in MODES if m in modes]
     show_ratio = "nodemesh" in modes and "stunnel" in modes
@@ -434,6 +454,7 @@ def table(modes: dict[str, dict[str, Any]], s: Settings) -> str:
     for key, label in (("bulk_1", "1 stream"), ("bulk_8", "8 streams")):
         add(f"bulk, {label} (Gbit/s)", lambda m, k=key: m[k]["gbit_s"], ratio=True)
         add("  machine busy (%) / CPU-s per GB", lambda m, k=key: _cpu_cell(m[k]))
+        add("  busiest proxy: % of a core / sleeps per s", lambda m, k=key: _busiest_cell(m[k]))
     for key, label in (("sat_keepalive", "keep-alive"), ("sat_close", "new conn/request")):
         add(f"saturation, {label} (req/s)", lambda m, k=key: m[k]["rps"], ratio=True, digits=0)
         add("  p50 / p99 (ms)", lambda m, k=key: f"{m[k]['p50_ms']:.2f} / {m[k]['p99_ms']:.2f}")

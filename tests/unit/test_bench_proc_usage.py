@@ -1,0 +1,72 @@
+"""tests/bench/proc_usage.py: what bench_l4 reports about the proxy processes during bulk runs."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+
+from proc_usage import Sample, Watch, parse_stat_ticks, parse_switches, sample, usage
+
+# /proc/<pid>/stat of a process whose name holds ") " (fields 14 and 15: utime 1234, stime 567)
+STAT = "4242 (we) ird) S 1 4242 4242 0 -1 4194560 100 0 0 0 1234 567 0 0 20 0 3 0 999 0 0"
+STATUS = (
+    "Name:\tpython\nState:\tS (sleeping)\nvoluntary_ctxt_switches:\t29\nnonvoluntary_ctxt_switches:\t752\n"
+)
+
+
+def test_parses_cpu_ticks_and_context_switches() -> None:
+    assert parse_stat_ticks(STAT) == 1234 + 567
+    assert parse_switches(STATUS) == (29, 752)
+    assert parse_switches("Name:\tx\n") == (0, 0)
+
+
+def _fake_proc(root: Path, pid: int, threads: dict[int, tuple[int, int]], ticks: tuple[int, int]) -> None:
+    base = root / str(pid)
+    (base / "task").mkdir(parents=True, exist_ok=True)
+    (base / "stat").write_text(STAT.replace("1234 567", f"{ticks[0]} {ticks[1]}"))
+    for tid, (vol, invol) in threads.items():
+        (base / "task" / str(tid)).mkdir(exist_ok=True)
+        (base / "task" / str(tid) / "status").write_text(
+            f"voluntary_ctxt_switches:\t{vol}\nnonvoluntary_ctxt_switches:\t{invol}\n"
+        )
+
+
+def test_a_sample_sums_the_threads_and_a_missing_process_gives_none(tmp_path: Path) -> None:
+    _fake_proc(tmp_path, 7, {7: (10, 1), 8: (5, 2)}, (300, 100))
+    assert sample(7, tmp_path) == Sample(400, 15, 3)
+    assert sample(8, tmp_path) is None
+
+
+def test_usage_is_a_share_of_one_core_and_switches_per_second() -> None:
+    u = usage(Sample(1000, 100, 10), Sample(1372, 216, 3010), seconds=4.0, hz=100)
+    assert u == {"core_share": 0.93, "voluntary_per_s": 29, "involuntary_per_s": 750}
+    # a thread that exited takes its count along: never a negative rate
+    assert usage(Sample(0, 500, 0), Sample(0, 100, 0), 1.0, 100)["voluntary_per_s"] == 0
+
+
+def test_watch_tells_a_busy_process_from_a_sleeping_one() -> None:
+    import os
+
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        time.sleep(0.2)  # past the interpreter's start-up
+        watch = Watch({"me": os.getpid(), "sleeper": sleeper.pid, "gone": 2**22 + 1}, 0.05, 0.65).begin()
+        deadline = time.monotonic() + 0.75
+        while time.monotonic() < deadline:  # keep this process on the CPU through the window
+            sum(range(1000))
+        got = watch.result()
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    assert set(got) == {"me", "sleeper"}  # the pid that does not exist is left out
+    assert got["me"]["core_share"] > 0.3
+    assert got["sleeper"]["core_share"] < 0.1
+    assert got["sleeper"]["voluntary_per_s"] < 20  # asleep the whole window: it barely switched
+
+
+def test_a_window_that_ends_before_it_starts_samples_nothing() -> None:
+    assert Watch({"me": 1}, start=2.0, end=1.0).begin().result() == {}
