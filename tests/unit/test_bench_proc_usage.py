@@ -9,43 +9,33 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 
-from proc_usage import Sample, Watch, parse_stat_ticks, parse_switches, sample, usage
+from proc_usage import Sample, Watch, parse_switches, thread_switches, usage
 
-# /proc/<pid>/stat of a process whose name holds ") " (fields 14 and 15: utime 1234, stime 567)
-STAT = "4242 (we) ird) S 1 4242 4242 0 -1 4194560 100 0 0 0 1234 567 0 0 20 0 3 0 999 0 0"
 STATUS = (
     "Name:\tpython\nState:\tS (sleeping)\nvoluntary_ctxt_switches:\t29\nnonvoluntary_ctxt_switches:\t752\n"
 )
 
 
-def test_parses_cpu_ticks_and_context_switches() -> None:
-    assert parse_stat_ticks(STAT) == 1234 + 567
+def test_parses_context_switches() -> None:
     assert parse_switches(STATUS) == (29, 752)
     assert parse_switches("Name:\tx\n") == (0, 0)
 
 
-def _fake_proc(root: Path, pid: int, threads: dict[int, tuple[int, int]], ticks: tuple[int, int]) -> None:
-    base = root / str(pid)
-    (base / "task").mkdir(parents=True, exist_ok=True)
-    (base / "stat").write_text(STAT.replace("1234 567", f"{ticks[0]} {ticks[1]}"))
-    for tid, (vol, invol) in threads.items():
-        (base / "task" / str(tid)).mkdir(exist_ok=True)
-        (base / "task" / str(tid) / "status").write_text(
+def test_switches_are_summed_over_the_threads(tmp_path: Path) -> None:
+    for tid, (vol, invol) in {7: (10, 1), 8: (5, 2)}.items():
+        (tmp_path / "7" / "task" / str(tid)).mkdir(parents=True)
+        (tmp_path / "7" / "task" / str(tid) / "status").write_text(
             f"voluntary_ctxt_switches:\t{vol}\nnonvoluntary_ctxt_switches:\t{invol}\n"
         )
-
-
-def test_a_sample_sums_the_threads_and_a_missing_process_gives_none(tmp_path: Path) -> None:
-    _fake_proc(tmp_path, 7, {7: (10, 1), 8: (5, 2)}, (300, 100))
-    assert sample(7, tmp_path) == Sample(400, 15, 3)
-    assert sample(8, tmp_path) is None
+    assert thread_switches(7, tmp_path) == (15, 3)
+    assert thread_switches(8, tmp_path) == (0, 0)  # no such process: nothing
 
 
 def test_usage_is_a_share_of_one_core_and_switches_per_second() -> None:
-    u = usage(Sample(1000, 100, 10), Sample(1372, 216, 3010), seconds=4.0, hz=100)
+    u = usage(Sample(10.0, 100, 10), Sample(13.72, 216, 3010), seconds=4.0)
     assert u == {"core_share": 0.93, "voluntary_per_s": 29, "involuntary_per_s": 750}
     # a thread that exited takes its count along: never a negative rate
-    assert usage(Sample(0, 500, 0), Sample(0, 100, 0), 1.0, 100)["voluntary_per_s"] == 0
+    assert usage(Sample(0.0, 500, 0), Sample(0.0, 100, 0), 1.0)["voluntary_per_s"] == 0
 
 
 def test_watch_tells_a_busy_process_from_a_sleeping_one() -> None:
