@@ -2,10 +2,12 @@
 
 Why not the loop's own TLS (`create_connection(ssl=...)`): uvloop's TLS receive path cost 1.25 s of CPU
 per GB received where this one costs 0.55-0.75 s (a loopback TLS 1.3 transfer of 2 GB, 256 KiB writes;
-`docs/proxy.md` "Hot path"). Ciphertext is received into one preallocated buffer, fed to the incoming
-BIO and decrypted into a second preallocated buffer, so a read of many records is one `recv(2)`, one
-copy into the BIO and one `bytes` handed to the protocol. Sending encrypts into the outgoing BIO and
-writes what it holds with one `send(2)`.
+`docs/proxy.md` "Hot path"). Ciphertext is received into a preallocated buffer, fed to the incoming
+BIO a slice at a time and decrypted into a second preallocated buffer, so a read of many records is one
+`recv(2)`, one copy into the BIO and one `bytes` handed to the protocol. The two buffers are shared by
+every connection of a thread (they are only used within one readable callback), so a connection
+holds no receive buffer of its own beyond what its BIO keeps (at most one slice and a record). Sending
+encrypts into the outgoing BIO and writes what it holds with one `send(2)`.
 
 It also owns the handshake, so a handshake that fails (a client certificate from another CA, none at
 all) still sends the TLS alert OpenSSL produced before the socket closes.
@@ -24,13 +26,15 @@ import contextlib
 import logging
 import socket
 import ssl
+import threading
 from collections.abc import Iterable
 from typing import Any, cast
 
 log = logging.getLogger(__name__)
 
-RECV_SIZE = 256 * 1024  # ciphertext per recv(2)
-PLAIN_SIZE = 256 * 1024  # plaintext handed to the protocol per data_received, at most
+RECV_SIZE = 1024 * 1024  # ciphertext per recv(2)
+BIO_FEED = 256 * 1024  # ciphertext written to the incoming BIO at a time (bounds what each BIO keeps)
+PLAIN_SIZE = 1024 * 1024  # plaintext handed to the protocol per data_received, at most
 RECORD = 16384  # TLS's largest record payload (RFC 8446 §5.1)
 WRITE_HIGH = 1024 * 1024  # send buffer above which the protocol is told to pause writing
 WRITE_LOW = 256 * 1024
@@ -75,6 +79,36 @@ async def handshake(
         incoming.write(data)
 
 
+class _Buffers:
+    """A receive buffer and a plaintext buffer, and whether a callback is using them."""
+
+    def __init__(self) -> None:
+        self.recv = bytearray(RECV_SIZE)
+        self.recv_view = memoryview(self.recv)
+        self.plain_view = memoryview(bytearray(PLAIN_SIZE))
+        self.busy = False
+
+
+class _Shared(threading.local):
+    buffers: _Buffers | None = None
+
+
+_shared = _Shared()
+
+
+def _claim_buffers() -> _Buffers:
+    """This thread's buffers, marked busy; fresh ones if a callback further up the stack holds them
+    (a protocol that, from data_received, made another connection read: the shared ones must not
+    change under it). Give them back with `buffers.busy = False`."""
+    bufs = _shared.buffers
+    if bufs is None:
+        bufs = _shared.buffers = _Buffers()
+    elif bufs.busy:
+        bufs = _Buffers()
+    bufs.busy = True
+    return bufs
+
+
 class TlsTransport(asyncio.Transport):
     """A TLS stream over a connected non-blocking socket whose handshake `handshake()` completed."""
 
@@ -95,10 +129,6 @@ class TlsTransport(asyncio.Transport):
         self._read = self._obj._sslobj.read  # type: ignore[attr-defined]
         self._pending = self._obj._sslobj.pending  # type: ignore[attr-defined]
         self._protocol = protocol
-        self._recv_buf = bytearray(RECV_SIZE)
-        self._recv_view = memoryview(self._recv_buf)
-        self._plain_buf = bytearray(PLAIN_SIZE)
-        self._plain_view = memoryview(self._plain_buf)
         self._wbuf: collections.deque[memoryview] = collections.deque()
         self._wsize = 0
         self._high, self._low = WRITE_HIGH, WRITE_LOW
@@ -118,29 +148,40 @@ class TlsTransport(asyncio.Transport):
             return
         self.resume_reading()
         if self._in.pending:
-            self._decrypt()
+            bufs = _claim_buffers()
+            try:
+                self._decrypt(bufs, None)
+            finally:
+                bufs.busy = False
 
     # -- reading --
     def _on_readable(self) -> None:
+        bufs = _claim_buffers()
         try:
-            n = self._sock.recv_into(self._recv_buf)
-        except _RETRY:
-            return
-        except OSError as exc:
-            self._fail(exc)
-            return
-        if n == 0:  # EOF without close_notify: a truncation as far as TLS is concerned
-            truncated = ConnectionResetError("peer closed without TLS close_notify")
-            self._fail(None if self._closing else truncated)
-            return
-        self._in.write(self._recv_view[:n])
-        self._decrypt()
+            try:
+                n = self._sock.recv_into(bufs.recv)
+            except _RETRY:
+                return
+            except OSError as exc:
+                self._fail(exc)
+                return
+            if n == 0:  # EOF without close_notify: a truncation as far as TLS is concerned
+                truncated = ConnectionResetError("peer closed without TLS close_notify")
+                self._fail(None if self._closing else truncated)
+                return
+            self._decrypt(bufs, bufs.recv_view[:n])
+        finally:
+            bufs.busy = False
 
-    def _decrypt(self) -> None:
-        read, pending, incoming, view = self._read, self._pending, self._in, self._plain_view
+    def _decrypt(self, bufs: _Buffers, cipher: memoryview | None) -> None:
+        """Feed `cipher` (None: nothing more than the BIO holds) to the incoming BIO a `BIO_FEED` slice
+        at a time and hand the plaintext to the protocol in pieces of up to `PLAIN_SIZE`; the last piece
+        goes before returning, since `bufs` belong to the next callback then."""
+        read, pending, incoming, view = self._read, self._pending, self._in, bufs.plain_view
+        fed, total = 0, 0 if cipher is None else len(cipher)
+        got = 0
         while not self._closing:
-            got = 0
-            eof = False
+            eof = want = False
             try:
                 while got < PLAIN_SIZE:
                     # with a buffer, read() returns the count (typeshed only knows the bytes form)
@@ -150,9 +191,10 @@ class TlsTransport(asyncio.Transport):
                         break
                     got += k
                     if not incoming.pending and not pending():
-                        break  # all decrypted: skip the SSLWantReadError a further read would raise
+                        want = True  # all decrypted: skip the SSLWantReadError a further read would raise
+                        break
             except ssl.SSLWantReadError:
-                pass
+                want = True
             except ssl.SSLZeroReturnError:
                 eof = True
             except ssl.SSLError as exc:
@@ -161,20 +203,27 @@ class TlsTransport(asyncio.Transport):
                 return
             if self._out.pending:  # e.g. a KeyUpdate answer
                 self._flush_out()
-            if got:
+            more = want and fed < total
+            if got and not more:  # the buffer is full, or this is all there is for now
                 try:
                     self._protocol.data_received(bytes(view[:got]))
                 except Exception as exc:  # a protocol bug ends this connection, never the loop
                     log.warning("event=tls_protocol_error error=%r", exc, exc_info=True)
                     self._fail(exc)
                     return
+                got = 0
             if eof:  # the peer's close_notify
                 if not self._closing:
                     self._protocol.eof_received()
                     self.close()
                 return
-            if got < PLAIN_SIZE or not (incoming.pending or pending()):
-                return
+            if want:
+                if not more:
+                    return
+                assert cipher is not None
+                end = min(total, fed + BIO_FEED)
+                incoming.write(cipher[fed:end])
+                fed = end
 
     def pause_reading(self) -> None:
         if self._reading:

@@ -8,6 +8,7 @@ import os
 import random
 import socket
 import ssl
+import threading
 from dataclasses import dataclass, field
 
 import pytest
@@ -145,6 +146,90 @@ def test_bytes_arrive_intact_both_ways_with_backpressure(
         assert await cli.lost is None and await srv.lost is None
 
     _run(loop_kind, main)
+
+
+def test_connections_sharing_the_receive_buffers_each_get_their_own_bytes(
+    contexts: dict[str, ssl.SSLContext], loop_kind: str
+) -> None:
+    """The receive and plaintext buffers are one per thread; three connections receiving at once
+    (each more than a recv and a plaintext buffer's worth) still get exactly their own bytes."""
+
+    async def main() -> None:
+        pairs = [await _pair(contexts) for _ in range(3)]
+        payloads = [os.urandom((3 << 20) + 12345 * i) for i in range(3)]
+        for (_, cli), data in zip(pairs, payloads, strict=True):
+            assert cli.transport is not None
+            cli.transport.write(data)
+        await _until(
+            lambda: all(len(s.received) >= len(d) for (s, _), d in zip(pairs, payloads, strict=True))
+        )
+        for (srv, cli), data in zip(pairs, payloads, strict=True):
+            assert srv.received == data
+            assert max(len(c) for c in srv.chunks) <= tls_transport.PLAIN_SIZE
+            assert cli.transport is not None
+            cli.transport.abort()
+
+    _run(loop_kind, main)
+
+
+def test_a_read_started_from_data_received_does_not_overwrite_the_shared_buffers(
+    contexts: dict[str, ssl.SSLContext], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """If a protocol's data_received makes another connection read (the buffers are in use further up
+    the stack), that read gets buffers of its own: both connections' bytes stay intact. Small slices
+    and pieces make A hand data on while ciphertext of the same recv is still to be fed."""
+    monkeypatch.setattr(tls_transport, "BIO_FEED", 16 * 1024)
+    monkeypatch.setattr(tls_transport, "PLAIN_SIZE", 32 * 1024)
+
+    class Nested(Recorder):
+        other: tls_transport.TlsTransport | None = None
+
+        def data_received(self, data: bytes) -> None:
+            if self.other is not None:
+                self.other._on_readable()
+            super().data_received(data)
+
+    async def main() -> None:
+        nested = Nested()
+        _, a_cli = await _pair(contexts, server=nested)
+        b_srv, b_cli = await _pair(contexts)
+        assert isinstance(b_srv.transport, tls_transport.TlsTransport)
+        assert nested.transport is not None and a_cli.transport is not None and b_cli.transport is not None
+        b_srv.transport.pause_reading()  # B is read only from within A's data_received
+        nested.transport.pause_reading()  # until both sent: A's reads are then large
+        nested.other = b_srv.transport
+        a_data, b_data = os.urandom(2 << 20), os.urandom(2 << 20)
+        b_cli.transport.write(b_data)
+        a_cli.transport.write(a_data)
+        await _until(lambda: a_cli.transport.get_write_buffer_size() < len(a_data) // 2)
+        await asyncio.sleep(0.05)
+        nested.transport.resume_reading()
+        await _until(lambda: len(nested.received) >= len(a_data))
+        nested.other = None
+        assert b_srv.received  # B was read from within A's callback
+        b_srv.transport.resume_reading()
+        await _until(lambda: len(b_srv.received) >= len(b_data))
+        assert nested.received == a_data
+        assert b_srv.received == b_data
+        a_cli.transport.abort()
+        b_cli.transport.abort()
+
+    uvloop.run(main())
+
+
+def test_claimed_buffers_are_per_thread_and_never_handed_out_twice() -> None:
+    first = tls_transport._claim_buffers()
+    nested = tls_transport._claim_buffers()
+    assert nested is not first and nested.recv is not first.recv
+    nested.busy = False
+    first.busy = False
+    assert tls_transport._claim_buffers() is first  # the thread's own set comes back once free
+    first.busy = False
+    elsewhere: list[object] = []
+    thread = threading.Thread(target=lambda: elsewhere.append(tls_transport._claim_buffers()))
+    thread.start()
+    thread.join()
+    assert elsewhere and elsewhere[0] is not first
 
 
 def test_writelines_equals_the_concatenation(contexts: dict[str, ssl.SSLContext]) -> None:
