@@ -156,7 +156,10 @@ class TlsTransport(asyncio.Transport):
 
     # -- reading --
     def _on_readable(self) -> None:
-        bufs = _claim_buffers()
+        bufs = _shared.buffers
+        if bufs is None or bufs.busy:
+            bufs = _claim_buffers()
+        bufs.busy = True
         try:
             try:
                 n = self._sock.recv_into(bufs.recv)
@@ -179,6 +182,9 @@ class TlsTransport(asyncio.Transport):
         goes before returning, since `bufs` belong to the next callback then."""
         read, pending, incoming, view = self._read, self._pending, self._in, bufs.plain_view
         fed, total = 0, 0 if cipher is None else len(cipher)
+        if cipher is not None:  # the first slice before decrypting: no SSLWantReadError for nothing
+            fed = min(total, BIO_FEED)
+            incoming.write(cipher if fed == total else cipher[:fed])
         got = 0
         while not self._closing:
             eof = want = False
