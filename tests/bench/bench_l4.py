@@ -8,7 +8,9 @@ Three modes over the same pods, servers and ports, each on a freshly built lab (
 Per mode: bulk throughput with iperf3 (1 and 8 streams), HTTP/1.1 requests against nginx
 (`return 200 "ok"`) at saturation with wrk and at a fixed 1,000 req/s with tests/bench/open_loop.py,
 each with keep-alive and with a new connection per request. Run as root:
-`.venv/bin/python tests/bench/bench_l4.py [--seconds 5] [--modes no-mesh,nodemesh,stunnel]`.
+`.venv/bin/python tests/bench/bench_l4.py [--seconds 5] [--modes no-mesh,nodemesh,stunnel] [--rounds 3]`.
+With `--rounds N` the modes are measured N times in turn and each figure is the median round's
+(ratios: the median of each round's ratio), since the host's speed drifts between minutes.
 Prints a table and writes bench-results/l4.json; never asserts on the figures.
 """
 
@@ -364,21 +366,69 @@ def _ratio(a: float | None, b: float | None) -> float | None:
     return round(a / b, 2) if a and b else None
 
 
+# the figure a step is ranked by when rounds are combined (and the one its aim is about)
+MAIN_FIGURE = {"bulk_1": "gbit_s", "bulk_8": "gbit_s", "fixed_keepalive": "p50_ms",
+               "fixed_close": "p50_ms", "sat_keepalive": "rps", "sat_close": "rps"}  # fmt: skip
+RATIO_KEYS = (("bulk_1", "gbit_s"), ("bulk_8", "gbit_s"), ("sat_keepalive", "rps"), ("sat_close", "rps"))
+
+
+def median_of_rounds(rounds: list[dict[str, dict[str, Any]]]) -> dict[str, dict[str, Any]]:
+    """Per mode and step, the result of the round whose main figure is the median (the lower middle
+    one of an even count): every row of the table then comes from one real run, not a mix."""
+    out: dict[str, dict[str, Any]] = {}
+    for mode in rounds[0]:
+        merged = dict(rounds[0][mode])
+        for step, field in MAIN_FIGURE.items():
+            results = [r[mode][step] for r in rounds if mode in r and step in r[mode]]
+            ranked = sorted((x for x in results if x.get(field) is not None), key=lambda x: x[field])
+            if ranked:
+                merged[step] = ranked[(len(ranked) - 1) // 2]
+        out[mode] = merged
+    return out
+
+
+def ratios_per_round(rounds: list[dict[str, dict[str, Any]]]) -> dict[str, list[float | None]]:
+    """nodemesh / stunnel of each round, for the steps with a throughput aim."""
+    out: dict[str, list[float | None]] = {key: [] for key, _ in RATIO_KEYS}
+    for r in rounds:
+        nm, st = r.get("nodemesh", {}), r.get("stunnel", {})
+        for key, field in RATIO_KEYS:
+            out[key].append(_ratio(nm[key][field], st[key][field]) if key in nm and key in st else None)
+    return out
+
+
+def _median(values: list[float | None]) -> float | None:
+    known = sorted(v for v in values if v is not None)
+    if not known:
+        return None
+    mid = len(known) // 2
+    return known[mid] if len(known) % 2 else round((known[mid - 1] + known[mid]) / 2, 2)
+
+
 def _at_least_one(ratios: dict[str, float | None] | None, *keys: str) -> bool | None:
     if ratios is None:
         return None
     return all((ratios[k] or 0.0) >= 1.0 for k in keys)
 
 
-def summarize(modes: dict[str, dict[str, Any]]) -> dict[str, Any]:
+def summarize(
+    modes: dict[str, dict[str, Any]], rounds: list[dict[str, dict[str, Any]]] | None = None
+) -> dict[str, Any]:
+    """The ratios and aims. With several `rounds` (`modes` is then `median_of_rounds(rounds)`), a ratio
+    is the median of the rounds' own ratios: the two modes of a round ran minutes apart, the rounds
+    further apart, and this host's speed drifts at that scale."""
     nm, st, base = modes.get("nodemesh"), modes.get("stunnel"), modes.get("no-mesh")
     out: dict[str, Any] = {}
     if nm and st:
-        out["nodemesh_vs_stunnel"] = {
-            key: _ratio(nm[key][field], st[key][field]) if key in nm and key in st else None
-            for key, field in (("bulk_1", "gbit_s"), ("bulk_8", "gbit_s"),
-                               ("sat_keepalive", "rps"), ("sat_close", "rps"))
-        }  # fmt: skip
+        if rounds and len(rounds) > 1:
+            per_round = ratios_per_round(rounds)
+            out["nodemesh_vs_stunnel"] = {key: _median(values) for key, values in per_round.items()}
+            out["nodemesh_vs_stunnel_per_round"] = per_round
+        else:
+            out["nodemesh_vs_stunnel"] = {
+                key: _ratio(nm[key][field], st[key][field]) if key in nm and key in st else None
+                for key, field in RATIO_KEYS
+            }
     if base:
         for name, m in (("nodemesh", nm), ("stunnel", st)):
             if m and "fixed_keepalive" in m:
@@ -486,24 +536,30 @@ def _version(argv: list[str]) -> str:
     return next((ln.strip() for ln in text if re.search(r"\d+\.\d+", ln) and "inetd" not in ln), "?")
 
 
-def run(modes: list[str], s: Settings, results_path: Path = RESULTS) -> dict[str, Any]:
+def run(modes: list[str], s: Settings, results_path: Path = RESULTS, rounds: int = 1) -> dict[str, Any]:
     if os.geteuid() != 0:
         raise SystemExit("bench_l4 needs root (it builds the lab)")
     for tool in ("iperf3", "wrk", "nginx", "stunnel"):
         if shutil.which(tool) is None:
             raise SystemExit(f"{tool} is not installed: run `make setup` (scripts/setup.sh)")
-    measured: dict[str, dict[str, Any]] = {}
+    measured_rounds: list[dict[str, dict[str, Any]]] = []
     started = time.monotonic()
-    for mode in modes:
-        print(f"mode {mode}: building the lab...", flush=True)
-        measured[mode] = measure_mode(mode, s)
+    for n in range(rounds):
+        this: dict[str, dict[str, Any]] = {}
+        for mode in modes:
+            of = f" (round {n + 1} of {rounds})" if rounds > 1 else ""
+            print(f"mode {mode}{of}: building the lab...", flush=True)
+            this[mode] = measure_mode(mode, s)
+        measured_rounds.append(this)
+    measured = measured_rounds[0] if rounds == 1 else median_of_rounds(measured_rounds)
     report = {
         "benchmark": "l4",
         "path": f"{CLIENT} (node1) -> {SERVER} (node2), default lab topology",
         "settings": {"seconds": s.seconds, "fixed_rate_rps": s.rate, "wrk_threads": s.wrk_threads,
                      "wrk_connections": s.wrk_connections},
-        "modes": measured,
-        "summary": summarize(measured),
+        "rounds": rounds,
+        "modes": measured,  # with several rounds: per mode and step, the median round's result
+        "summary": summarize(measured, measured_rounds),
         "host": {
             "cpus": os.cpu_count(),
             "kernel": platform.release(),
@@ -516,10 +572,19 @@ def run(modes: list[str], s: Settings, results_path: Path = RESULTS) -> dict[str
         "elapsed_s": round(time.monotonic() - started, 1),
         "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }  # fmt: skip
+    if rounds > 1:
+        report["per_round"] = measured_rounds
     results_path.parent.mkdir(parents=True, exist_ok=True)
     results_path.write_text(json.dumps(report, indent=2) + "\n")
     print()
+    if rounds > 1:
+        print(f"{rounds} rounds; each row is the median round's result for that mode and step")
     print(table(measured, s))
+    if rounds > 1:
+        summary = report["summary"]
+        for key, values in summary.get("nodemesh_vs_stunnel_per_round", {}).items():
+            each, median = ", ".join(_fmt(v) for v in values), _fmt(summary["nodemesh_vs_stunnel"][key])
+            print(f"nodemesh/stunnel per round, {key}: {each} (median {median})")
     print()
     print(json.dumps(report["summary"], indent=2))
     if "nodemesh" in measured:
@@ -541,6 +606,12 @@ def main() -> int:
     parser.add_argument("--wrk-connections", type=int, default=32)
     parser.add_argument("--wrk-threads", type=int, default=2)
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="measure the modes this many times, alternating; report medians (ratios: median of rounds)",
+    )
     args = parser.parse_args()
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     unknown = [m for m in modes if m not in MODES]
@@ -556,7 +627,9 @@ def main() -> int:
         wrk_connections=args.wrk_connections,
         steps=steps,
     )
-    run(modes, s, args.out)
+    if args.rounds < 1:
+        parser.error("--rounds must be at least 1")
+    run(modes, s, args.out, args.rounds)
     return 0
 
 
