@@ -583,6 +583,8 @@ def run(modes: list[str], s: Settings, results_path: Path = RESULTS, rounds: int
     if rounds > 1:
         summary = report["summary"]
         for key, values in summary.get("nodemesh_vs_stunnel_per_round", {}).items():
+            if all(v is None for v in values):  # a step not run (--steps)
+                continue
             each, median = ", ".join(_fmt(v) for v in values), _fmt(summary["nodemesh_vs_stunnel"][key])
             print(f"nodemesh/stunnel per round, {key}: {each} (median {median})")
     print()
