@@ -383,13 +383,16 @@ class _FrameBuffer(h2.frame_buffer.FrameBuffer):
 
     h2 appends every received chunk to one bytearray, slices each frame out of it and copies the
     body to bytes: three copies per payload byte, a third of the receiving proxy's user-space copying
-    at bulk rates (perf, bench_l4). Here received chunks are kept as they came (immutable `bytes`);
-    a frame inside one chunk is parsed from a view of it, a frame split across chunks is joined once,
-    except a plain DATA payload (below). `HboneConnection.receive_data` takes a plain DATA payload of
-    `BY_REFERENCE` bytes or more as that view, or as views of each chunk it spans (`take_payload`,
-    an event per piece): it stays valid (the chunk is immutable), and the stream copies whatever it
-    queues instead of handing on at once, so a queued payload never keeps a whole received chunk
-    alive. Everything else is parsed by hyperframe as h2 does (which copies what it keeps).
+    at bulk rates (perf, bench_l4). Here received chunks are kept as they came: `bytes` for as long
+    as needed, any other buffer (the TLS transport hands views of a decrypt buffer it reuses once
+    nobody refers to it) only during `receive_data`, which copies what is left of it at the end
+    (`settle`: at most the start of one frame). A frame inside one chunk is parsed from a view of it,
+    a frame split across chunks is joined once, except a plain DATA payload (below).
+    `HboneConnection.receive_data` takes a plain DATA payload of `BY_REFERENCE` bytes or more as
+    that view, or as views of each chunk it spans (`take_payload`, an event per piece); the stream
+    copies whatever it queues instead of handing on at once, so a queued payload never keeps a whole
+    received chunk alive. Everything else is parsed by hyperframe as h2 does (which copies what it
+    keeps).
     """
 
     def __init__(self, server: bool) -> None:
@@ -398,7 +401,8 @@ class _FrameBuffer(h2.frame_buffer.FrameBuffer):
         self._size = 0  # bytes in _parts
 
     def add_data(self, data: Buffer) -> None:
-        view = memoryview(data if type(data) is bytes else bytes(data))
+        """Buffer `data` by reference: bytes as they are; any other buffer only until `settle()`."""
+        view = memoryview(data)
         if self._preamble_len:
             take = min(self._preamble_len, len(view))
             if self._preamble[:take] != view[:take]:
@@ -409,6 +413,15 @@ class _FrameBuffer(h2.frame_buffer.FrameBuffer):
         if view:
             self._parts.append(view)
             self._size += len(view)
+
+    def settle(self) -> None:
+        """Copy what is still buffered from chunks that are not `bytes` (their owner may reuse them once
+        `receive_data` returned; what is left is at most the start of one frame)."""
+        parts = self._parts
+        if any(type(p.obj) is not bytes for p in parts):
+            self._parts = collections.deque(
+                p if type(p.obj) is bytes else memoryview(p.tobytes()) for p in parts
+            )
 
     def _take(self, n: int) -> memoryview:
         """The next `n` buffered bytes: a view when they lie in one chunk, else joined once."""
@@ -627,6 +640,7 @@ class HboneConnection(h2.connection.H2Connection):
         except h2.exceptions.ProtocolError as exc:
             self._terminate_connection(exc.error_code)
             raise
+        buf.settle()
         return events
 
     def _can_receive_plain(self, stream: h2.stream.H2Stream) -> bool:

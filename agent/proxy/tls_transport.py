@@ -4,10 +4,12 @@ Why not the loop's own TLS (`create_connection(ssl=...)`): uvloop's TLS receive 
 per GB received where this one costs 0.55-0.75 s (a loopback TLS 1.3 transfer of 2 GB, 256 KiB writes;
 `docs/proxy.md` "Hot path"). Ciphertext is received into a preallocated buffer, fed to the incoming
 BIO a slice at a time and decrypted into a second preallocated buffer, so a read of many records is one
-`recv(2)`, one copy into the BIO and one `bytes` handed to the protocol. The two buffers are shared by
-every connection of a thread (they are only used within one readable callback), so a connection
-holds no receive buffer of its own beyond what its BIO keeps (at most one slice and a record). Sending
-encrypts into the outgoing BIO and writes what it holds with one `send(2)`.
+`recv(2)`, one copy into the BIO and one view handed to the protocol. The buffers are shared by every
+connection of a thread (they are only used within one readable callback), so a connection holds no
+receive buffer of its own beyond what its BIO keeps (at most one slice and a record). The protocol's
+view stays valid for as long as it refers to it: a plaintext buffer someone still refers to is never
+decrypted into again (`_Buffers.release`). Sending encrypts into the outgoing BIO and writes what it
+holds with one `send(2)`.
 
 It also owns the handshake, so a handshake that fails (a client certificate from another CA, none at
 all) still sends the TLS alert OpenSSL produced before the socket closes.
@@ -26,6 +28,7 @@ import contextlib
 import logging
 import socket
 import ssl
+import sys
 import threading
 from collections.abc import Iterable
 from typing import Any, cast
@@ -79,14 +82,38 @@ async def handshake(
         incoming.write(data)
 
 
+LENT_MAX = 4  # plaintext buffers still referenced by a protocol that are tracked for reuse
+
+
 class _Buffers:
-    """A receive buffer and a plaintext buffer, and whether a callback is using them."""
+    """A receive buffer and a plaintext buffer, and whether a callback is using them.
+
+    The protocol gets views of the plaintext buffer, valid while it holds them: if it keeps one (a
+    socket transport keeps what it could not write at once), the buffer is lent out (`release`) and
+    the next chunk is decrypted into another, never into bytes someone still refers to."""
 
     def __init__(self) -> None:
         self.recv = bytearray(RECV_SIZE)
         self.recv_view = memoryview(self.recv)
-        self.plain_view = memoryview(bytearray(PLAIN_SIZE))
+        self.plain = bytearray(PLAIN_SIZE)
+        self.lent: collections.deque[bytearray] = collections.deque()
         self.busy = False
+
+    def release(self) -> None:
+        """Call with no view of `plain` left on this side: lend it out if the protocol kept one."""
+        # references: self.plain and getrefcount's argument; a view anyone kept adds its buffer's
+        if sys.getrefcount(self.plain) <= 2:
+            return
+        self.lent.append(self.plain)
+        for _ in range(len(self.lent)):
+            buf = self.lent.popleft()
+            if sys.getrefcount(buf) <= 2:  # only `buf` and the argument: given back, reuse it
+                self.plain = buf
+                return
+            self.lent.append(buf)
+        if len(self.lent) > LENT_MAX:
+            self.lent.popleft()  # no longer tracked: freed once its views go
+        self.plain = bytearray(PLAIN_SIZE)
 
 
 class _Shared(threading.local):
@@ -152,6 +179,7 @@ class TlsTransport(asyncio.Transport):
             try:
                 self._decrypt(bufs, None)
             finally:
+                bufs.release()
                 bufs.busy = False
 
     # -- reading --
@@ -174,13 +202,16 @@ class TlsTransport(asyncio.Transport):
                 return
             self._decrypt(bufs, bufs.recv_view[:n])
         finally:
+            bufs.release()
             bufs.busy = False
 
     def _decrypt(self, bufs: _Buffers, cipher: memoryview | None) -> None:
         """Feed `cipher` (None: nothing more than the BIO holds) to the incoming BIO a `BIO_FEED` slice
-        at a time and hand the plaintext to the protocol in pieces of up to `PLAIN_SIZE`; the last piece
-        goes before returning, since `bufs` belong to the next callback then."""
-        read, pending, incoming, view = self._read, self._pending, self._in, bufs.plain_view
+        at a time and hand the plaintext to the protocol in pieces of up to `PLAIN_SIZE`, as views of
+        `bufs.plain` (see `_Buffers`); the last piece goes before returning, since `bufs` belong to the
+        next callback then. The caller calls `bufs.release()` after it returns."""
+        read, pending, incoming = self._read, self._pending, self._in
+        view = memoryview(bufs.plain)
         fed, total = 0, 0 if cipher is None else len(cipher)
         if cipher is not None:  # the first slice before decrypting: no SSLWantReadError for nothing
             fed = min(total, BIO_FEED)
@@ -212,12 +243,18 @@ class TlsTransport(asyncio.Transport):
             more = want and fed < total
             if got and not more:  # the buffer is full, or this is all there is for now
                 try:
-                    self._protocol.data_received(bytes(view[:got]))
+                    # a view, not bytes: valid for as long as the protocol refers to it
+                    self._protocol.data_received(cast(bytes, view[:got]))
                 except Exception as exc:  # a protocol bug ends this connection, never the loop
                     log.warning("event=tls_protocol_error error=%r", exc, exc_info=True)
                     self._fail(exc)
                     return
                 got = 0
+                if not (want or eof):  # the buffer filled up: go on in one nobody refers to
+                    with contextlib.suppress(BufferError):  # exported: bufs.release() sees it kept
+                        view.release()
+                    bufs.release()
+                    view = memoryview(bufs.plain)
             if eof:  # the peer's close_notify
                 if not self._closing:
                     self._protocol.eof_received()

@@ -217,6 +217,48 @@ def test_a_read_started_from_data_received_does_not_overwrite_the_shared_buffers
     uvloop.run(main())
 
 
+def test_a_view_the_protocol_keeps_is_never_written_over(contexts: dict[str, ssl.SSLContext]) -> None:
+    """The protocol gets views of the decrypt buffer. One that keeps them (as a socket transport keeps
+    what it could not write at once) must find them unchanged later: a kept buffer is lent out and
+    the next chunks go elsewhere; one that keeps nothing gets the same buffer back every time."""
+
+    class Keeper(Recorder):
+        kept: list[memoryview]
+
+        def data_received(self, data: bytes) -> None:
+            self.kept.append(memoryview(data))  # no copy
+
+    async def main() -> None:
+        keeper = Keeper()
+        keeper.kept = []
+        _, cli = await _pair(contexts, server=keeper)
+        assert cli.transport is not None
+        payload = os.urandom(6 << 20)
+        for i in range(0, len(payload), 700_001):
+            cli.transport.write(payload[i : i + 700_001])
+            await asyncio.sleep(0.001)
+        await _until(lambda: sum(len(v) for v in keeper.kept) >= len(payload))
+        assert len(keeper.kept) > 1
+        assert b"".join(bytes(v) for v in keeper.kept) == payload
+        cli.transport.abort()
+
+        copier, plains = Recorder(), set()
+        _, cli = await _pair(contexts, server=copier)
+        assert cli.transport is not None
+        for i in range(0, len(payload), 700_001):
+            cli.transport.write(payload[i : i + 700_001])
+            await asyncio.sleep(0.001)
+            shared = tls_transport._shared.buffers
+            assert shared is not None
+            plains.add(id(shared.plain))
+        await _until(lambda: len(copier.received) >= len(payload))
+        assert copier.received == payload
+        assert len(plains) == 1  # nothing kept: one buffer, reused
+        cli.transport.abort()
+
+    uvloop.run(main())
+
+
 def test_claimed_buffers_are_per_thread_and_never_handed_out_twice() -> None:
     first = tls_transport._claim_buffers()
     nested = tls_transport._claim_buffers()
