@@ -101,7 +101,7 @@ class _Buffers:
 
     def release(self) -> None:
         """Call with no view of `plain` left on this side: lend it out if the protocol kept one."""
-        # references: self.plain and getrefcount's argument; a view anyone kept adds its buffer's
+        # two references (the attribute, getrefcount's argument); a live view of it adds one more
         if sys.getrefcount(self.plain) <= 2:
             return
         self.lent.append(self.plain)
@@ -126,7 +126,7 @@ _shared = _Shared()
 def _claim_buffers() -> _Buffers:
     """This thread's buffers, marked busy; fresh ones if a callback further up the stack holds them
     (a protocol that, from data_received, made another connection read: the shared ones must not
-    change under it). Give them back with `buffers.busy = False`."""
+    change under it). Give them back with `buffers.release()`, then `buffers.busy = False`."""
     bufs = _shared.buffers
     if bufs is None:
         bufs = _shared.buffers = _Buffers()
