@@ -418,7 +418,7 @@ class _FrameBuffer(h2.frame_buffer.FrameBuffer):
         """Copy what is still buffered from chunks that are not `bytes` (their owner may reuse them once
         `receive_data` returned; what is left is at most the start of one frame)."""
         parts = self._parts
-        if any(type(p.obj) is not bytes for p in parts):
+        if parts and any(type(p.obj) is not bytes for p in parts):  # usually empty: no generator
             self._parts = collections.deque(
                 p if type(p.obj) is bytes else memoryview(p.tobytes()) for p in parts
             )

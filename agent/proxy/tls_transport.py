@@ -8,7 +8,7 @@ BIO a slice at a time and decrypted into a second preallocated buffer, so a read
 connection of a thread (they are only used within one readable callback), so a connection holds no
 receive buffer of its own beyond what its BIO keeps (at most one slice and a record). The protocol's
 view stays valid for as long as it refers to it: a plaintext buffer someone still refers to is never
-decrypted into again (`_Buffers.release`). Sending encrypts into the outgoing BIO and writes what it
+decrypted into again (`_Buffers.swap_if_kept`). Sending encrypts into the outgoing BIO and writes what it
 holds with one `send(2)`.
 
 It also owns the handshake, so a handshake that fails (a client certificate from another CA, none at
@@ -89,7 +89,7 @@ class _Buffers:
     """A receive buffer and a plaintext buffer, and whether a callback is using them.
 
     The protocol gets views of the plaintext buffer, valid while it holds them: if it keeps one (a
-    socket transport keeps what it could not write at once), the buffer is lent out (`release`) and
+    socket transport keeps what it could not write at once), the buffer is lent out (`swap_if_kept`) and
     the next chunk is decrypted into another, never into bytes someone still refers to."""
 
     def __init__(self) -> None:
@@ -99,7 +99,12 @@ class _Buffers:
         self.lent: collections.deque[bytearray] = collections.deque()
         self.busy = False
 
-    def release(self) -> None:
+    def give_back(self) -> None:
+        """The callback is done with them (no view of `plain` left on its side)."""
+        self.swap_if_kept()
+        self.busy = False
+
+    def swap_if_kept(self) -> None:
         """Call with no view of `plain` left on this side: lend it out if the protocol kept one."""
         # two references (the attribute, getrefcount's argument); a live view of it adds one more
         if sys.getrefcount(self.plain) <= 2:
@@ -126,7 +131,7 @@ _shared = _Shared()
 def _claim_buffers() -> _Buffers:
     """This thread's buffers, marked busy; fresh ones if a callback further up the stack holds them
     (a protocol that, from data_received, made another connection read: the shared ones must not
-    change under it). Give them back with `buffers.release()`, then `buffers.busy = False`."""
+    change under it). Give them back with `buffers.give_back()`."""
     bufs = _shared.buffers
     if bufs is None:
         bufs = _shared.buffers = _Buffers()
@@ -179,15 +184,11 @@ class TlsTransport(asyncio.Transport):
             try:
                 self._decrypt(bufs, None)
             finally:
-                bufs.release()
-                bufs.busy = False
+                bufs.give_back()
 
     # -- reading --
     def _on_readable(self) -> None:
-        bufs = _shared.buffers
-        if bufs is None or bufs.busy:
-            bufs = _claim_buffers()
-        bufs.busy = True
+        bufs = _claim_buffers()
         try:
             try:
                 n = self._sock.recv_into(bufs.recv)
@@ -202,14 +203,13 @@ class TlsTransport(asyncio.Transport):
                 return
             self._decrypt(bufs, bufs.recv_view[:n])
         finally:
-            bufs.release()
-            bufs.busy = False
+            bufs.give_back()
 
     def _decrypt(self, bufs: _Buffers, cipher: memoryview | None) -> None:
         """Feed `cipher` (None: nothing more than the BIO holds) to the incoming BIO a `BIO_FEED` slice
         at a time and hand the plaintext to the protocol in pieces of up to `PLAIN_SIZE`, as views of
         `bufs.plain` (see `_Buffers`); the last piece goes before returning, since `bufs` belong to the
-        next callback then. The caller calls `bufs.release()` after it returns."""
+        next callback then. The caller calls `bufs.give_back()` after it returns."""
         read, pending, incoming = self._read, self._pending, self._in
         view = memoryview(bufs.plain)
         fed, total = 0, 0 if cipher is None else len(cipher)
@@ -251,9 +251,9 @@ class TlsTransport(asyncio.Transport):
                     return
                 got = 0
                 if not (want or eof):  # the buffer filled up: go on in one nobody refers to
-                    with contextlib.suppress(BufferError):  # exported: bufs.release() sees it kept
+                    with contextlib.suppress(BufferError):  # exported: swap_if_kept sees it kept
                         view.release()
-                    bufs.release()
+                    bufs.swap_if_kept()
                     view = memoryview(bufs.plain)
             if eof:  # the peer's close_notify
                 if not self._closing:
