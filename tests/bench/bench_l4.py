@@ -24,6 +24,7 @@ import platform
 import re
 import shutil
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -369,7 +370,7 @@ def _ratio(a: float | None, b: float | None) -> float | None:
 # the figure a step is ranked by when rounds are combined (and the one its aim is about)
 MAIN_FIGURE = {"bulk_1": "gbit_s", "bulk_8": "gbit_s", "fixed_keepalive": "p50_ms",
                "fixed_close": "p50_ms", "sat_keepalive": "rps", "sat_close": "rps"}  # fmt: skip
-RATIO_KEYS = (("bulk_1", "gbit_s"), ("bulk_8", "gbit_s"), ("sat_keepalive", "rps"), ("sat_close", "rps"))
+RATIO_KEYS = tuple((key, MAIN_FIGURE[key]) for key in ("bulk_1", "bulk_8", "sat_keepalive", "sat_close"))
 
 
 def median_of_rounds(rounds: list[dict[str, dict[str, Any]]]) -> dict[str, dict[str, Any]]:
@@ -398,11 +399,8 @@ def ratios_per_round(rounds: list[dict[str, dict[str, Any]]]) -> dict[str, list[
 
 
 def _median(values: list[float | None]) -> float | None:
-    known = sorted(v for v in values if v is not None)
-    if not known:
-        return None
-    mid = len(known) // 2
-    return known[mid] if len(known) % 2 else round((known[mid - 1] + known[mid]) / 2, 2)
+    known = [v for v in values if v is not None]
+    return round(statistics.median(known), 2) if known else None
 
 
 def _at_least_one(ratios: dict[str, float | None] | None, *keys: str) -> bool | None:
