@@ -32,6 +32,7 @@ from agent.datapath.bcc_datapath import BPFFS_ROOT, BccDatapath
 from agent.datapath.errors import DatapathError
 from agent.datapath.interface import Datapath, EnrolledPod, PodRef
 from agent.enrolled_store import DEFAULT_STATE_ROOT, EnrolledStore
+from agent.heap import GcPauses, settle
 from agent.identity import CertificateManager
 from agent.logsink import LogSink
 from agent.node import Addr, NodeConfig, Plan, Reconciler, Skipped, desired_pods, vip_map
@@ -338,6 +339,8 @@ async def run(options: AgentOptions, stop: asyncio.Event | None = None) -> int:
     sources = AgentSources(options.node, agent.config, proxy, certs, link, dp.counters,
                            lambda: len(agent.reconciler.enrolled), str(dp.node_dir(options.node)))
     registry.register(AgentCollector(options.node, dp.counters, proxy.stats, log_records_dropped))
+    gc_pauses = GcPauses()
+    registry.register(gc_pauses)
     admin = AdminServer(sources, ring, options.admin_socket or admin_socket_path(options.node))
     metrics_server: MetricsServer | None = None
     try:
@@ -349,8 +352,10 @@ async def run(options: AgentOptions, stop: asyncio.Event | None = None) -> int:
         await admin.close()
         dp.close()
         return 2
-    log.info("event=agent_started node=%s controller=%s pod_cgroup=%s pid=%d",
-             options.node, options.controller, options.pod_cgroup, os.getpid())
+    gc_pauses.install()
+    frozen = settle()  # startup is done: its objects are never scanned again (agent/heap.py)
+    log.info("event=agent_started node=%s controller=%s pod_cgroup=%s pid=%d gc_frozen=%d",
+             options.node, options.controller, options.pod_cgroup, os.getpid(), frozen)
     tasks = {asyncio.create_task(client.run(), name="config"),
              asyncio.create_task(agent.run(), name="reconcile")}
     stop_wait = asyncio.create_task(stop.wait())
@@ -372,6 +377,7 @@ async def run(options: AgentOptions, stop: asyncio.Event | None = None) -> int:
             metrics_server.close()
         await client.close()
         dp.close()
+        gc_pauses.uninstall()
     log.info("event=agent_stopped node=%s enrolled=%d pins=kept",
              options.node, len(agent.reconciler.enrolled))
     return code

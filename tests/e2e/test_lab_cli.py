@@ -9,6 +9,7 @@ enrolled)}, Service httpbin 10.96.0.10:8000.
 from __future__ import annotations
 
 import json
+import re
 import time
 from pathlib import Path
 
@@ -396,6 +397,11 @@ def test_metrics_15020_counts_the_bytes_sent_with_istio_labels(lab: LabHandle, t
     assert 10 < fds < 1000 and abs(fds - len(list(Path(f"/proc/{pid}/fd").iterdir()))) < 20
     assert metric_sum(m2b, "nodemesh_agent_cpu_seconds_total") > 0
     assert metric_sum(m2b, "nodemesh_agent_log_records_dropped_total") == 0  # stderr kept up
+    # the startup heap was frozen (agent/heap.py) after the pause hook went in: its full collection counts
+    assert metric_sum(m2b, "nodemesh_agent_gc_pause_seconds_count", generation="2") >= 1
+    started = re.search(r"event=agent_started .* gc_frozen=(\d+)",
+                        (lab.lab.state_dir / "logs" / "agent-node2.log").read_text())
+    assert started is not None and int(started.group(1)) > 10_000, started
     assert delta(m2a, m2b, "nodemesh_datapath_events_total", counter="sklookup_redirected", node="node2") >= 1
     assert delta(m1a, m1b, "nodemesh_datapath_events_total", counter="connect_redirected", node="node1") >= 1
     assert delta(m2a, m2b, "nodemesh_proxy_stat", stat="opened") >= 2

@@ -8,6 +8,7 @@ from pathlib import Path
 import yaml
 from prometheus_client import CollectorRegistry
 
+from agent.heap import GcPauses
 from agent.proxy.conns import ConnTracker
 from agent.proxy.flows import FlowLog
 from agent.telemetry import AgentCollector
@@ -21,6 +22,7 @@ def _exported_names() -> set[str]:
     registry = CollectorRegistry()
     stats = ConnTracker(FlowLog()).stats
     registry.register(AgentCollector("node1", dict, lambda: stats))
+    registry.register(GcPauses())  # agent/main.py registers both
     return {sample.name for family in registry.collect() for sample in family.samples}
 
 
