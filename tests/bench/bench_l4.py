@@ -211,13 +211,27 @@ def iperf(lab: Lab, host: str, streams: int, s: Settings, proxies: dict[str, int
     # the whole machine (apps, proxies, kernel) during the run, as a share and per GB carried: the
     # host's speed drifts between runs, CPU per byte shows what a mode costs regardless
     busy = (busy1 - busy0) / max(1, total1 - total0)
+    proxies_used = watch.result()
     return {
         "streams": streams,
         "gbit_s": round(gbit_s, 3),
         "retransmits": report["end"]["sum_sent"].get("retransmits"),
         "machine_busy": round(busy, 3),
         "cpu_s_per_gb": round(busy * (os.cpu_count() or 1) / (gbit_s / 8), 3) if gbit_s else None,
-        "proxies": watch.result(),
+        "proxies": proxies_used,
+        "proxies_cpu_s_per_gb": proxies_per_gb(proxies_used, gbit_s),
+    }
+
+
+def proxies_per_gb(used: dict[str, dict[str, float]], gbit_s: float) -> dict[str, float] | None:
+    """CPU seconds per GB carried of all proxy processes together, in user space and in the kernel:
+    what the proxies themselves cost per byte, apart from the apps and the rest of the machine."""
+    if not used or not gbit_s:
+        return None
+    gb_per_s = gbit_s / 8
+    return {
+        kind: round(sum(u[f"{kind}_share"] for u in used.values()) / gb_per_s, 3)
+        for kind in ("user", "system")
     }
 
 
@@ -469,6 +483,13 @@ def _cpu_cell(r: dict[str, Any]) -> str:
     return f"{r['machine_busy'] * 100:.0f} / {r['cpu_s_per_gb']:.2f}"
 
 
+def _proxies_cell(r: dict[str, Any]) -> str:
+    per_gb = r.get("proxies_cpu_s_per_gb")
+    if not per_gb:  # no proxy processes (no mesh), or results from before the bench measured it
+        return "-"
+    return f"{per_gb['user']:.2f} / {per_gb['system']:.2f}"
+
+
 def _busiest_cell(r: dict[str, Any]) -> str:
     """The proxy process that used most CPU: its share of a core and how often it slept per second."""
     if not r.get("proxies"):
@@ -503,6 +524,7 @@ def table(modes: dict[str, dict[str, Any]], s: Settings) -> str:
         add(f"bulk, {label} (Gbit/s)", lambda m, k=key: m[k]["gbit_s"], ratio=True)
         add("  machine busy (%) / CPU-s per GB", lambda m, k=key: _cpu_cell(m[k]))
         add("  busiest proxy: % of a core / sleeps per s", lambda m, k=key: _busiest_cell(m[k]))
+        add("  proxies' CPU-s per GB: user / kernel", lambda m, k=key: _proxies_cell(m[k]))
     for key, label in (("sat_keepalive", "keep-alive"), ("sat_close", "new conn/request")):
         add(f"saturation, {label} (req/s)", lambda m, k=key: m[k]["rps"], ratio=True, digits=0)
         add("  p50 / p99 (ms)", lambda m, k=key: f"{m[k]['p50_ms']:.2f} / {m[k]['p99_ms']:.2f}")

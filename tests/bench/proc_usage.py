@@ -25,9 +25,14 @@ PROC = Path("/proc")
 
 @dataclass(frozen=True)
 class Sample:
-    cpu: float  # user + system seconds of the thread group
+    user: float  # CPU seconds of the thread group in user space
+    system: float  # and in the kernel
     voluntary: int  # context switches summed over the live threads
     involuntary: int
+
+    @property
+    def cpu(self) -> float:
+        return self.user + self.system
 
 
 def parse_switches(status: str) -> tuple[int, int]:
@@ -61,13 +66,16 @@ def sample(pid: int) -> Sample | None:
         times = psutil.Process(pid).cpu_times()
     except psutil.Error:
         return None
-    return Sample(times.user + times.system, *thread_switches(pid))
+    return Sample(times.user, times.system, *thread_switches(pid))
 
 
 def usage(before: Sample, after: Sample, seconds: float) -> dict[str, float]:
-    """Share of one core, and context switches per second, between two samples `seconds` apart."""
+    """Share of one core (in all, in user space, in the kernel), and context switches per second,
+    between two samples `seconds` apart."""
     return {
         "core_share": round((after.cpu - before.cpu) / seconds, 3),
+        "user_share": round((after.user - before.user) / seconds, 3),
+        "system_share": round((after.system - before.system) / seconds, 3),
         "voluntary_per_s": round(max(0, after.voluntary - before.voluntary) / seconds),
         "involuntary_per_s": round(max(0, after.involuntary - before.involuntary) / seconds),
     }

@@ -32,10 +32,11 @@ def test_switches_are_summed_over_the_threads(tmp_path: Path) -> None:
 
 
 def test_usage_is_a_share_of_one_core_and_switches_per_second() -> None:
-    u = usage(Sample(10.0, 100, 10), Sample(13.72, 216, 3010), seconds=4.0)
-    assert u == {"core_share": 0.93, "voluntary_per_s": 29, "involuntary_per_s": 750}
+    u = usage(Sample(6.0, 4.0, 100, 10), Sample(8.4, 5.32, 216, 3010), seconds=4.0)
+    assert u == {"core_share": 0.93, "user_share": 0.6, "system_share": 0.33, "voluntary_per_s": 29,
+                 "involuntary_per_s": 750}  # fmt: skip
     # a thread that exited takes its count along: never a negative rate
-    assert usage(Sample(0.0, 500, 0), Sample(0.0, 100, 0), 1.0)["voluntary_per_s"] == 0
+    assert usage(Sample(0.0, 0.0, 500, 0), Sample(0.0, 0.0, 100, 0), 1.0)["voluntary_per_s"] == 0
 
 
 def test_watch_tells_a_busy_process_from_a_sleeping_one() -> None:
@@ -54,9 +55,25 @@ def test_watch_tells_a_busy_process_from_a_sleeping_one() -> None:
         sleeper.wait()
     assert set(got) == {"me", "sleeper"}  # the pid that does not exist is left out
     assert got["me"]["core_share"] > 0.3
+    assert got["me"]["user_share"] > got["me"]["system_share"]  # summing integers: user space
     assert got["sleeper"]["core_share"] < 0.1
     assert got["sleeper"]["voluntary_per_s"] < 20  # asleep the whole window: it barely switched
 
 
 def test_a_window_that_ends_before_it_starts_samples_nothing() -> None:
     assert Watch({"me": 1}, start=2.0, end=1.0).begin().result() == {}
+
+
+def test_bench_l4_gives_the_proxies_cpu_per_gb_in_user_space_and_in_the_kernel() -> None:
+    from bench_l4 import _proxies_cell, proxies_per_gb
+
+    used = {
+        "agent/node1": {"core_share": 0.9, "user_share": 0.6, "system_share": 0.3},
+        "agent/node2": {"core_share": 0.7, "user_share": 0.5, "system_share": 0.2},
+    }
+    per_gb = proxies_per_gb(used, gbit_s=4.0)  # 0.5 GB/s
+    assert per_gb == {"user": 2.2, "system": 1.0}
+    assert _proxies_cell({"proxies_cpu_s_per_gb": per_gb}) == "2.20 / 1.00"
+    assert proxies_per_gb({}, 4.0) is None  # no mesh: no proxy processes
+    assert proxies_per_gb(used, 0.0) is None
+    assert _proxies_cell({"gbit_s": 30.0}) == "-"
