@@ -4,7 +4,7 @@ CPython's cycle collector stops the event loop while it runs. With the defaults 
 collection every 700 net container allocations, a full one scanning every tracked object) the agent
 under connection churn (bench_l4, ~1,000 new connections/s) collected the young generation ~20 times
 a second and ran a full collection every few seconds that scanned the ~67,000 objects left from
-startup (modules, bcc, grpc, pydantic models) and stopped the loop for 35-70 ms each time, while it
+startup (modules, bcc, grpc, pydantic models) and stopped the loop for 30-70 ms each time, while it
 found almost no garbage: the proxy's per-connection objects are freed by reference counting.
 `settle()` is called once startup is done: what exists then is frozen (`gc.freeze()`, never scanned
 again; it is not garbage) and the young generation's threshold is raised, so transient allocation
