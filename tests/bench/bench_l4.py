@@ -432,15 +432,12 @@ def summarize(
     nm, st, base = modes.get("nodemesh"), modes.get("stunnel"), modes.get("no-mesh")
     out: dict[str, Any] = {}
     if nm and st:
-        if rounds and len(rounds) > 1:
-            per_round = ratios_per_round(rounds)
-            out["nodemesh_vs_stunnel"] = {key: _median(values) for key, values in per_round.items()}
+        measured = rounds if rounds is not None and len(rounds) > 1 else [modes]
+        many = len(measured) > 1
+        per_round = ratios_per_round(measured)
+        out["nodemesh_vs_stunnel"] = {key: _median(v) if many else v[0] for key, v in per_round.items()}
+        if many:
             out["nodemesh_vs_stunnel_per_round"] = per_round
-        else:
-            out["nodemesh_vs_stunnel"] = {
-                key: _ratio(nm[key][field], st[key][field]) if key in nm and key in st else None
-                for key, field in RATIO_KEYS
-            }
     if base:
         for name, m in (("nodemesh", nm), ("stunnel", st)):
             if m and "fixed_keepalive" in m:
