@@ -569,6 +569,7 @@ def run(modes: list[str], s: Settings, results_path: Path = RESULTS, rounds: int
             this[mode] = measure_mode(mode, s)
         measured_rounds.append(this)
     measured = measured_rounds[0] if rounds == 1 else median_of_rounds(measured_rounds)
+    summary = summarize(measured, measured_rounds)
     report = {
         "benchmark": "l4",
         "path": f"{CLIENT} (node1) -> {SERVER} (node2), default lab topology",
@@ -576,7 +577,7 @@ def run(modes: list[str], s: Settings, results_path: Path = RESULTS, rounds: int
                      "wrk_connections": s.wrk_connections},
         "rounds": rounds,
         "modes": measured,  # with several rounds: per mode and step, the median round's result
-        "summary": summarize(measured, measured_rounds),
+        "summary": summary,
         "host": {
             "cpus": os.cpu_count(),
             "kernel": platform.release(),
@@ -598,14 +599,13 @@ def run(modes: list[str], s: Settings, results_path: Path = RESULTS, rounds: int
         print(f"{rounds} rounds; each row is the median round's result for that mode and step")
     print(table(measured, s))
     if rounds > 1:
-        summary = report["summary"]
         for key, values in summary.get("nodemesh_vs_stunnel_per_round", {}).items():
             if all(v is None for v in values):  # a step not run (--steps)
                 continue
             each, median = ", ".join(_fmt(v) for v in values), _fmt(summary["nodemesh_vs_stunnel"][key])
             print(f"nodemesh/stunnel per round, {key}: {each} (median {median})")
     print()
-    print(json.dumps(report["summary"], indent=2))
+    print(json.dumps(summary, indent=2))
     if "nodemesh" in measured:
         print(f"nodemesh carrier per the agent logs: {measured['nodemesh']['agent_path']['carrier']}")
     print(f"wrote {results_path}")
