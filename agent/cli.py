@@ -56,6 +56,12 @@ def run_command(
     admin_socket: Annotated[Path | None, typer.Option("--admin-socket", help="Admin API Unix socket")] = None,
     flow_ring_size: Annotated[int, typer.Option("--flow-ring-size", help="Flow records kept", min=1)]
     = 10_000,
+    preserve_source_ip: Annotated[
+        bool, typer.Option(
+            "--preserve-source-ip/--no-preserve-source-ip",
+            help="Apps see the peer's IP (policy routing in each pod netns); off: their own pod IP",
+        )
+    ] = True,
     event_loop: Annotated[
         str, typer.Option(
             "--event-loop",
@@ -75,7 +81,7 @@ def run_command(
     options = AgentOptions(
         node, controller, token, ca, pod_cgroup, state_dir, server_name, resync_interval,
         trust_domain=trust_domain, metrics_listen=metrics_listen or None, admin_socket=admin_socket,
-        flow_ring_size=flow_ring_size,
+        flow_ring_size=flow_ring_size, preserve_source_ip=preserve_source_ip,
     )  # fmt: skip
     try:
         with asyncio.Runner(loop_factory=factory) as runner:

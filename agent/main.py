@@ -28,7 +28,7 @@ from agent.admin.flows import FlowRing
 from agent.admin.paths import admin_socket_path
 from agent.admin.server import AdminError, AdminServer
 from agent.config_client import ConfigClient, ConfigUpdate
-from agent.datapath.bcc_datapath import BPFFS_ROOT, BccDatapath
+from agent.datapath.bcc_datapath import BPFFS_ROOT, BccDatapath, remove_source_ip
 from agent.datapath.errors import DatapathError
 from agent.datapath.interface import Datapath, EnrolledPod, PodRef
 from agent.enrolled_store import DEFAULT_STATE_ROOT, EnrolledStore
@@ -279,6 +279,7 @@ class AgentOptions:
     metrics_listen: str | None = f"0.0.0.0:{METRICS_PORT}"
     admin_socket: Path | None = None  # default /run/nodemesh/<node>/admin.sock
     flow_ring_size: int = 10_000
+    preserve_source_ip: bool = True
 
 
 def read_token(path: Path) -> str:
@@ -301,7 +302,7 @@ async def run(options: AgentOptions, stop: asyncio.Event | None = None) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         with contextlib.suppress(NotImplementedError, RuntimeError):  # not the main thread (tests)
             loop.add_signal_handler(sig, stop.set)
-    dp = BccDatapath()
+    dp = BccDatapath(preserve_source_ip=options.preserve_source_ip)
     try:
         await asyncio.to_thread(dp.load, options.node, options.pod_cgroup)
     except DatapathError as exc:
@@ -384,6 +385,10 @@ async def run(options: AgentOptions, stop: asyncio.Event | None = None) -> int:
 
 
 def uninstall(node: str, state_root: Path = DEFAULT_STATE_ROOT, bpffs_root: Path = BPFFS_ROOT) -> None:
-    """Remove every pin of ``node`` (links first, which detaches programs) and the agent's record."""
+    """Remove every pin of ``node`` (links first, which detaches programs), the source-IP set-up
+    of the recorded pods whose netns still exist, and the agent's record."""
     BccDatapath(bpffs_root).uninstall(node)
-    EnrolledStore(state_root / node).remove()
+    store = EnrolledStore(state_root / node)
+    for ref in store.load().values():
+        remove_source_ip(ref.netns_path)
+    store.remove()

@@ -19,7 +19,7 @@ import threading
 from pathlib import Path
 from typing import Any, Final
 
-from agent.datapath import abi, bpfsys
+from agent.datapath import abi, bpfsys, source_ip
 from agent.datapath.errors import DatapathError
 from agent.datapath.interface import EnrolledPod, PodRef
 from agent.datapath.netns import in_netns
@@ -75,8 +75,9 @@ def _listener(host: str, port: int) -> socket.socket:
 class BccDatapath:
     """Loads ``bpf/`` with bcc, attaches it through pinned BPF links and manages enrolled pods."""
 
-    def __init__(self, bpffs_root: Path = BPFFS_ROOT) -> None:
+    def __init__(self, bpffs_root: Path = BPFFS_ROOT, *, preserve_source_ip: bool = True) -> None:
         self._root = bpffs_root
+        self._preserve_source_ip = preserve_source_ip
         self._lock = threading.Lock()
         self._bpf: Any = None
         self._node: str | None = None
@@ -124,6 +125,8 @@ class BccDatapath:
                                         f"incomplete (missing {missing}); run uninstall for this node")
                 self._node = node
                 self._attach_cgroup(ndir, cg_fd, pod_cgroup)
+                if self._preserve_source_ip:
+                    source_ip.preload()  # here, not in the first enroll
             except BaseException:
                 self._release()
                 self._node = None
@@ -212,6 +215,12 @@ class BccDatapath:
             try:
                 with in_netns(pod.netns_path):
                     ep = EnrolledPod(pod=pod, netns_cookie=0, pod_index=index)
+                    # first: a listener is what tells others (the lab, a peer) that the pod is served
+                    if self._preserve_source_ip:
+                        ep.source_ip = _install_source_ip(pod)
+                    else:  # an earlier run may have set it up: apps would still see the pod IP
+                        with contextlib.suppress(OSError):
+                            source_ip.remove()
                     ep.outbound = _listener("127.0.0.1", abi.PORT_OUTBOUND)
                     ep.inbound = _listener("0.0.0.0", abi.PORT_INBOUND)
                     ep.hbone = _listener("0.0.0.0", abi.PORT_HBONE)
@@ -242,11 +251,13 @@ class BccDatapath:
                 if netns_fd >= 0:
                     os.close(netns_fd)
             self._pods[pod.uid] = ep
-            log.info("event=pod_enrolled pod=%s ip=%s netns_cookie=%d index=%d",
-                     pod.uid, pod.ip, ep.netns_cookie, index)
+            log.info("event=pod_enrolled pod=%s ip=%s netns_cookie=%d index=%d source_ip=%s",
+                     pod.uid, pod.ip, ep.netns_cookie, index, "preserved" if ep.source_ip else "pod")
             return ep
 
     def _rollback(self, pod: PodRef, ep: EnrolledPod | None) -> None:
+        if ep is not None and ep.source_ip:
+            remove_source_ip(pod.netns_path)
         if ep is not None:
             if ep.netns_cookie:
                 bpfsys.map_delete(self._map_fds["pod_by_netns"], abi.U64.pack(ep.netns_cookie))
@@ -266,6 +277,7 @@ class BccDatapath:
             cookie = ep.netns_cookie if ep is not None else self._cookie_of_netns(pod.netns_path)
             if ep is not None:
                 ep.close()
+            removed = remove_source_ip(pod.netns_path)
             with contextlib.suppress(ValueError):
                 bpfsys.map_delete(self._map_fds["inbound_listener"], abi.pack_ip4_key(pod.ip))
             stale = 0
@@ -275,7 +287,8 @@ class BccDatapath:
                 for key in bpfsys.map_keys(fd, abi.TUPLE_KEY.size):
                     if abi.TUPLE_KEY.unpack(key)[0] == cookie and bpfsys.map_delete(fd, key):
                         stale += 1
-            log.info("event=pod_unenrolled pod=%s netns_cookie=%s stale_entries=%d", pod.uid, cookie, stale)
+            log.info("event=pod_unenrolled pod=%s netns_cookie=%s stale_entries=%d source_ip_removed=%s",
+                     pod.uid, cookie, stale, removed)
 
     @staticmethod
     def _cookie_of_netns(path: str) -> int | None:
@@ -354,6 +367,34 @@ class BccDatapath:
         if ndir.is_dir():
             ndir.rmdir()
         log.info("event=datapath_uninstalled node=%s dir=%s", node, ndir)
+
+
+def _install_source_ip(pod: PodRef) -> bool:
+    """In the pod's netns (the caller entered it): set up source-IP preservation. A failure leaves
+    the pod enrolled with its apps seeing the pod's own IP as the peer, and says so."""
+    try:
+        source_ip.install()
+    except OSError as exc:
+        log.warning("event=source_ip_setup_failed pod=%s error=%r action=apps_see_pod_ip", pod.uid, exc)
+        with contextlib.suppress(OSError):
+            source_ip.remove()
+        return False
+    return True
+
+
+def remove_source_ip(netns_path: str) -> bool:
+    """Undo source-IP preservation in a pod's netns; False when not set up there or the netns is
+    gone (nothing left to undo). Never raises: unenrolling must go on."""
+    if not netns_path:
+        return False
+    try:
+        with in_netns(netns_path):
+            return source_ip.remove()
+    except DatapathError:
+        return False  # netns gone, and with it the rule, the route and the sysctl
+    except OSError as exc:
+        log.warning("event=source_ip_remove_failed netns=%s error=%r", netns_path, exc)
+        return False
 
 
 def check_pinned_map(name: str, path: Path) -> None:

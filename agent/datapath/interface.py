@@ -22,12 +22,14 @@ class EnrolledPod:
     """An enrolled pod and the listeners the agent holds inside its netns.
 
     ``outbound`` is 127.0.0.1:15001, ``inbound`` 0.0.0.0:15006, ``hbone`` 0.0.0.0:15008; all
-    listening and non-blocking. Sockets are None in the fake datapath.
+    listening and non-blocking. Sockets are None in the fake datapath. ``source_ip``: the pod's
+    netns is set up for connections to its apps from the peer's IP (`agent.datapath.source_ip`).
     """
 
     pod: PodRef
     netns_cookie: int
     pod_index: int
+    source_ip: bool = False
     outbound: socket.socket | None = field(default=None, repr=False)
     inbound: socket.socket | None = field(default=None, repr=False)
     hbone: socket.socket | None = field(default=None, repr=False)

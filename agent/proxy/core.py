@@ -16,6 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from agent.datapath.interface import Datapath, EnrolledPod
+from agent.datapath.source_ip import transparent
 from agent.identity import CertificateManager, WorkloadCertificate
 from agent.proxy import tls
 from agent.proxy.conns import ConnTracker, Tracked
@@ -126,6 +127,18 @@ class ProxyCore:
             return None
         return self._context(self._server_ctx, identity, cert, tls.server_context)  # type: ignore[arg-type]
 
+    async def first_server_context(self, identity: SpiffeId) -> ssl.SSLContext | None:
+        """`server_context`, waiting up to `cert_wait` for a first certificate (a pod that was just
+        enrolled while its certificate is being signed); None: still none, or not managed here."""
+        context = self.server_context(identity)
+        if context is not None:
+            return context
+        try:
+            await asyncio.wait_for(self.certs.wait_ready(identity), self.cert_wait)
+        except (TimeoutError, KeyError):
+            return None
+        return self.server_context(identity)
+
     async def client_context(self, identity: SpiffeId) -> ssl.SSLContext:
         """The HBONE client context of a source identity, waiting briefly for a first certificate."""
         cert = self.certs.certificate(identity)
@@ -164,10 +177,15 @@ class ProxyCore:
         finally:
             self.tracker.closed(t, error)
 
-    async def dial(self, netns_path: str, dst: Addr) -> SocketEnd:
-        """Connect to `dst` from inside the pod netns; ProxyError("UPSTREAM_CONNECT_FAILED") if not."""
+    async def dial(self, netns_path: str, dst: Addr, source_ip: str | None = None) -> SocketEnd:
+        """Connect to `dst` from inside the pod netns; ProxyError("UPSTREAM_CONNECT_FAILED") if not.
+
+        `source_ip`: connect from that address (`source_ip.transparent`; the pod netns must be set
+        up for it, `EnrolledPod.source_ip`)."""
         sock = await self.new_socket(netns_path)
         try:
+            if source_ip is not None:
+                transparent(sock, source_ip)
             if self._loop is None:  # once: get_running_loop() costs a getpid(2) per call
                 self._loop = asyncio.get_running_loop()
             loop = self._loop

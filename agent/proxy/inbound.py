@@ -3,7 +3,8 @@
 Every inbound connection ends the same way (`deliver`): L4 authorization of (source principal,
 namespace, IP, destination port) against the destination workload's AuthorizationPolicies, then a
 connection to the app at `<pod ip>:<port>` made inside the pod's netns (it arrives on `lo`, which
-sk_lookup passes), then bytes both ways. They differ in what they know about the peer:
+sk_lookup passes) from the peer's IP where the pod is set up for it (`agent.datapath.source_ip`),
+then bytes both ways. They differ in what they know about the peer:
 
 - 15008 (HBONE): the mTLS peer's SPIFFE ID; the certificate presented is the destination
   workload's, picked by the local IP the TLS connection was accepted on (no SNI). Answers
@@ -48,13 +49,14 @@ class Inbound:
         self.hbone_stats: dict[str, int] = {"handshake_failures": 0, "rejected_400": 0, "connections": 0}
 
     # -- 15008 --
-    def pick_identity(self, local_ip: IpAddress) -> ssl.SSLContext | None:
-        """The certificate of the workload that owns the local IP (None: refuse the handshake)."""
+    async def pick_identity(self, local_ip: IpAddress) -> ssl.SSLContext | None:
+        """The certificate of the workload that owns the local IP (None: refuse the handshake),
+        waiting briefly for a first one: a peer may connect as soon as a new pod's 15008 listens."""
         hit = self.core.local_workload(str(local_ip))
         if hit is None:
             log.info("event=hbone_unknown_local_ip local_ip=%s", local_ip)
             return None
-        return self.core.server_context(self.core.index.identity(hit[1]))
+        return await self.core.first_server_context(self.core.index.identity(hit[1]))
 
     async def serve_hbone(self, sock: socket.socket) -> None:
         """Run one accepted 15008 connection until it ends; never raises for a bad peer."""
@@ -222,7 +224,9 @@ class Inbound:
             answer(Status.UNAUTHORIZED)
             return
         try:
-            app = await core.dial(ep.pod.netns_path, dst)
+            # from the peer's IP (the app sees who called); a pod calling itself already does
+            source_ip = src[0] if ep.source_ip and src[0] != ep.pod.ip else None
+            app = await core.dial(ep.pod.netns_path, dst, source_ip)
         except ProxyError as exc:
             core.tracker.stats["upstream_error"] += 1
             log.warning(

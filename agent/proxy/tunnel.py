@@ -597,7 +597,7 @@ async def accepted(stream: Stream) -> None:
         raise HboneError(status, "refused by the HBONE server")
 
 
-IdentityPicker = Callable[[IpAddress], ssl.SSLContext | None]
+IdentityPicker = Callable[[IpAddress], Awaitable[ssl.SSLContext | None]]
 StreamHandler = Callable[[SpiffeId, ConnectTarget, ServerStream], Awaitable[int | None]]
 
 
@@ -658,7 +658,7 @@ class _ServerProtocol(_H2Protocol):
 class HboneServer:
     """Serves HBONE on accepted sockets: TLS with the destination's certificate, then CONNECT streams.
 
-    `pick_identity(local_ip)` returns the server context of the workload owning `local_ip` (None: refuse).
+    `await pick_identity(local_ip)` gives the server context of the workload owning `local_ip` (None: refuse).
     `on_stream(peer, target, stream)` answers with `stream.respond(200|401|503)` then pipes bytes; if it
     returns without answering, its return value (or 503) is sent.
     """
@@ -690,7 +690,7 @@ class HboneServer:
             log.info("event=hbone_accept_failed error=%r", exc)
             sock.close()
             return
-        context = self.pick_identity(local_ip)
+        context = await self.pick_identity(local_ip)
         if context is None:
             log.info("event=hbone_no_identity local_ip=%s peer_addr=%s", local_ip, peer_addr)
             sock.close()

@@ -29,7 +29,7 @@ from dpnet import BPFFS_NODEMESH, CLIENT, ECHO_SERVER, DpNet, assert_eventually
 from meshlab import parse_flow_lines
 
 from agent.admin.paths import remove_stale
-from agent.datapath import bpfsys
+from agent.datapath import bpfsys, source_ip
 from agent.datapath.netns import in_netns
 from agent.main import uninstall
 from api.resources import Endpoint, Resource, Service, ServicePort, TunnelProtocol, Workload, resource_key
@@ -123,7 +123,7 @@ def in_cgroup(cgroup: Path, cmd: list[str]) -> list[str]:
 class Agent:
     """One `nodemesh agent run` process; its log is a file the tests read."""
 
-    def __init__(self, env: Env, index: int) -> None:
+    def __init__(self, env: Env, index: int, extra: tuple[str, ...] = ()) -> None:
         self.log_path = env.tmp / f"agent-{index}.log"
         cmd = [
             "nsenter",
@@ -148,6 +148,7 @@ class Agent:
             str(env.state_root),
             "--resync-interval",
             "0.5",
+            *extra,
         ]
         with self.log_path.open("w") as out:
             self.proc = subprocess.Popen(
@@ -327,8 +328,8 @@ class Env:
             netns=pod.netns_path,
         )
 
-    def start_agent(self) -> Agent:
-        agent = Agent(self, len(self.agents))
+    def start_agent(self, *extra: str) -> Agent:
+        agent = Agent(self, len(self.agents), extra)
         self.agents.append(agent)
         return agent
 
@@ -361,6 +362,11 @@ class Env:
 
     def pins(self) -> Path:
         return BPFFS_NODEMESH / self.net.node
+
+    def source_ip_set_up(self, name: str) -> bool:
+        """Whether the pod's netns has the rule, route and sysctl of source-IP preservation."""
+        with in_netns(self.net.pods[name].netns_path):
+            return source_ip.installed()
 
     def close(self) -> None:
         for a in self.agents:
@@ -413,6 +419,9 @@ def test_enrolled_pod_connection_is_relayed_and_logged_with_original_destination
     out = env.connect("client", server.ip, 8000, "direct")
     assert '"data": "direct"' in out["reply"]
     assert out["getpeername"] == [server.ip, 8000]  # the app sees what it dialled
+    # ... and the server sees who dialled: the client's IP, not its own (source-IP preservation)
+    assert json.loads(out["reply"])["peer"][0] == client.ip
+    assert env.source_ip_set_up("server") and env.source_ip_set_up("client")
     agent.wait_for(r"msg=flow event=close .*src_pod=shop/client ")
     (rec,) = flow_lines(agent, event="close", src_pod="shop/client")
     assert rec["dst"] == f"{server.ip}:8000"  # the original destination
@@ -438,6 +447,8 @@ def test_non_enrolled_pod_is_untouched(env: Env) -> None:
     out = env.connect("outsider", env.net.pods["client"].ip, 8001, "plain")
     assert '"data": "plain"' in out["reply"]
     assert out["local"][0] == outsider.ip  # not rewritten to 127.0.0.1:15001
+    assert json.loads(out["reply"])["peer"][0] == outsider.ip  # through 15006, from the outsider's IP
+    assert not env.source_ip_set_up("outsider")
     # the inbound side's record of it (written within 50 ms), and no outbound one
     src = f"{outsider.ip}:{out['local'][1]}"
     agent.wait_for(rf"msg=flow event=close .*src={re.escape(src)} ")
@@ -450,8 +461,9 @@ def test_removing_a_pod_from_config_unenrolls_it(env: Env) -> None:
     agent = env.start_agent()
     agent.wait_for(r"event=pod_enrolled pod=shop_(client|server) ", count=2)
     env.set_workloads(["server", "outsider"])
-    agent.wait_for(r"event=pod_unenrolled pod=shop_client ")
+    agent.wait_for(r"event=pod_unenrolled pod=shop_client .*source_ip_removed=True")
     assert not (env.pins() / "links" / "sk_lookup-shop_client").exists()
+    assert not env.source_ip_set_up("client") and env.source_ip_set_up("server")
     env.echo_server("server")
     out = env.connect("client", env.net.pods["server"].ip, 8000, "after-removal")
     assert '"data": "after-removal"' in out["reply"]
@@ -489,12 +501,29 @@ def test_agent_restarts_keep_program_and_link_counts_and_reconcile_the_first_sna
     assert out["local"][0] == env.net.pods["client"].ip
 
 
+def test_without_source_ip_preservation_apps_see_their_own_pod_ip(env: Env) -> None:
+    env.echo_server("server")
+    agent = env.start_agent()
+    agent.wait_for(r"event=pod_enrolled pod=shop_server .*source_ip=preserved")
+    assert agent.stop() == 0
+    agent = env.start_agent("--no-preserve-source-ip")  # also undoes what the first run set up
+    agent.wait_for(r"event=pod_enrolled pod=shop_(client|server) .*source_ip=pod", count=2)
+    assert not env.source_ip_set_up("server") and not env.source_ip_set_up("client")
+    server = env.net.pods["server"]
+    out = env.connect("client", server.ip, 8000, "no-preserve")
+    assert '"data": "no-preserve"' in out["reply"]
+    assert json.loads(out["reply"])["peer"][0] == server.ip  # the proxy's connection, from the pod IP
+    out = env.connect("outsider", server.ip, 8000, "no-preserve-plain")
+    assert json.loads(out["reply"])["peer"][0] == server.ip
+
+
 def test_uninstall_leaves_nothing_pinned_or_attached(env: Env) -> None:
     env.echo_server("server")
     agent = env.start_agent()
     agent.wait_for(r"event=pod_enrolled pod=shop_(client|server) ", count=2)
     ids = prog_ids(env)
     assert agent.stop() == 0
+    assert env.source_ip_set_up("server")  # outlives the agent, like the pins
     r = subprocess.run(
         [
             sys.executable,
@@ -514,6 +543,7 @@ def test_uninstall_leaves_nothing_pinned_or_attached(env: Env) -> None:
     assert not env.pins().exists()
     assert not (env.state_root / env.net.node).exists()
     assert (bpfsys.bpftool_json("cgroup", "show", str(env.net.pod_cgroup)) or []) == []
+    assert not env.source_ip_set_up("server") and not env.source_ip_set_up("client")
 
     def gone() -> None:
         assert not ids & {p["id"] for p in bpfsys.bpftool_json("prog", "show")}

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
+import re
 import subprocess
+import sys
 from pathlib import Path
 
 from conftest import LabHandle, lab_leftovers, nodemesh_cli
@@ -61,12 +64,44 @@ def test_client_reaches_httpbin_v2_on_the_other_node(lab: LabHandle) -> None:
     assert (body["method"], body["path"]) == ("GET", "/cross-node?x=1")
     assert body["headers"]["x-test"] == "lab"
     assert body["local"] == f"{v2.ip}:8000"
+    # over HBONE, and the app still sees the client's IP (source-IP preservation), not its own
+    assert body["peer"].split(":")[0] == lab.plan.pod("client").ip
+
+
+def test_apps_see_the_callers_ip_on_every_inbound_path(lab: LabHandle) -> None:
+    client, v1, v2 = (lab.plan.pod(n) for n in ("client", "httpbin-v1", "httpbin-v2"))
+    same_node = lab.curl_json("client", f"http://{v1.ip}:8000/same-node")  # handed over in-process
+    assert (same_node["pod"], same_node["peer"].split(":")[0]) == ("httpbin-v1", client.ip)
+    seen = set()
+    for i in range(4):  # round robin over both endpoints: one same-node, one over HBONE
+        body = lab.curl_json("client", f"http://10.96.0.10:8000/vip-{i}")
+        assert body["peer"].split(":")[0] == client.ip, body
+        seen.add(body["pod"])
+    assert seen == {"httpbin-v1", "httpbin-v2"}
+    cross = lab.curl_json("httpbin-v2", f"http://{v1.ip}:8000/back")  # the other way round
+    assert cross["peer"].split(":")[0] == v2.ip
+    own = lab.curl_json("httpbin-v1", f"http://{v1.ip}:8000/self")  # a pod calling itself
+    assert (own["pod"], own["peer"].split(":")[0]) == ("httpbin-v1", v1.ip)
+
+
+def test_the_source_ip_example_shows_every_caller_ip(lab: LabHandle) -> None:
+    script = Path(__file__).resolve().parents[2] / "examples" / "lab" / "source-ip.sh"
+    proc = subprocess.run(
+        ["sh", str(script)], capture_output=True, text=True, timeout=120,
+        env={**os.environ, "NODEMESH": f"{sys.executable} -m nodemesh.cli"},
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    paths = re.findall(r"^(.+?): (\S+) saw ([\d.]+):\d+ +\(caller ([\d.]+)\)$", proc.stdout, re.M)
+    assert len(paths) == 4, proc.stdout
+    assert all(saw == caller for _, _, saw, caller in paths), proc.stdout
+    assert "lookup 20045" in proc.stdout and "tcp_fwmark_accept = 1" in proc.stdout
 
 
 def test_outsider_reaches_an_enrolled_pod_directly(lab: LabHandle) -> None:
     v1 = lab.plan.pod("httpbin-v1")
     body = lab.curl_json("outsider", f"http://{v1.ip}:8000/from-outside")
     assert body["pod"] == "httpbin-v1"
+    assert body["peer"].split(":")[0] == lab.plan.pod("outsider").ip  # through 15006, its IP kept
     # the outsider is not enrolled, but httpbin-v1 is: node1's proxy took the inbound side (plaintext)
     outsider_ip = lab.plan.pod("outsider").ip
 

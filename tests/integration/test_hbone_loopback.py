@@ -98,7 +98,7 @@ async def running(server_svid: Svid) -> AsyncIterator[Callable[[Handler], Runnin
             seen.append((peer, target))
             return await handler(peer, target, stream)
 
-        def pick(ip: IpAddress) -> ssl.SSLContext | None:
+        async def pick(ip: IpAddress) -> ssl.SSLContext | None:
             return context if ip == canonical_ip("127.0.0.1") else None
 
         server = HboneServer(pick, recording, TD)

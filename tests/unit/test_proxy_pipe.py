@@ -97,16 +97,33 @@ OTHER = Workload("back/o", "o", "back", "sa-o", "n9", ("10.2.0.9",))
 
 
 class Certs:
-    def __init__(self, have: set[SpiffeId]) -> None:
+    """`certificate` from a set; `wait_ready` until `arrive` adds one (KeyError: not managed)."""
+
+    def __init__(self, have: set[SpiffeId], managed: set[SpiffeId] | None = None) -> None:
         self.have = have
+        self.managed = set(have) if managed is None else managed
         self.asked: list[SpiffeId] = []
+        self.changed = asyncio.Event()
 
     def certificate(self, identity: SpiffeId) -> Any:
         self.asked.append(identity)
         return object() if identity in self.have else None
 
+    async def wait_ready(self, identity: SpiffeId) -> Any:
+        while True:
+            if identity not in self.managed:
+                raise KeyError(identity)
+            if identity in self.have:
+                return object()
+            self.changed.clear()
+            await self.changed.wait()
 
-def core_with(certs: Certs) -> tuple[ProxyCore, list[tuple[Any, ...]]]:
+    def arrive(self, identity: SpiffeId) -> None:
+        self.have.add(identity)
+        self.changed.set()
+
+
+def core_with(certs: Certs, cert_wait: float = 5.0) -> tuple[ProxyCore, list[tuple[Any, ...]]]:
     made: list[tuple[Any, ...]] = []
     core = ProxyCore(
         datapath=cast(Any, None),
@@ -116,6 +133,7 @@ def core_with(certs: Certs) -> tuple[ProxyCore, list[tuple[Any, ...]]]:
         tracker=ConnTracker(FlowLog()),
         metrics=ProxyMetrics(),
         hbone_port=15008,
+        cert_wait=cert_wait,
     )
     core.add_pod(EnrolledPod(PodRef("b", "/nonexistent", "10.2.0.1"), 1, 0))
 
@@ -127,22 +145,41 @@ def core_with(certs: Certs) -> tuple[ProxyCore, list[tuple[Any, ...]]]:
     return core, made
 
 
+B_ID = SpiffeId.for_workload(TD, "back", "sa-b")
+
+
 def test_the_certificate_is_chosen_by_the_local_ip() -> None:
-    b_id = SpiffeId.for_workload(TD, "back", "sa-b")
-    certs = Certs({b_id})
+    certs = Certs({B_ID})
     core, _ = core_with(certs)
     inbound = Inbound(core)
-    assert inbound.pick_identity(canonical_ip("10.2.0.1")) == ("ctx", b_id)
-    assert certs.asked == [b_id]
+    assert asyncio.run(inbound.pick_identity(canonical_ip("10.2.0.1"))) == ("ctx", B_ID)
+    assert certs.asked == [B_ID]
     # a known workload that this proxy does not serve, and an unknown IP: no certificate, refused
-    assert inbound.pick_identity(canonical_ip("10.2.0.9")) is None
-    assert inbound.pick_identity(canonical_ip("10.7.7.7")) is None
-    assert certs.asked == [b_id]
+    assert asyncio.run(inbound.pick_identity(canonical_ip("10.2.0.9"))) is None
+    assert asyncio.run(inbound.pick_identity(canonical_ip("10.7.7.7"))) is None
+    assert certs.asked == [B_ID]
 
 
-def test_no_certificate_yet_refuses_the_handshake() -> None:
-    core, made = core_with(Certs(set()))
-    assert Inbound(core).pick_identity(canonical_ip("10.2.0.1")) is None
+def test_a_first_certificate_signed_meanwhile_is_waited_for() -> None:
+    certs = Certs(set(), managed={B_ID})
+    core, made = core_with(certs)
+
+    async def scenario() -> Any:
+        pick = asyncio.ensure_future(Inbound(core).pick_identity(canonical_ip("10.2.0.1")))
+        await asyncio.sleep(0.05)
+        assert not pick.done()  # waiting, not refused
+        certs.arrive(B_ID)
+        return await asyncio.wait_for(pick, 1)
+
+    assert asyncio.run(scenario()) == ("ctx", B_ID)
+    assert len(made) == 1
+
+
+def test_no_certificate_in_time_refuses_the_handshake() -> None:
+    core, made = core_with(Certs(set(), managed={B_ID}), cert_wait=0.05)
+    assert asyncio.run(Inbound(core).pick_identity(canonical_ip("10.2.0.1"))) is None
+    core, made = core_with(Certs(set(), managed=set()))  # not managed on this node: no wait at all
+    assert asyncio.run(asyncio.wait_for(Inbound(core).pick_identity(canonical_ip("10.2.0.1")), 1)) is None
     assert made == []
 
 

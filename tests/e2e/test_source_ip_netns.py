@@ -1,0 +1,146 @@
+"""`agent.datapath.source_ip` in a real netns: the set-up, its undoing, and that it is what makes a
+transparent connection from a foreign IP work (the app's answers come back over `lo`).
+
+One netns with `lo` and a veth `eth0` whose default route points off-host, so an answer that is
+not steered back leaves through `eth0` and the connection never completes. Removed by the fixture,
+also when a test fails.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import subprocess
+import threading
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import TypeVar
+
+import pytest
+
+from agent.datapath import source_ip
+from agent.datapath.netns import in_netns
+
+pytestmark = [
+    pytest.mark.e2e,
+    pytest.mark.skipif(os.geteuid() != 0, reason="needs root: netns, policy routing"),
+]
+POD_IP = "10.201.7.5"
+FOREIGN_IP = "10.201.9.9"  # another pod's address, not on this netns
+T = TypeVar("T")
+
+
+def sh(*argv: str) -> None:
+    subprocess.run(argv, check=True, capture_output=True, timeout=10)
+
+
+@dataclass
+class Pod:
+    netns_path: str
+
+    def run(self, fn: Callable[[], T]) -> T:
+        """Call `fn()` on a fresh thread inside the netns (setns is per thread) and return its value."""
+        out: list[T] = []
+        errors: list[BaseException] = []
+
+        def body() -> None:
+            try:
+                with in_netns(self.netns_path):
+                    out.append(fn())
+            except BaseException as exc:  # re-raised on the test's thread
+                errors.append(exc)
+
+        t = threading.Thread(target=body)
+        t.start()
+        t.join(15)
+        assert not t.is_alive(), "netns call hung"
+        if errors:
+            raise errors[0]
+        return out[0]
+
+    def sysctl(self) -> str:
+        return self.run(lambda: source_ip.FWMARK_ACCEPT.read_text().strip())
+
+    def rules(self) -> str:
+        proc = subprocess.run(["ip", "-n", self.name, "rule"], capture_output=True, text=True, check=True)
+        return proc.stdout
+
+    @property
+    def name(self) -> str:
+        return os.path.basename(self.netns_path)
+
+
+@pytest.fixture
+def pod() -> Iterator[Pod]:
+    tag = uuid.uuid4().hex[:6]
+    ns, host_end = f"nmsip-{tag}", f"nmsip{tag}"
+    sh("ip", "netns", "add", ns)
+    try:
+        sh("ip", "link", "add", host_end, "type", "veth", "peer", "name", "eth0", "netns", ns)
+        sh("ip", "-n", ns, "link", "set", "lo", "up")
+        sh("ip", "-n", ns, "addr", "add", f"{POD_IP}/24", "dev", "eth0")
+        sh("ip", "-n", ns, "link", "set", "eth0", "up")
+        sh("ip", "-n", ns, "route", "add", "default", "via", "10.201.7.1", "dev", "eth0", "onlink")
+        yield Pod(f"/var/run/netns/{ns}")
+    finally:
+        with contextlib.suppress(subprocess.CalledProcessError):
+            sh("ip", "link", "del", host_end)
+        sh("ip", "netns", "del", ns)
+
+
+def transparent_exchange(pod: Pod) -> str:
+    """An app listening on the pod IP, a transparent connection to it from FOREIGN_IP: the peer
+    address the app saw (raises TimeoutError when the answers do not come back)."""
+
+    def run() -> str:
+        app = socket.socket()
+        app.bind((POD_IP, 0))
+        app.listen()
+        app.settimeout(3)
+        with app, socket.socket() as proxy:
+            source_ip.transparent(proxy, FOREIGN_IP)
+            proxy.settimeout(1.5)
+            proxy.connect(app.getsockname())
+            conn, peer = app.accept()
+            with conn:
+                conn.sendall(b"hello")
+                assert proxy.recv(16) == b"hello"
+            return str(peer[0])
+
+    return pod.run(run)
+
+
+def test_install_makes_a_transparent_connection_work_and_remove_undoes_it(pod: Pod) -> None:
+    assert pod.sysctl() == "0" and not pod.run(source_ip.installed)
+    with pytest.raises(TimeoutError):  # the control: without the set-up the SYN-ACK leaves via eth0
+        transparent_exchange(pod)
+
+    pod.run(source_ip.install)
+    pod.run(source_ip.install)  # idempotent: one rule, one route
+    assert pod.run(source_ip.installed) and pod.sysctl() == "1"
+    assert pod.rules().count(f"fwmark {source_ip.MARK:#x}/{source_ip.MASK:#x} lookup {source_ip.TABLE}") == 1
+    assert transparent_exchange(pod) == FOREIGN_IP
+
+    assert pod.run(source_ip.remove) is True
+    assert pod.run(source_ip.remove) is False  # nothing left to undo
+    assert pod.sysctl() == "0" and not pod.run(source_ip.installed)
+    assert f"lookup {source_ip.TABLE}" not in pod.rules()
+    with pytest.raises(TimeoutError):
+        transparent_exchange(pod)
+
+
+def test_remove_leaves_a_netns_it_never_set_up_alone(pod: Pod) -> None:
+    pod.run(lambda: source_ip.FWMARK_ACCEPT.write_text("1"))  # somebody else's setting
+    assert pod.run(source_ip.remove) is False
+    assert pod.sysctl() == "1"
+
+
+def test_the_sysctl_is_per_netns(pod: Pod) -> None:
+    before = source_ip.FWMARK_ACCEPT.read_text().strip()  # this thread's (the host's) netns
+    pod.run(source_ip.install)
+    try:
+        assert source_ip.FWMARK_ACCEPT.read_text().strip() == before
+    finally:
+        pod.run(source_ip.remove)
