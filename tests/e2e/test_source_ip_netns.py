@@ -144,3 +144,32 @@ def test_the_sysctl_is_per_netns(pod: Pod) -> None:
         assert source_ip.FWMARK_ACCEPT.read_text().strip() == before
     finally:
         pod.run(source_ip.remove)
+
+
+def test_the_port_is_chosen_at_connect_so_one_caller_ip_is_not_limited_to_the_port_range(pod: Pod) -> None:
+    """150 connections held open from one caller IP to two apps, with 100 local ports: each port may
+    serve one connection per destination. Chosen at bind, the 101st bind failed (EADDRINUSE)."""
+    sh("ip", "netns", "exec", pod.name, "sysctl", "-q", "net.ipv4.ip_local_port_range=40000 40099")
+    pod.run(source_ip.install)
+
+    def run() -> tuple[int, int]:
+        apps = [socket.socket() for _ in range(2)]
+        held: list[socket.socket] = []
+        try:
+            for app in apps:
+                app.bind((POD_IP, 0))
+                app.listen(256)
+            for i in range(150):
+                sock = socket.socket()
+                held.append(sock)
+                source_ip.transparent(sock, FOREIGN_IP)
+                sock.settimeout(2)
+                sock.connect(apps[i % 2].getsockname())
+            assert {s.getsockname()[0] for s in held} == {FOREIGN_IP}
+            return len(held), len({s.getsockname()[1] for s in held})
+        finally:
+            for s in (*held, *apps):
+                s.close()
+
+    opened, ports = pod.run(run)
+    assert opened == 150 and ports <= 100
