@@ -64,14 +64,16 @@ def install() -> None:
 
 
 def remove() -> bool:
-    """Undo `install` in the calling thread's netns; False when it was not installed there."""
+    """Undo `install` in the calling thread's netns; False when it was not installed there (the
+    sysctl is then left alone; a route in our table, left by a half-done install, still goes)."""
     with _iproute() as ipr:
-        if not _has_rule(ipr):
-            return False
-        _tolerate(errno.ENOENT, lambda: ipr.rule("del", **_RULE))
+        owned = _has_rule(ipr)
+        if owned:
+            _tolerate(errno.ENOENT, lambda: ipr.rule("del", **_RULE))
         _tolerate(errno.ESRCH, lambda: ipr.route("del", oif=_lo(ipr), **_ROUTE))
-    FWMARK_ACCEPT.write_text("0")
-    return True
+    if owned:
+        FWMARK_ACCEPT.write_text("0")
+    return owned
 
 
 def installed() -> bool:

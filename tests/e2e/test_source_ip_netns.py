@@ -63,9 +63,13 @@ class Pod:
     def sysctl(self) -> str:
         return self.run(lambda: source_ip.FWMARK_ACCEPT.read_text().strip())
 
-    def rules(self) -> str:
-        proc = subprocess.run(["ip", "-n", self.name, "rule"], capture_output=True, text=True, check=True)
+    def ip(self, *args: str) -> str:
+        """`ip -n <this netns> ARGS`' output."""
+        proc = subprocess.run(["ip", "-n", self.name, *args], capture_output=True, text=True, check=True)
         return proc.stdout
+
+    def rules(self) -> str:
+        return self.ip("rule")
 
     @property
     def name(self) -> str:
@@ -135,6 +139,10 @@ def test_remove_leaves_a_netns_it_never_set_up_alone(pod: Pod) -> None:
     pod.run(lambda: source_ip.FWMARK_ACCEPT.write_text("1"))  # somebody else's setting
     assert pod.run(source_ip.remove) is False
     assert pod.sysctl() == "1"
+    # a half-done install (the route, no rule): the route in our table goes, the sysctl stays
+    pod.ip("route", "add", "local", "default", "dev", "lo", "table", str(source_ip.TABLE))
+    assert pod.run(source_ip.remove) is False
+    assert pod.ip("route", "show", "table", str(source_ip.TABLE)).strip() == "" and pod.sysctl() == "1"
 
 
 def test_the_sysctl_is_per_netns(pod: Pod) -> None:
