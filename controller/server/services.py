@@ -118,6 +118,7 @@ class ConfigService(pb_grpc.ConfigServicer):
         self._metrics.connected_agents.inc()
         log.info("stream.connected node=%s known=%d", node, len(stream.state.acked))
         reader = asyncio.create_task(self._read(stream, request_iterator))
+        waiter: asyncio.Task[bool] | None = None
         stream.wake.set()
         try:
             while not reader.done():
@@ -132,6 +133,8 @@ class ConfigService(pb_grpc.ConfigServicer):
                     yield response
         finally:
             reader.cancel()
+            if waiter is not None:  # the RPC was cancelled inside asyncio.wait: no task left pending
+                waiter.cancel()
             self._streams.discard(stream)
             self._metrics.connected_agents.dec()
             log.info("stream.disconnected node=%s", node)

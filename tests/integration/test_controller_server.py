@@ -218,3 +218,20 @@ async def test_bad_first_message_is_refused_and_server_keeps_serving(
         assert first.snapshot and len(first.upserts) == 2
         done.set()
         good.cancel()
+
+
+async def test_a_disconnected_stream_leaves_no_task_behind(
+    server: tuple[ControllerServer, str, bytes],
+) -> None:
+    """The stream waits for a change or a message in `asyncio.wait`; an agent that goes away cancels
+    it there, and the wait's own task must go too (it stayed pending: one leaked per disconnect)."""
+    srv, address, bundle = server
+
+    def waiting() -> list[asyncio.Task[object]]:
+        return [t for t in asyncio.all_tasks() if getattr(t.get_coro(), "__qualname__", "") == "Event.wait"]
+
+    client, task = await start_client(address, "tok1", bundle, Recorder())
+    await assert_eventually(lambda: len(waiting()) == 1, what="the stream waiting for a change")
+    await stop_client(client, task)
+    await assert_eventually(lambda: srv.metrics.connected_agents._value.get() == 0, what="stream ended")
+    await assert_eventually(lambda: waiting() == [], what="no waiter task left")
