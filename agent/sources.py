@@ -99,6 +99,8 @@ class AgentSources:
                 state=ProxyState.RUNNING,
                 listeners=3 * stats.get("pods", 0),
                 active_connections=stats.get("active", 0),
+                pods=stats.get("pods", 0),
+                source_ip_pods=stats.get("pods_source_ip", 0),
             ),
             datapath=DatapathStatus(
                 backend="bcc", programs=PROGRAMS, maps=(), counters=counters, pin_dir=self._pin_dir

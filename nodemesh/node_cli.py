@@ -280,7 +280,8 @@ def status_command(node: NodeOpt = None, sock: SocketOpt = None, output: OutputO
     grid.add_row("Node", f"{doc['node']}  (agent {doc['version']}, up {fmt_duration(doc['uptime'])}, "
                          f"{doc['enrolled_pods']} pods enrolled)")
     proxy_line = (f"{proxy['state']}, {proxy['listeners']} listeners, "
-                  f"{proxy['active_connections']} connections")
+                  f"{proxy['active_connections']} connections, "
+                  f"callers' IPs kept in {proxy['source_ip_pods']}/{proxy['pods']} pods")
     grid.add_row("Proxy", proxy_line + (f" ({proxy['detail']})" if proxy["detail"] else ""))
     grid.add_row("Datapath", f"{dp['backend']}, {len(dp['programs'])} programs, {len(dp['maps'])} maps, "
                              f"same-node fast path {'on' if dp['fast_path'] else 'off'}"

@@ -33,6 +33,8 @@ class ProxyStatus:
     listeners: int = 0  # listening sockets opened in pods' netns (15001/15006/15008 per pod)
     active_connections: int = 0
     detail: str = ""
+    pods: int = 0  # pods served
+    source_ip_pods: int = 0  # of which apps see their callers' IPs (source-IP preservation set up)
 
 
 @dataclass(frozen=True, slots=True)

@@ -77,6 +77,8 @@ def status_dict(st: AgentStatus, certs: Sequence[CertInfo], ring: FlowRing, now:
             "listeners": st.proxy.listeners,
             "active_connections": st.proxy.active_connections,
             "detail": st.proxy.detail,
+            "pods": st.proxy.pods,
+            "source_ip_pods": st.proxy.source_ip_pods,
         },
         "datapath": {
             "backend": st.datapath.backend,

@@ -258,5 +258,6 @@ class NodeProxy:
             **self.inbound.hbone_stats,
             "active": len(self.tracker.open),
             "pods": len(self._served),
+            "pods_source_ip": sum(1 for s in self._served.values() if s.ep.source_ip),
             "netns_sockets_idle": self.core.sockets.idle(),
         }

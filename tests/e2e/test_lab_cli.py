@@ -62,6 +62,7 @@ def test_status_shows_programs_counters_controller_and_certificates(lab: LabHand
     doc = cli_json("node1", "status")
     assert doc["node"] == "node1" and doc["enrolled_pods"] == 2
     assert doc["proxy"]["state"] == "running" and doc["proxy"]["listeners"] == 6  # 15001/6/8 x 2 pods
+    assert (doc["proxy"]["pods"], doc["proxy"]["source_ip_pods"]) == (2, 2)  # both keep callers' IPs
     progs = " ".join(doc["datapath"]["programs"])
     for prog in ("cgroup/connect4", "sockops", "cgroup/getpeername4", "sk_lookup"):
         assert prog in progs, progs

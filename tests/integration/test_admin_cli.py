@@ -210,7 +210,9 @@ class DemoSources:
             node=NODE,
             version="0.1.0",
             started_at=self.started,
-            proxy=ProxyStatus(ProxyState.RUNNING, listeners=3, active_connections=len(self.conns_)),
+            proxy=ProxyStatus(
+                ProxyState.RUNNING, listeners=3, active_connections=len(self.conns_), pods=1, source_ip_pods=1
+            ),
             datapath=DatapathStatus(
                 backend="bcc",
                 programs=(
@@ -396,7 +398,7 @@ def test_other_users_cannot_connect(agent: AgentThread) -> None:
             ["status"],
             [
                 "demo",
-                "running, 3 listeners, 2 connections",
+                "running, 3 listeners, 2 connections, callers' IPs kept in 1/1 pods",
                 "cgroup/connect4 nodemesh_connect4",
                 "connected to 10.0.0.1:15012",
                 "1 (1 valid",
