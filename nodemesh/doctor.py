@@ -12,13 +12,17 @@ import importlib
 import json
 import os
 import platform
+import socket
 import struct
 import subprocess
+import threading
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Annotated
 
 import typer
+
+from agent.datapath import source_ip
 
 # One source of truth for the BPF type numbers the datapath uses (constants only: no libbcc load).
 from agent.datapath.bpfsys import ATTACH_CGROUP_INET4_CONNECT, ATTACH_SK_LOOKUP, PROG_TYPE_SK_LOOKUP
@@ -150,6 +154,55 @@ def load_trivial_prog(prog_type: int, attach_type: int) -> None:
     os.close(fd)
 
 
+CLONE_NEWNET = 0x40000000
+PROBE_POD_IP, PROBE_CALLER_IP = "10.255.77.1", "10.255.78.1"  # inside a throwaway netns only
+
+
+def probe_source_ip(timeout: float = 10.0) -> str:
+    """Source-IP preservation end to end, in a network namespace of its own that goes when the probe
+    thread ends: the agent's set-up (`source_ip.install`), an app on an address of `lo`, and a
+    transparent connection to it from another address. The address the app saw; OSError if any
+    step is refused."""
+    outcome: list[str | BaseException] = []
+
+    def body() -> None:
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            if libc.unshare(CLONE_NEWNET) != 0:  # this thread only
+                err = ctypes.get_errno()
+                raise OSError(err, f"unshare(CLONE_NEWNET): {os.strerror(err)}")
+            subprocess.run(["ip", "link", "set", "lo", "up"], check=True, capture_output=True, timeout=5)
+            subprocess.run(["ip", "addr", "add", f"{PROBE_POD_IP}/32", "dev", "lo"], check=True,
+                           capture_output=True, timeout=5)  # fmt: skip
+            source_ip.install()
+            with socket.socket() as app, socket.socket() as proxy:
+                app.bind((PROBE_POD_IP, 0))
+                app.listen()
+                app.settimeout(timeout / 2)
+                source_ip.transparent(proxy, PROBE_CALLER_IP)
+                proxy.settimeout(timeout / 2)
+                proxy.connect(app.getsockname())
+                conn, peer = app.accept()
+                with conn:
+                    conn.sendall(b"ok")
+                    if proxy.recv(2) != b"ok":
+                        raise OSError(errno.EIO, "no answer over the transparent connection")
+                outcome.append(str(peer[0]))
+        except subprocess.CalledProcessError as exc:
+            outcome.append(OSError(errno.EIO, f"{' '.join(exc.cmd)}: {exc.stderr.decode().strip()}"))
+        except BaseException as exc:  # reported by the caller's thread
+            outcome.append(exc)
+
+    thread = threading.Thread(target=body, name="doctor-source-ip", daemon=True)
+    thread.start()
+    thread.join(timeout)
+    if not outcome:
+        raise OSError(errno.ETIMEDOUT, f"no result after {timeout:.0f} s")
+    if isinstance(outcome[0], BaseException):
+        raise outcome[0]
+    return outcome[0]
+
+
 @dataclass(frozen=True)
 class Host:
     """What the checks read from the machine; unit tests replace these with fakes."""
@@ -162,6 +215,7 @@ class Host:
     load_prog: Callable[[int, int], None] = load_trivial_prog  # raises OSError when refused
     import_module: Callable[[str], object] = importlib.import_module
     kernel_log: Callable[[], tuple[str, str] | None] = _kernel_log
+    probe_source_ip: Callable[[], str] = probe_source_ip  # raises OSError when refused
 
 
 # ---- pure parsing --------------------------------------------------------------------------------
@@ -354,6 +408,21 @@ def check_socket_matching(host: Host) -> CheckResult:
     return CheckResult(name, True, f"net_cls/net_prio not on cgroup v1, no warning logged; {seen}")
 
 
+def check_source_ip(host: Host) -> CheckResult:
+    """What source-IP preservation needs (policy routing, tcp_fwmark_accept, IP_TRANSPARENT), tried."""
+    name = "source-ip"
+    try:
+        seen = host.probe_source_ip()
+    except (OSError, ImportError) as exc:
+        hint = ("run as root, on a kernel with policy routing (CONFIG_IP_MULTIPLE_TABLES); "
+                "or run the agent with --no-preserve-source-ip (apps then see their own pod IP)")  # fmt: skip
+        return CheckResult(name, False, f"transparent connection in a scratch netns failed: {exc}", hint)
+    if seen != PROBE_CALLER_IP:
+        hint = "apps would see a wrong peer address; run the agent with --no-preserve-source-ip"
+        return CheckResult(name, False, f"the app saw {seen}, not the caller {PROBE_CALLER_IP}", hint)
+    return CheckResult(name, True, "a transparent connection keeps the caller's IP (scratch netns)")
+
+
 CHECKS: tuple[Callable[[Host], CheckResult], ...] = (
     check_root,
     check_kernel,
@@ -365,6 +434,7 @@ CHECKS: tuple[Callable[[Host], CheckResult], ...] = (
     check_bcc,
     check_headers,
     check_socket_matching,
+    check_source_ip,
 )
 
 

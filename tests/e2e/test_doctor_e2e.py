@@ -17,7 +17,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from agent.datapath import bpfsys
+from agent.datapath import bpfsys, source_ip
 from nodemesh import doctor
 
 pytestmark = [
@@ -58,6 +58,19 @@ def test_doctor_passes_on_this_machine() -> None:
     assert proc.returncode == 0, proc.stdout + proc.stderr
     lines = proc.stdout.splitlines()
     assert len(lines) == len(doctor.CHECKS) and all(ln.startswith("PASS ") for ln in lines), proc.stdout
+
+
+def test_the_source_ip_probe_leaves_the_hosts_netns_as_it_was() -> None:
+    def ip(*args: str) -> str:
+        return subprocess.run(["ip", *args], capture_output=True, text=True, check=True).stdout
+
+    def host_state() -> tuple[str, str, str]:
+        return ip("rule"), ip("-o", "addr", "show", "lo"), source_ip.FWMARK_ACCEPT.read_text()
+
+    before = host_state()
+    assert doctor.probe_source_ip() == doctor.PROBE_CALLER_IP  # ran in its own netns, as root
+    assert host_state() == before
+    assert doctor.PROBE_POD_IP not in before[1] and f"lookup {source_ip.TABLE}" not in before[0]
 
 
 def test_doctor_json_passes_on_this_machine() -> None:

@@ -57,6 +57,7 @@ def fake_host(
     load_prog: Callable[[int, int], None] | None = None,
     import_module: Callable[[str], object] | None = None,
     kernel_log: tuple[str, str] | None = ("/dev/kmsg", KMSG_CLEAN),
+    probe_source_ip: Callable[[], str] | None = None,
 ) -> Host:
     """A host like this machine (every check passes) unless a keyword says otherwise."""
     texts = {"/proc/self/mountinfo": HYBRID_MOUNTINFO, "/proc/cgroups": PROC_CGROUPS} | (files or {})
@@ -81,6 +82,7 @@ def fake_host(
         load_prog=load_prog or loads,
         import_module=import_module or (lambda name: type("Module", (), {"__file__": f"/x/{name}.py"})()),
         kernel_log=lambda: kernel_log,
+        probe_source_ip=probe_source_ip or (lambda: doctor.PROBE_CALLER_IP),
     )
 
 
@@ -98,7 +100,7 @@ def test_a_machine_like_this_one_passes_every_check() -> None:
     results = doctor.run_checks(fake_host())
     assert [r.name for r in results] == [
         "root", "kernel", "btf", "cgroup2", "bpffs", "sk_lookup", "connect4", "bcc", "headers",
-        "cgroup2-sockets",
+        "cgroup2-sockets", "source-ip",
     ]
     assert all(r.ok for r in results), [r for r in results if not r.ok]
     assert all(r.hint == "" for r in results)
@@ -260,6 +262,17 @@ def test_proc_cgroups_unreadable_is_tolerated() -> None:
 
 
 # ---- parsing ---------------------------------------------------------------------------------------
+
+
+def test_source_ip_fails_when_the_probe_is_refused_or_sees_another_address() -> None:
+    def refused() -> str:
+        raise OSError(errno.EPERM, "Operation not permitted")
+
+    r = by_name(fake_host(probe_source_ip=refused))["source-ip"]
+    assert not r.ok and "Operation not permitted" in r.detail and "--no-preserve-source-ip" in r.hint
+    r = by_name(fake_host(probe_source_ip=lambda: doctor.PROBE_POD_IP))["source-ip"]
+    assert not r.ok and f"saw {doctor.PROBE_POD_IP}" in r.detail
+    assert by_name(fake_host())["source-ip"].ok
 
 
 def test_parse_mountinfo_reads_optional_fields_and_escapes() -> None:
