@@ -9,12 +9,10 @@ restarted agent re-uses programs, maps and links; ``uninstall`` removes them.
 from __future__ import annotations
 
 import asyncio
-import atexit
 import contextlib
 import logging
 import os
 import signal
-import sys
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -34,13 +32,13 @@ from agent.datapath.interface import Datapath, EnrolledPod, PodRef
 from agent.enrolled_store import DEFAULT_STATE_ROOT, EnrolledStore
 from agent.heap import GcPauses, settle
 from agent.identity import CertificateManager
-from agent.logsink import LogSink
 from agent.node import Addr, NodeConfig, Plan, Reconciler, Skipped, desired_pods, vip_map
 from agent.proxy.metrics import ProxyMetrics
 from agent.proxy.server import NodeProxy
 from agent.relay import Relay
 from agent.sources import AgentSources, LinkState
 from agent.telemetry import METRICS_PORT, AgentCollector, MetricsServer
+from api import logsink
 from api.resources import PolicyObject
 
 log = logging.getLogger("nodemesh.agent")
@@ -71,40 +69,15 @@ def loop_factory(name: str = "auto") -> Callable[[], asyncio.AbstractEventLoop] 
     return factory
 
 
-_log_sink: LogSink | None = None
-
-
 def configure_logging(level: int | str = logging.INFO) -> None:
-    """Log records go to stderr through `agent.logsink` (a bounded buffer and a writer thread): a
+    """Log records go to stderr through `api.logsink` (a bounded buffer and a writer thread): a
     write to a stalled log pipe must not stop the event loop."""
-    global _log_sink
-    old, _log_sink = _log_sink, LogSink(sys.stderr, LOG_FORMAT)
-    root = logging.getLogger()
-    for handler in root.handlers[:]:
-        root.removeHandler(handler)
-        handler.close()
-    root.addHandler(_log_sink.handler)
-    root.setLevel(level)
-    if old is None:
-        atexit.register(_stop_logging)
-    else:
-        old.stop()  # what it still holds is written before it ends
-    # LOG_FORMAT uses none of these: skip collecting them for every record (the flow log writes one
-    # per connection event; getpid(2) and the caller's frame walk were most of a record's cost)
-    logging.logProcesses = False
-    logging.logThreads = False
-    logging.logMultiprocessing = False
-    logging._srcfile = None  # the logging HOWTO's "Optimization" table
-
-
-def _stop_logging() -> None:
-    if _log_sink is not None:
-        _log_sink.stop()
+    logsink.configure(LOG_FORMAT, level)
 
 
 def log_records_dropped() -> int:
     """Log records the agent dropped since logging was configured (0 when it was not)."""
-    return _log_sink.dropped_total if _log_sink is not None else 0
+    return logsink.records_dropped()
 
 
 def set_relay_vips(relay: Relay, vips: Mapping[Addr, Addr]) -> None:

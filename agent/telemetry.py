@@ -50,7 +50,7 @@ class AgentCollector(Collector):
         yield GaugeMetricFamily("nodemesh_agent_open_fds", "Agent open file descriptors", value=fds)
         yield CounterMetricFamily(
             "nodemesh_agent_log_records_dropped",
-            "Log records dropped because stderr did not take them fast enough (agent/logsink.py)",
+            "Log records dropped because stderr did not take them fast enough (api/logsink.py)",
             value=self._log_dropped(),
         )
         dp = CounterMetricFamily(

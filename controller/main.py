@@ -6,11 +6,11 @@ import asyncio
 import contextlib
 import logging
 import signal
-import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TextIO
 
+from api import logsink
 from controller.ca import CertificateAuthority
 from controller.server.app import ControllerServer
 
@@ -30,12 +30,14 @@ class RunOptions:
     admin_token_file: Path | None = None
 
 
-def configure_logging(level: int = logging.INFO) -> None:
-    logging.basicConfig(
-        stream=sys.stderr,
-        level=level,
-        format="ts=%(asctime)s level=%(levelname)s logger=%(name)s msg=%(message)s",
-    )
+LOG_FORMAT = "ts=%(asctime)s level=%(levelname)s logger=%(name)s msg=%(message)s"
+
+
+def configure_logging(level: int = logging.INFO, stream: TextIO | None = None) -> None:
+    """Log records go to stderr (or `stream`) through `api.logsink` (a bounded buffer and a writer
+    thread): the controller is the CA, and a write to a stalled log pipe must not stop signing or
+    config pushes."""
+    logsink.configure(LOG_FORMAT, level, stream)
 
 
 def read_admin_token(path: Path | None) -> str | None:

@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
+from prometheus_client.core import CounterMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from api import logsink
 
 disable_created_metrics()  # type: ignore[no-untyped-call]
 
@@ -33,4 +39,14 @@ class ControllerMetrics:
         )
         self.config_errors = Gauge(
             "nodemesh_controller_config_errors", "Errors in the config sources right now", registry=r
+        )
+        r.register(_LogRecordsDropped())
+
+
+class _LogRecordsDropped(Collector):
+    def collect(self) -> Iterator[Metric]:
+        yield CounterMetricFamily(
+            "nodemesh_controller_log_records_dropped",
+            "Log records dropped because stderr did not take them fast enough (api/logsink.py)",
+            value=logsink.records_dropped(),
         )

@@ -105,7 +105,7 @@ def test_outsider_reaches_an_enrolled_pod_directly(lab: LabHandle) -> None:
     # the outsider is not enrolled, but httpbin-v1 is: node1's proxy took the inbound side (plaintext)
     outsider_ip = lab.plan.pod("outsider").ip
 
-    def inbound() -> list[str]:  # the agent writes its log lines within 50 ms (agent/logsink.py)
+    def inbound() -> list[str]:  # the agent writes its log lines within 50 ms (api/logsink.py)
         return [
             ln
             for ln in lab.log("agent-node1").splitlines()

@@ -51,6 +51,8 @@ async def test_apply_and_get_through_admin(model: MemoryModel, tmp_path: Path) -
         assert (await _http_get(addrs.metrics_port, "/readyz"))[0] == 200
         status, body = await _http_get(addrs.metrics_port, "/metrics")
         assert status == 200 and "nodemesh_controller_connected_agents 0.0" in body
+        # this process never configured logging through api.logsink: nothing was dropped
+        assert "nodemesh_controller_log_records_dropped_total 0.0" in body
         assert (await _http_get(addrs.metrics_port, "/nope"))[0] == 404
     finally:
         await srv.stop(0)

@@ -1,15 +1,18 @@
-"""`agent.logsink`: records leave through a writer thread; a stream that blocks never blocks the logger."""
+"""`api.logsink`: records leave through a writer thread; a stream that blocks never blocks the logger."""
 
 from __future__ import annotations
 
 import io
 import logging
 import threading
+import time
 from collections.abc import Iterator
 
 import pytest
 
-from agent.logsink import LogSink
+from api import logsink
+from api.logsink import LogSink
+from controller import main as controller_main
 
 FMT = "level=%(levelname)s logger=%(name)s msg=%(message)s"
 
@@ -117,3 +120,46 @@ def test_stop_gives_up_on_a_stream_that_never_takes_writes(logger: logging.Logge
     assert stream.blocked.wait(5)
     assert not sink.stop(timeout=0.2)  # the process may exit; it does not hang on the log
     stream.gate.set()
+
+
+@pytest.fixture
+def root_logging() -> Iterator[None]:
+    """The root logger and `logsink`'s process sink as they were, whatever `configure` did."""
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    flags = (logging.logProcesses, logging.logThreads, logging.logMultiprocessing, logging._srcfile)
+    saved = logsink._sink
+    yield
+    if logsink._sink is not None and logsink._sink is not saved:
+        logsink._sink.stop(0.5)
+    logsink._sink = saved
+    for h in root.handlers[:]:
+        root.removeHandler(h)
+    for h in handlers:
+        root.addHandler(h)
+    root.setLevel(level)
+    logging.logProcesses, logging.logThreads, logging.logMultiprocessing, logging._srcfile = flags
+
+
+def test_the_controller_logs_through_a_sink_that_a_stalled_stream_cannot_block(root_logging: None) -> None:
+    """`nodemesh controller run`'s logging: the root logger's only handler is a sink; with stderr not
+    taking writes (a log pipe nobody drains), logging returns at once, and the lines come out later
+    in the controller's format."""
+    stream = GatedStream()
+    controller_main.configure_logging(stream=stream)
+    (handler,) = logging.getLogger().handlers
+    assert handler is logsink._sink.handler  # type: ignore[union-attr]
+    lg = logging.getLogger("controller.test")
+    lg.info("event=first")
+    assert stream.blocked.wait(2)  # the writer thread is stuck in write() ...
+    t0 = time.monotonic()
+    for i in range(1_000):
+        lg.info("event=signed i=%d", i)  # ... and the logging thread is not
+    assert time.monotonic() - t0 < 1.0
+    assert logsink.records_dropped() == 0
+    stream.gate.set()
+    assert logsink._sink is not None and logsink._sink.stop(2)
+    lines = stream.getvalue().splitlines()
+    assert len(lines) == 1_001
+    assert lines[-1].endswith("level=INFO logger=controller.test msg=event=signed i=999")
+    assert lines[0].startswith("ts=")  # controller.main.LOG_FORMAT

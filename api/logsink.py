@@ -1,12 +1,15 @@
-"""The agent's log output: the event loop only buffers a record; a thread of its own writes them.
+"""Log output of the agent and the controller: the event loop only buffers a record; a thread of its
+own writes them.
 
 A write to stderr can block: a container runtime's log pipe that nobody drains is full at 64 KiB,
 and a blocked write on the event loop would stop every connection the node proxy carries (the flow
-log writes a line per connection event). So a record is appended to a bounded buffer, and a writer
-thread formats what has gathered every `FLUSH_INTERVAL` seconds and writes it with one `write(2)`.
+log writes a line per connection event), or every signing and config push of the controller. So a
+record is appended to a bounded buffer, and a writer thread formats what has gathered every
+`FLUSH_INTERVAL` seconds and writes it with one `write(2)`.
 When the buffer is full a record is dropped and counted (the loop never waits); the next record that
 fits is preceded by a line that says how many were dropped (`event=log_records_dropped count=N`).
-`stop()` (at exit) writes what is buffered, waiting at most `timeout` seconds.
+`stop()` (at exit) writes what is buffered, waiting at most `timeout` seconds. `configure()` puts a
+sink behind the root logger of a process.
 
 The writer wakes on its timer, not per record: a queue that woke it for every record (a thread switch
 and two GIL hand-overs each) cost the proxy 15-25% of its new connections per second (bench_l4).
@@ -16,8 +19,10 @@ changed right after the call); lines reach stderr up to `FLUSH_INTERVAL` late.
 
 from __future__ import annotations
 
+import atexit
 import collections
 import logging
+import sys
 import threading
 from typing import TextIO
 
@@ -116,3 +121,40 @@ class LogSink:
         self._stopping.set()
         self._thread.join(timeout)
         return not self._thread.is_alive()
+
+
+_sink: LogSink | None = None
+
+
+def configure(fmt: str, level: int | str = logging.INFO, stream: TextIO | None = None) -> LogSink:
+    """Make a `LogSink` on `stream` (stderr) the root logger's only handler; an earlier one writes
+    what it holds and ends. The sink is stopped (what it buffers written) at exit."""
+    global _sink
+    old, _sink = _sink, LogSink(sys.stderr if stream is None else stream, fmt)
+    root = logging.getLogger()
+    for handler in root.handlers[:]:
+        root.removeHandler(handler)
+        handler.close()
+    root.addHandler(_sink.handler)
+    root.setLevel(level)
+    if old is None:
+        atexit.register(_stop)
+    else:
+        old.stop()
+    # Our formats use none of these: skip collecting them for every record (the flow log writes one
+    # per connection event; getpid(2) and the caller's frame walk were most of a record's cost)
+    logging.logProcesses = False
+    logging.logThreads = False
+    logging.logMultiprocessing = False
+    logging._srcfile = None  # the logging HOWTO's "Optimization" table
+    return _sink
+
+
+def _stop() -> None:
+    if _sink is not None:
+        _sink.stop()
+
+
+def records_dropped() -> int:
+    """Log records this process dropped since `configure` (0 when it was not called)."""
+    return _sink.dropped_total if _sink is not None else 0
