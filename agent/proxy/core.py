@@ -131,23 +131,29 @@ class ProxyCore:
         """`server_context`, waiting up to `cert_wait` for a first certificate (a pod that was just
         enrolled while its certificate is being signed); None: still none, or not managed here."""
         context = self.server_context(identity)
-        if context is not None:
-            return context
-        try:
-            await asyncio.wait_for(self.certs.wait_ready(identity), self.cert_wait)
-        except (TimeoutError, KeyError):
-            return None
-        return self.server_context(identity)
+        if context is None:
+            try:
+                await self._certificate(identity)
+            except ProxyError:
+                return None
+            context = self.server_context(identity)
+        return context
 
     async def client_context(self, identity: SpiffeId) -> ssl.SSLContext:
         """The HBONE client context of a source identity, waiting briefly for a first certificate."""
+        cert = await self._certificate(identity)
+        return self._context(self._client_ctx, identity, cert, tls.client_context)  # type: ignore[arg-type]
+
+    async def _certificate(self, identity: SpiffeId) -> WorkloadCertificate:
+        """`identity`'s current certificate, waiting up to `cert_wait` for a first one;
+        ProxyError("NO_CERTIFICATE") when none came (or the identity is not managed here)."""
         cert = self.certs.certificate(identity)
         if cert is None:
             try:
                 cert = await asyncio.wait_for(self.certs.wait_ready(identity), self.cert_wait)
             except (TimeoutError, KeyError) as exc:
                 raise ProxyError("NO_CERTIFICATE", f"no certificate for {identity}: {exc!r}") from exc
-        return self._context(self._client_ctx, identity, cert, tls.client_context)  # type: ignore[arg-type]
+        return cert
 
     def forget_identity(self, identity: SpiffeId) -> None:
         self._server_ctx.pop(identity, None)
