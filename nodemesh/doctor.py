@@ -12,7 +12,6 @@ import importlib
 import json
 import os
 import platform
-import socket
 import struct
 import subprocess
 import threading
@@ -171,25 +170,9 @@ def probe_source_ip(timeout: float = 10.0) -> str:
             if libc.unshare(CLONE_NEWNET) != 0:  # this thread only
                 err = ctypes.get_errno()
                 raise OSError(err, f"unshare(CLONE_NEWNET): {os.strerror(err)}")
-            subprocess.run(["ip", "link", "set", "lo", "up"], check=True, capture_output=True, timeout=5)
-            subprocess.run(["ip", "addr", "add", f"{PROBE_POD_IP}/32", "dev", "lo"], check=True,
-                           capture_output=True, timeout=5)  # fmt: skip
+            source_ip.add_address(PROBE_POD_IP)
             source_ip.install()
-            with socket.socket() as app, socket.socket() as proxy:
-                app.bind((PROBE_POD_IP, 0))
-                app.listen()
-                app.settimeout(timeout / 2)
-                source_ip.transparent(proxy, PROBE_CALLER_IP)
-                proxy.settimeout(timeout / 2)
-                proxy.connect(app.getsockname())
-                conn, peer = app.accept()
-                with conn:
-                    conn.sendall(b"ok")
-                    if proxy.recv(2) != b"ok":
-                        raise OSError(errno.EIO, "no answer over the transparent connection")
-                outcome.append(str(peer[0]))
-        except subprocess.CalledProcessError as exc:
-            outcome.append(OSError(errno.EIO, f"{' '.join(exc.cmd)}: {exc.stderr.decode().strip()}"))
+            outcome.append(source_ip.exchange(PROBE_POD_IP, PROBE_CALLER_IP, timeout / 2))
         except BaseException as exc:  # reported by the caller's thread
             outcome.append(exc)
 

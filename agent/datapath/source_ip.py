@@ -107,6 +107,35 @@ def transparent(sock: socket.socket, source_ip: str) -> None:
     sock.bind((source_ip, 0))
 
 
+def exchange(pod_ip: str, caller_ip: str, timeout: float) -> str:
+    """In the calling thread's netns: an app listening on `pod_ip`, a transparent connection to it
+    from `caller_ip`, a few bytes back. The address the app saw as its peer; TimeoutError when the
+    app's answers do not reach the connection (no set-up), OSError for what is refused. A self-check
+    (`nodemesh doctor`, tests), not the proxy's path."""
+    with socket.socket() as app, socket.socket() as proxy:
+        app.bind((pod_ip, 0))
+        app.listen()
+        app.settimeout(timeout)
+        transparent(proxy, caller_ip)
+        proxy.settimeout(timeout)
+        proxy.connect(app.getsockname())
+        conn, peer = app.accept()
+        with conn:
+            conn.sendall(b"ok")
+            if proxy.recv(2) != b"ok":
+                raise OSError(errno.EIO, "no answer over the transparent connection")
+        return str(peer[0])
+
+
+def add_address(ip: str, prefixlen: int = 32, ifname: str = "lo") -> None:
+    """Bring `ifname` up and add `ip/prefixlen` to it, in the calling thread's netns (the doctor's
+    scratch netns)."""
+    with _iproute() as ipr:
+        index = ipr.link_lookup(ifname=ifname)[0]
+        ipr.link("set", index=index, state="up")
+        _tolerate(errno.EEXIST, lambda: ipr.addr("add", index=index, address=ip, prefixlen=prefixlen))
+
+
 def preload() -> None:
     """Import pyroute2 now (~0.2 s) rather than in the first `install`, which delays a pod's listeners."""
     _iproute().close()

@@ -12,7 +12,6 @@ import contextlib
 import os
 import socket
 import subprocess
-import threading
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -41,24 +40,9 @@ class Pod:
     netns_path: str
 
     def run(self, fn: Callable[[], T]) -> T:
-        """Call `fn()` on a fresh thread inside the netns (setns is per thread) and return its value."""
-        out: list[T] = []
-        errors: list[BaseException] = []
-
-        def body() -> None:
-            try:
-                with in_netns(self.netns_path):
-                    out.append(fn())
-            except BaseException as exc:  # re-raised on the test's thread
-                errors.append(exc)
-
-        t = threading.Thread(target=body)
-        t.start()
-        t.join(15)
-        assert not t.is_alive(), "netns call hung"
-        if errors:
-            raise errors[0]
-        return out[0]
+        """`fn()` inside the netns (this thread enters it and comes back, `in_netns`)."""
+        with in_netns(self.netns_path):
+            return fn()
 
     def sysctl(self) -> str:
         return self.run(lambda: source_ip.FWMARK_ACCEPT.read_text().strip())
@@ -95,25 +79,9 @@ def pod() -> Iterator[Pod]:
 
 
 def transparent_exchange(pod: Pod) -> str:
-    """An app listening on the pod IP, a transparent connection to it from FOREIGN_IP: the peer
-    address the app saw (raises TimeoutError when the answers do not come back)."""
-
-    def run() -> str:
-        app = socket.socket()
-        app.bind((POD_IP, 0))
-        app.listen()
-        app.settimeout(3)
-        with app, socket.socket() as proxy:
-            source_ip.transparent(proxy, FOREIGN_IP)
-            proxy.settimeout(1.5)
-            proxy.connect(app.getsockname())
-            conn, peer = app.accept()
-            with conn:
-                conn.sendall(b"hello")
-                assert proxy.recv(16) == b"hello"
-            return str(peer[0])
-
-    return pod.run(run)
+    """An app on the pod IP, a transparent connection to it from FOREIGN_IP: the peer address the
+    app saw (TimeoutError when the answers do not come back)."""
+    return pod.run(lambda: source_ip.exchange(POD_IP, FOREIGN_IP, 1.5))
 
 
 def test_install_makes_a_transparent_connection_work_and_remove_undoes_it(pod: Pod) -> None:
