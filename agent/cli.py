@@ -62,6 +62,15 @@ def run_command(
             help="Apps see the peer's IP (policy routing in each pod netns); off: their own pod IP",
         )
     ] = True,
+    proxy_workers: Annotated[
+        int, typer.Option(
+            "--proxy-workers", envvar="NODEMESH_PROXY_WORKERS", min=1, max=64,
+            help="Processes that carry traffic, this one included (SO_REUSEPORT listeners)",
+        )
+    ] = 1,
+    worker_index: Annotated[
+        int, typer.Option("--worker-index", hidden=True, min=0, help="Set by the main process for a worker")
+    ] = 0,
     event_loop: Annotated[
         str, typer.Option(
             "--event-loop",
@@ -71,7 +80,7 @@ def run_command(
     ] = "auto",
 ) -> None:
     """Load the datapath, follow the controller, enroll this node's pods; stop on SIGTERM/SIGINT."""
-    configure_logging(_level(log_level))
+    configure_logging(_level(log_level), worker_index)
     try:
         factory = loop_factory(event_loop)
     except ValueError as exc:
@@ -82,6 +91,7 @@ def run_command(
         node, controller, token, ca, pod_cgroup, state_dir, server_name, resync_interval,
         trust_domain=trust_domain, metrics_listen=metrics_listen or None, admin_socket=admin_socket,
         flow_ring_size=flow_ring_size, preserve_source_ip=preserve_source_ip,
+        proxy_workers=proxy_workers, worker_index=worker_index, event_loop=event_loop, log_level=log_level,
     )  # fmt: skip
     try:
         with asyncio.Runner(loop_factory=factory) as runner:

@@ -13,6 +13,7 @@ import contextlib
 import logging
 import os
 import signal
+import sys
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -26,18 +27,20 @@ from agent.admin.flows import FlowRing
 from agent.admin.paths import admin_socket_path
 from agent.admin.server import AdminError, AdminServer
 from agent.config_client import ConfigClient, ConfigUpdate
-from agent.datapath.bcc_datapath import BPFFS_ROOT, BccDatapath, remove_source_ip
+from agent.datapath.bcc_datapath import BPFFS_ROOT, BccDatapath, WorkerDatapath, remove_source_ip
 from agent.datapath.errors import DatapathError
 from agent.datapath.interface import Datapath, EnrolledPod, PodRef
 from agent.enrolled_store import DEFAULT_STATE_ROOT, EnrolledStore
 from agent.heap import GcPauses, settle
 from agent.identity import CertificateManager
 from agent.node import Addr, NodeConfig, Plan, Reconciler, Skipped, desired_pods, vip_map
+from agent.proxy import conns
 from agent.proxy.metrics import ProxyMetrics
 from agent.proxy.server import NodeProxy
 from agent.relay import Relay
 from agent.sources import AgentSources, LinkState
 from agent.telemetry import METRICS_PORT, AgentCollector, MetricsServer
+from agent.workers import WorkerSupervisor, die_with_parent, worker_socket_path
 from api import logsink
 from api.resources import PolicyObject
 
@@ -69,10 +72,11 @@ def loop_factory(name: str = "auto") -> Callable[[], asyncio.AbstractEventLoop] 
     return factory
 
 
-def configure_logging(level: int | str = logging.INFO) -> None:
+def configure_logging(level: int | str = logging.INFO, worker: int = 0) -> None:
     """Log records go to stderr through `api.logsink` (a bounded buffer and a writer thread): a
-    write to a stalled log pipe must not stop the event loop."""
-    logsink.configure(LOG_FORMAT, level)
+    write to a stalled log pipe must not stop the event loop. A proxy worker's lines say which."""
+    fmt = LOG_FORMAT.replace(" logger=", f" worker={worker} logger=") if worker else LOG_FORMAT
+    logsink.configure(fmt, level)
 
 
 def log_records_dropped() -> int:
@@ -253,6 +257,28 @@ class AgentOptions:
     admin_socket: Path | None = None  # default /run/nodemesh/<node>/admin.sock
     flow_ring_size: int = 10_000
     preserve_source_ip: bool = True
+    proxy_workers: int = 1  # processes carrying traffic, the main one included (agent/workers.py)
+    worker_index: int = 0  # 0: the main process; >= 1: a proxy worker started by it
+    event_loop: str = "auto"  # handed on to the workers
+    log_level: str = "info"  # handed on to the workers
+
+
+def worker_argv(options: AgentOptions, index: int) -> list[str]:
+    """The command line of proxy worker `index`: the main process's options and `--worker-index`."""
+    argv = [
+        sys.executable, "-m", "nodemesh.cli", "agent", "run",
+        "--node", options.node, "--controller", options.controller,
+        "--token", str(options.token_file), "--ca", str(options.ca_file),
+        "--pod-cgroup", str(options.pod_cgroup), "--state-dir", str(options.state_root),
+        "--resync-interval", str(options.resync_interval), "--trust-domain", options.trust_domain,
+        "--flow-ring-size", str(options.flow_ring_size), "--event-loop", options.event_loop,
+        "--log-level", options.log_level, "--worker-index", str(index),
+    ]  # fmt: skip
+    if options.server_name:
+        argv += ["--server-name", options.server_name]
+    if options.admin_socket is not None:
+        argv += ["--admin-socket", str(options.admin_socket)]
+    return argv
 
 
 def read_token(path: Path) -> str:
@@ -275,13 +301,20 @@ async def run(options: AgentOptions, stop: asyncio.Event | None = None) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         with contextlib.suppress(NotImplementedError, RuntimeError):  # not the main thread (tests)
             loop.add_signal_handler(sig, stop.set)
-    dp = BccDatapath(preserve_source_ip=options.preserve_source_ip)
+    worker = options.worker_index
+    if worker:
+        if not die_with_parent():
+            log.error("event=proxy_worker_orphaned worker=%d action=exit", worker)
+            return 1
+        conns.set_id_prefix(f"w{worker}")
+    dp = WorkerDatapath() if worker else BccDatapath(preserve_source_ip=options.preserve_source_ip)
     try:
         await asyncio.to_thread(dp.load, options.node, options.pod_cgroup)
     except DatapathError as exc:
         log.error("event=datapath_load_failed node=%s error=%r", options.node, str(exc))
         return 2
-    store = EnrolledStore(options.state_root / options.node)
+    # The main process records what it enrolled (pins to clean up); a worker holds listeners only.
+    store = None if worker else EnrolledStore(options.state_root / options.node)
 
     client: ConfigClient | None = None
 
@@ -308,18 +341,22 @@ async def run(options: AgentOptions, stop: asyncio.Event | None = None) -> int:
 
     agent = NodeAgent(options.node, dp, proxy, store, resync_interval=options.resync_interval,
                       on_config=on_config)
-    agent.restore(leftover_pods(options.node, store))
+    if store is not None:
+        agent.restore(leftover_pods(options.node, store))
     client = ConfigClient(options.controller, token, ca_pem, agent.on_update, server_name=options.server_name)
     sources = AgentSources(options.node, agent.config, proxy, certs, link, dp.counters,
                            lambda: len(agent.reconciler.enrolled), str(dp.node_dir(options.node)))
     registry.register(AgentCollector(options.node, dp.counters, proxy.stats, log_records_dropped))
     gc_pauses = GcPauses()
     registry.register(gc_pauses)
-    admin = AdminServer(sources, ring, options.admin_socket or admin_socket_path(options.node))
+    main_socket = options.admin_socket or admin_socket_path(options.node)
+    admin = AdminServer(sources, ring, worker_socket_path(main_socket, worker) if worker else main_socket)
+    supervisor = (WorkerSupervisor(main_socket, options.proxy_workers, lambda i: worker_argv(options, i))
+                  if not worker and options.proxy_workers > 1 else None)
     metrics_server: MetricsServer | None = None
     try:
         await admin.start()
-        if options.metrics_listen:
+        if options.metrics_listen and not worker:
             metrics_server = MetricsServer(registry, options.metrics_listen)
     except (AdminError, OSError) as exc:
         log.error("event=agent_start_failed node=%s error=%r", options.node, str(exc))
@@ -328,8 +365,11 @@ async def run(options: AgentOptions, stop: asyncio.Event | None = None) -> int:
         return 2
     gc_pauses.install()
     frozen = settle()  # startup is done: its objects are never scanned again (agent/heap.py)
-    log.info("event=agent_started node=%s controller=%s pod_cgroup=%s pid=%d gc_frozen=%d",
-             options.node, options.controller, options.pod_cgroup, os.getpid(), frozen)
+    log.info("event=agent_started node=%s controller=%s pod_cgroup=%s pid=%d gc_frozen=%d proxy_workers=%d",
+             options.node, options.controller, options.pod_cgroup, os.getpid(), frozen,
+             1 if worker else options.proxy_workers)
+    if supervisor is not None:
+        await supervisor.start()
     tasks = {asyncio.create_task(client.run(), name="config"),
              asyncio.create_task(agent.run(), name="reconcile")}
     stop_wait = asyncio.create_task(stop.wait())
@@ -344,6 +384,8 @@ async def run(options: AgentOptions, stop: asyncio.Event | None = None) -> int:
         for t in tasks:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        if supervisor is not None:
+            await supervisor.close()
         await agent.close()
         await certs.close()
         await admin.close()

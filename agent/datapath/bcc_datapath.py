@@ -16,6 +16,7 @@ import re
 import socket
 import struct
 import threading
+import time
 from pathlib import Path
 from typing import Any, Final
 
@@ -382,6 +383,16 @@ def _install_source_ip(pod: PodRef) -> bool:
     return True
 
 
+def _source_ip_installed(pod: PodRef) -> bool:
+    """In the pod's netns (the caller entered it): whether the main process set up source-IP
+    preservation there (a worker's connections to the apps then keep the caller's IP too)."""
+    try:
+        return source_ip.installed()
+    except Exception as exc:  # pyroute2's NetlinkError is no OSError
+        log.warning("event=source_ip_check_failed pod=%s error=%r action=apps_see_pod_ip", pod.uid, exc)
+        return False
+
+
 def remove_source_ip(netns_path: str) -> bool:
     """Undo source-IP preservation in a pod's netns; False when not set up there or the netns is
     gone (nothing left to undo). Never raises: unenrolling must go on."""
@@ -407,3 +418,92 @@ def check_pinned_map(name: str, path: Path) -> None:
     if got != want:
         raise DatapathError(f"pinned map {path}", f"layout {got} does not match {want}; "
                             "run uninstall for this node, then restart the agent")
+
+
+class WorkerDatapath(BccDatapath):
+    """The datapath of a proxy worker process (`agent/workers.py`): the main agent process owns
+    the programs, maps, links and the pods' source-IP set-up; a worker only reads the pinned maps
+    and opens its own listeners (SO_REUSEPORT, so they join the main process's) in the pods the
+    main process has enrolled. Unenrolling closes them; uninstalling is the main process's job."""
+
+    def __init__(self, bpffs_root: Path = BPFFS_ROOT, *, enrolled_wait: float = 5.0) -> None:
+        super().__init__(bpffs_root, preserve_source_ip=False)
+        self._enrolled_wait = enrolled_wait
+
+    def load(self, node: str, pod_cgroup: Path) -> None:
+        """Open the main process's pins (all of them, or fail); attach nothing."""
+        with self._lock:
+            if self._node is not None:
+                raise DatapathError(f"node {node}", f"datapath already loaded for node {self._node}")
+            ndir = self.node_dir(node)
+            maps = {m: ndir / "maps" / m for m in abi.MAP_SPECS}
+            progs = {p: ndir / "progs" / p for p in _PROGS}
+            missing = [str(p) for p in (*maps.values(), *progs.values()) if not p.exists()]
+            if missing:
+                raise DatapathError(f"node {node}", "the main agent process has not loaded the datapath: "
+                                    f"{len(missing)} pins missing, e.g. {missing[0]}")
+            try:
+                self._reuse(maps, progs)
+            except BaseException:
+                self._release()
+                raise
+            self._node = node
+        source_ip.preload()
+        log.info("event=datapath_opened node=%s mode=worker", node)
+
+    def enroll(self, pod: PodRef) -> EnrolledPod:
+        """Open listeners in the pod's netns once the main process has enrolled it (waits up to
+        `enrolled_wait` seconds for its `pod_by_netns` entry, then fails: retried on the next pass)."""
+        check_name("pod uid", pod.uid)
+        with self._lock:
+            self._dir()
+            if pod.uid in self._pods:
+                return self._pods[pod.uid]
+        # The netns's cookie first, and listeners only once the main process serves the pod: a
+        # listener in the reuseport group takes its share of new connections at once.
+        index = self._wait_enrolled(pod, self._cookie_of_netns(pod.netns_path))
+        ep = EnrolledPod(pod=pod, netns_cookie=0, pod_index=index)
+        try:
+            with in_netns(pod.netns_path):
+                ep.outbound = _listener("127.0.0.1", abi.PORT_OUTBOUND)
+                ep.inbound = _listener("0.0.0.0", abi.PORT_INBOUND)
+                ep.hbone = _listener("0.0.0.0", abi.PORT_HBONE)
+                ep.source_ip = _source_ip_installed(pod)
+            ep.netns_cookie = netns_cookie_of(ep.outbound)
+        except OSError as exc:
+            ep.close()
+            raise DatapathError(f"pod {pod.uid}", f"worker enroll failed: {exc}") from exc
+        except BaseException:
+            ep.close()
+            raise
+        with self._lock:
+            if pod.uid in self._pods:  # raced with another enroll of the same pod
+                ep.close()
+                return self._pods[pod.uid]
+            self._pods[pod.uid] = ep
+        log.info("event=pod_enrolled pod=%s ip=%s netns_cookie=%d index=%d source_ip=%s mode=worker",
+                 pod.uid, pod.ip, ep.netns_cookie, index, "preserved" if ep.source_ip else "pod")
+        return ep
+
+    def _wait_enrolled(self, pod: PodRef, cookie: int | None) -> int:
+        if cookie is None:
+            raise DatapathError(f"pod {pod.uid}", f"netns {pod.netns_path} is gone")
+        deadline = time.monotonic() + self._enrolled_wait
+        while True:
+            raw = bpfsys.map_lookup(self._map_fds["pod_by_netns"], abi.U64.pack(cookie), abi.POD_INFO.size)
+            if raw is not None:
+                return int(abi.POD_INFO.unpack(raw)[0])
+            if time.monotonic() >= deadline:
+                raise DatapathError(f"pod {pod.uid}", "not enrolled by the main agent process yet")
+            time.sleep(0.05)
+
+    def unenroll(self, pod: PodRef) -> None:
+        """Close this worker's listeners of the pod (the main process removes its map entries)."""
+        with self._lock:
+            ep = self._pods.pop(pod.uid, None)
+        if ep is not None:
+            ep.close()
+            log.info("event=pod_unenrolled pod=%s mode=worker", pod.uid)
+
+    def uninstall(self, node: str) -> None:
+        raise DatapathError(f"node {node}", "a proxy worker never uninstalls: the main agent process does")

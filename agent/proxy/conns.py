@@ -28,10 +28,18 @@ Addr = tuple[str, int]
 DEFAULT_MAX_CONNECTIONS = 10_000
 
 _ids = itertools.count(1)
+_id_prefix = "c"
+
+
+def set_id_prefix(prefix: str) -> None:
+    """Proxy workers (`agent/workers.py`) prefix their connection ids (`w1c1f`): one node's ids
+    stay unique across its processes."""
+    global _id_prefix
+    _id_prefix = f"{prefix}c"
 
 
 def new_connection_id() -> str:
-    return f"c{next(_ids):x}"
+    return f"{_id_prefix}{next(_ids):x}"
 
 
 @dataclass(slots=True, eq=False)

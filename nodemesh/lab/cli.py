@@ -32,13 +32,16 @@ def up(
         Path | None, typer.Option("--config", help="Topology file (default examples/lab)")
     ] = None,
     no_agents: Annotated[bool, typer.Option("--no-agents", help="Build the network only; no agents")] = False,
+    proxy_workers: Annotated[
+        int, typer.Option("--proxy-workers", min=1, max=64, help="Processes per agent that carry traffic")
+    ] = 1,
     state_dir: StateOpt = DEFAULT_STATE_DIR,
 ) -> None:
     """Remove leftovers of an earlier lab, then build nodes, pods, the controller and the agents."""
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         topo = load_topology(config)
-        Lab(state_dir).up(topo, agents=not no_agents)
+        Lab(state_dir).up(topo, agents=not no_agents, proxy_workers=proxy_workers)
     except (LabError, TopologyError, OSError) as exc:
         raise _fail(exc) from exc
     typer.echo(f"lab is up: {len(topo.nodes)} nodes, {len(topo.pods)} pods; `nodemesh lab status`")

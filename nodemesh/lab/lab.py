@@ -273,8 +273,11 @@ class Lab:
         tmp.replace(self.state_file)
 
     # ---- up ----------------------------------------------------------------------------------
-    def up(self, topology: Topology, *, agents: bool = True, timeout: float = 30.0) -> dict[str, Any]:
-        """Remove leftovers, then build the lab; on any failure everything built is removed."""
+    def up(
+        self, topology: Topology, *, agents: bool = True, timeout: float = 30.0, proxy_workers: int = 1
+    ) -> dict[str, Any]:
+        """Remove leftovers, then build the lab; on any failure everything built is removed.
+        `proxy_workers`: processes per agent that carry traffic (`agent run --proxy-workers`)."""
         self.down(quiet=True)
         cg_root = system.cgroup2_root()
         p = plan(topology, cg_root)
@@ -295,6 +298,7 @@ class Lab:
             "pods": [asdict(x) for x in p.pods],
             "services": [asdict(s) for s in p.services],
             "agents": agents,
+            "proxy_workers": proxy_workers,
             "processes": {},
         }
         self._write_state(state)  # written first: a crash from here on is cleaned by `down`
@@ -308,7 +312,7 @@ class Lab:
             procs["controller"] = self._start_controller(state, timeout)
             if agents:
                 procs.update(self._start_agents(p, state))
-                self._wait_agents(p, procs, timeout)
+                self._wait_agents(p, procs, timeout, proxy_workers)
             state["processes"] = procs
             state["phase"] = "up"
             self._write_state(state)
@@ -456,13 +460,15 @@ class Lab:
             "--ca", state["ca"],
             "--pod-cgroup", node.pod_cgroup,
             "--state-dir", str(self.state_dir / "agents"),
+            "--proxy-workers", str(state.get("proxy_workers", 1)),
         ]  # fmt: skip
         log_file = self.state_dir / "logs" / f"agent-{node.name}.log"
         proc = system.spawn(argv, netns=node.netns, cgroup=Path(node.cgroup) / "system", log=log_file)
         return proc.pid
 
-    def _wait_agents(self, p: Plan, procs: dict[str, int], timeout: float) -> None:
-        """Ready when every enrolled pod has the agent's outbound listener (15001) in its netns.
+    def _wait_agents(self, p: Plan, procs: dict[str, int], timeout: float, workers: int = 1) -> None:
+        """Ready when every enrolled pod has the outbound listener (15001) of each of the agent's
+        `workers` processes in its netns.
 
         Read from /proc/<pause pid>/net/tcp (the pod netns's socket table) rather than by
         connecting: a probe connection would be a real connection with no original destination.
@@ -472,7 +478,7 @@ class Lab:
             if not pod.enrolled:
                 continue
             pid = procs[f"pod/{pod.namespace}/{pod.name}/pause"]
-            while not _listening(pid, 15001):
+            while _listeners(pid, 15001) < workers:
                 if time.monotonic() > deadline:
                     log_file = self.state_dir / "logs" / f"agent-{pod.node}.log"
                     raise LabError(
@@ -502,7 +508,7 @@ class Lab:
         state["processes"][f"agent/{node}"] = pid
         self._write_state(state)
         on_node = Plan(p.trust_domain, p.nodes, [x for x in p.pods if x.node == node], p.services)
-        self._wait_agents(on_node, state["processes"], timeout)
+        self._wait_agents(on_node, state["processes"], timeout, state.get("proxy_workers", 1))
         return pid
 
     def _require_state(self) -> dict[str, Any]:
@@ -696,12 +702,17 @@ def _wait_port(
 
 def _listening(pid: int, port: int) -> bool:
     """Whether the netns of process `pid` has a TCP listener on `port` (any address)."""
+    return _listeners(pid, port) > 0
+
+
+def _listeners(pid: int, port: int) -> int:
+    """TCP listeners on `port` (any address) in the netns of process `pid`."""
     try:
         lines = Path(f"/proc/{pid}/net/tcp").read_text().splitlines()[1:]
     except OSError:
-        return False
+        return 0
     want = f":{port:04X}"
-    return any(f[1].endswith(want) and f[3] == "0A" for f in (ln.split() for ln in lines))
+    return sum(1 for f in (ln.split() for ln in lines) if f[1].endswith(want) and f[3] == "0A")
 
 
 def _tail(log: Path | None, lines: int = 15) -> str:

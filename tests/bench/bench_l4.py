@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import json
 import os
 import platform
@@ -35,6 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import psutil
 import stunnel_pair
 from proc_usage import Watch
 from stunnel_pair import Tunnel
@@ -64,6 +66,7 @@ class Settings:
     wrk_connections: int = 32
     pause: float = 1.0  # between runs, so one run's teardown does not land in the next
     steps: tuple[str, ...] = STEPS  # a subset measures only those rows (the table shows "-" for others)
+    proxy_workers: int = 1  # nodemesh: processes per agent that carry traffic (`--proxy-workers`)
 
 
 class BenchError(Exception):
@@ -85,14 +88,26 @@ def wait_for_free_lab(lab: Lab, timeout: float = LAB_WAIT_S) -> None:
 
 
 @contextmanager
-def lab_up(agents: bool) -> Iterator[Lab]:
+def lab_up(agents: bool, proxy_workers: int = 1) -> Iterator[Lab]:
     lab = Lab()
     wait_for_free_lab(lab)
     try:
-        lab.up(load_topology(TOPOLOGY), agents=agents, timeout=60)
+        lab.up(load_topology(TOPOLOGY), agents=agents, timeout=60, proxy_workers=proxy_workers)
         yield lab
     finally:
         lab.down(quiet=True)
+
+
+def proxy_workers(agents: dict[str, int]) -> dict[str, int]:
+    """The agents' proxy worker processes (their children), named `agent/<node>/w<index>`."""
+    found: dict[str, int] = {}
+    for name, pid in agents.items():
+        with contextlib.suppress(psutil.Error):
+            for child in psutil.Process(pid).children():
+                argv = child.cmdline()
+                if "--worker-index" in argv:
+                    found[f"{name}/w{argv[argv.index('--worker-index') + 1]}"] = child.pid
+    return found
 
 
 def wait_listening(lab: Lab, pod: str, port: int, proc: subprocess.Popen[bytes], log: Path) -> None:
@@ -340,7 +355,7 @@ def measure_mode(mode: str, s: Settings) -> dict[str, Any]:
     tmp.chmod(0o755)  # nginx workers run as nobody
     procs: list[subprocess.Popen[bytes]] = []
     try:
-        with lab_up(agents=mode == "nodemesh") as lab:
+        with lab_up(agents=mode == "nodemesh", proxy_workers=s.proxy_workers) as lab:
             procs += start_servers(lab, tmp)
             host = lab.plan().pod(SERVER).ip
             proxies: dict[str, int] = {}
@@ -351,7 +366,8 @@ def measure_mode(mode: str, s: Settings) -> dict[str, Any]:
                 host = "127.0.0.1"
             elif mode == "nodemesh":
                 state = lab.load_state() or {}
-                proxies = {n: pid for n, pid in state.get("processes", {}).items() if n.startswith("agent/")}
+                agents = {n: pid for n, pid in state.get("processes", {}).items() if n.startswith("agent/")}
+                proxies = {**agents, **proxy_workers(agents)}
             out: dict[str, Any] = {"mode": mode, "target": host}
             steps: list[tuple[str, Any]] = [
                 ("bulk_1", lambda: iperf(lab, host, 1, s, proxies)),
@@ -574,7 +590,7 @@ def run(modes: list[str], s: Settings, results_path: Path = RESULTS, rounds: int
         "benchmark": "l4",
         "path": f"{CLIENT} (node1) -> {SERVER} (node2), default lab topology",
         "settings": {"seconds": s.seconds, "fixed_rate_rps": s.rate, "wrk_threads": s.wrk_threads,
-                     "wrk_connections": s.wrk_connections},
+                     "wrk_connections": s.wrk_connections, "proxy_workers": s.proxy_workers},
         "rounds": rounds,
         "modes": measured,  # with several rounds: per mode and step, the median round's result
         "summary": summary,
@@ -625,6 +641,7 @@ def main() -> int:
     parser.add_argument("--wrk-connections", type=int, default=32)
     parser.add_argument("--wrk-threads", type=int, default=2)
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--proxy-workers", type=int, default=1, help="nodemesh: processes per agent")
     parser.add_argument(
         "--rounds",
         type=int,
@@ -645,6 +662,7 @@ def main() -> int:
         wrk_threads=args.wrk_threads,
         wrk_connections=args.wrk_connections,
         steps=steps,
+        proxy_workers=args.proxy_workers,
     )
     if args.rounds < 1:
         parser.error("--rounds must be at least 1")

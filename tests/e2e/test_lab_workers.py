@@ -1,0 +1,159 @@
+"""Proxy workers in the lab (`agent run --proxy-workers 2`): real eBPF, real mTLS, real processes.
+
+Each agent runs one worker beside its main process. New connections are spread over both by the
+kernel (SO_REUSEPORT, sk_lookup's assignment to 15006 included); every connection is still
+authorized, re-checked on policy changes and seen by the apps with the caller's IP; a killed worker
+is restarted, and a killed main process takes its worker with it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import psutil
+from conftest import LabHandle
+from meshlab import Policies, flows, flows_from, request_ok, wait_for
+from test_lab_authz import KEEPALIVE, from_source
+
+from nodemesh.lab.lab import _listeners
+
+LAB_PROXY_WORKERS = 2
+MAX_TRIES = 30  # connections opened until both processes have carried some (P(one-sided) = 2^-29)
+
+
+def agent_pid(lab: LabHandle, node: str) -> int:
+    state = lab.lab.load_state()
+    assert state is not None
+    return int(state["processes"][f"agent/{node}"])
+
+
+def worker_pids(lab: LabHandle, node: str) -> list[int]:
+    """The node's proxy workers: the agent's children started with `--worker-index`."""
+    with contextlib.suppress(psutil.NoSuchProcess):
+        children = psutil.Process(agent_pid(lab, node)).children()
+        return [c.pid for c in children if "--worker-index" in c.cmdline()]
+    return []
+
+
+def processes_of(conn_ids: list[str]) -> set[str]:
+    return {"worker-1" if c.startswith("w1c") else "main" for c in conn_ids}
+
+
+def spread_requests(lab: LabHandle, pod: str, node: str, dst: str) -> list[dict[str, str]]:
+    """Requests from `pod` (one connection each) until `node` logged connections of both
+    processes; returns their open records. Every answer must name the caller's IP."""
+    src = lab.plan.pod(pod).ip
+    before = len(flows_from(lab, node, src, event="open"))
+    for n in range(1, MAX_TRIES + 1):
+        body = request_ok(lab, pod, f"http://{dst}:8000/spread/{n}")
+        assert body["peer"].split(":")[0] == src, body
+        recs = wait_for(lambda n=n: len(r := flows_from(lab, node, src, event="open")[before:]) >= n and r,
+                        5, f"{n} open records on {node}")
+        if processes_of([r["conn"] for r in recs]) == {"main", "worker-1"}:
+            return recs
+    raise AssertionError(f"{MAX_TRIES} connections from {pod} all landed on one process of {node}")
+
+
+def test_every_agent_runs_its_worker(lab: LabHandle) -> None:
+    for node in ("node1", "node2"):
+        pids = wait_for(lambda node=node: worker_pids(lab, node), 10, f"the worker of {node}")
+        assert len(pids) == 1
+        assert "event=proxy_worker_started worker=1" in lab.log(f"agent-{node}")
+        # the worker serves every pod the main process enrolled, with the same source-IP set-up
+        enrolled = [p for p in lab.plan.pods if p.node == node and p.enrolled]
+
+        def worker_lines(node: str = node) -> list[str]:
+            log = lab.log(f"agent-{node}").splitlines()
+            return [ln for ln in log if " worker=1 " in ln and "event=pod_enrolled" in ln]
+
+        # the lab waited for the listeners; the log line may still be in the writer's buffer
+        want = len(enrolled)
+        lines = wait_for(lambda want=want: len(worker_lines()) >= want and worker_lines(), 5, "worker lines")
+        assert len(lines) == len(enrolled) and all("source_ip=preserved" in ln for ln in lines), lines
+
+
+def test_outbound_and_hbone_connections_are_spread(lab: LabHandle) -> None:
+    v2 = lab.plan.pod("httpbin-v2")
+    recs = spread_requests(lab, "client", "node1", v2.ip)  # 15001 in the client pod
+    assert all(r["verdict"] == "allowed" for r in recs)
+    # both of node1's processes reach node2 over mTLS: node2 logged the client's identity for each
+    for r in recs:
+        assert r.get("src_identity", "").endswith("/sa/client"), r
+
+
+def test_inbound_plaintext_through_sk_lookup_is_spread(lab: LabHandle) -> None:
+    """outsider (not enrolled) → httpbin-v2 on the same node: sk_lookup assigns 15006, and the
+    kernel's reuseport selection picks the process; the app still sees the outsider's IP."""
+    recs = spread_requests(lab, "outsider", "node2", lab.plan.pod("httpbin-v2").ip)
+    assert all(r["verdict"] == "allowed" for r in recs)
+
+
+def test_a_policy_change_closes_denied_connections_in_every_process(
+    lab: LabHandle, policies: Policies, tmp_path: Path
+) -> None:
+    v2, outsider = lab.plan.pod("httpbin-v2"), lab.plan.pod("outsider")
+    procs: list[subprocess.Popen[bytes]] = []
+    logs: list[Path] = []
+
+    def lines(log: Path, kind: str) -> list[list[str]]:
+        return [ln.split() for ln in log.read_text().splitlines() if ln.startswith(kind + " ")]
+
+    before = len(flows_from(lab, "node2", outsider.ip, event="open"))
+    try:
+        for n in range(MAX_TRIES):  # long-lived connections until both processes hold two
+            log = tmp_path / f"keepalive-{n}.log"
+            argv = ["python3", "-c", KEEPALIVE, v2.ip, "8000", "60"]
+            procs.append(lab.lab.popen("outsider", argv, log=log))
+            logs.append(log)
+            wait_for(lambda log=log: lines(log, "ok"), 10, "an answer on the new connection")
+            held = [r["conn"] for r in flows_from(lab, "node2", outsider.ip, event="open")[before:]]
+            if all(sum(processes_of([c]) == {p} for c in held) >= 2 for p in ("main", "worker-1")):
+                break
+        else:
+            raise AssertionError(f"{MAX_TRIES} connections did not reach both processes of node2")
+        t0 = time.time()
+        deny = from_source("DENY", ipBlocks=[f"{outsider.ip}/32"])
+        name = policies.apply("AuthorizationPolicy", "deny-outsider-live", deny)
+        for log in logs:
+            closed = wait_for(lambda log=log: lines(log, "closed"), 5, f"{log.name} to be closed")[0]
+            assert float(closed[2]) - t0 < 5, closed
+        # each process re-decided its own connections with the new policy and said so
+        denied = wait_for(lambda: len(d := flows(lab, "node2", event="deny", policy=name)) >= len(logs) and d,
+                          5, "a deny record per connection")
+        assert processes_of([r["conn"] for r in denied]) == {"main", "worker-1"}, denied
+    finally:
+        for p in procs:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(p.pid, signal.SIGKILL)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                p.wait(5)
+
+
+def test_a_killed_worker_is_restarted(lab: LabHandle) -> None:
+    [old] = wait_for(lambda: worker_pids(lab, "node1"), 10, "node1's worker")
+    os.kill(old, signal.SIGKILL)
+    new = wait_for(lambda: [p for p in worker_pids(lab, "node1") if p != old], 10, "a new worker")
+    assert len(new) == 1
+    assert "event=proxy_worker_exited worker=1" in lab.log("agent-node1")
+    assert "how='signal 9'" in lab.log("agent-node1")
+    # the new worker serves again: connections reach both processes
+    state = lab.lab.load_state()
+    assert state is not None
+    pause = state["processes"]["pod/default/client/pause"]
+    wait_for(lambda: _listeners(pause, 15001) >= 2, 15, "the new worker's listeners in the client pod")
+    spread_requests(lab, "client", "node1", lab.plan.pod("httpbin-v2").ip)
+
+
+def test_a_killed_main_process_takes_its_worker_along(lab: LabHandle) -> None:
+    [worker] = wait_for(lambda: worker_pids(lab, "node2"), 10, "node2's worker")
+    os.kill(agent_pid(lab, "node2"), signal.SIGKILL)
+    wait_for(lambda: not psutil.pid_exists(worker) or psutil.Process(worker).status() == psutil.STATUS_ZOMBIE,
+             10, "the worker to exit after its main process died")
+    lab.lab.start_agent("node2")  # waits for both processes' listeners in every pod of node2
+    assert len(wait_for(lambda: worker_pids(lab, "node2"), 10, "the new worker")) == 1
+    spread_requests(lab, "outsider", "node2", lab.plan.pod("httpbin-v2").ip)

@@ -1,0 +1,186 @@
+"""Proxy workers: the supervisor (real child processes), the worker command line, connection ids."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from agent.main import AgentOptions, worker_argv
+from agent.proxy import conns
+from agent.workers import PARENT_ENV, WorkerSupervisor, describe_exit, worker_socket_path
+
+SLEEPER = "import time; time.sleep(60)"
+# Writes its pid and the parent pid it was given, then sleeps; SIGTERM ends it at once.
+REPORTER = (
+    "import os, sys, time; "
+    "open(sys.argv[1], 'a').write(f\"{os.getpid()} {os.environ.get('" + PARENT_ENV + "')}\\n\"); "
+    "time.sleep(60)"
+)
+STUBBORN = "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(60)"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # a zombie counts as gone
+    with open(f"/proc/{pid}/stat") as f:
+        return f.read().split(")")[-1].split()[0] != "Z"
+
+
+async def _wait_for(cond, timeout: float = 10.0) -> None:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, "condition not met in time"
+        await asyncio.sleep(0.02)
+
+
+def test_socket_paths_sit_next_to_the_main_socket(tmp_path: Path) -> None:
+    main = tmp_path / "node1" / "admin.sock"
+    assert worker_socket_path(main, 2) == tmp_path / "node1" / "worker-2.sock"
+    with pytest.raises(ValueError):
+        worker_socket_path(main, 0)
+
+
+def test_exit_descriptions() -> None:
+    assert describe_exit(1) == "exit 1"
+    assert describe_exit(-signal.SIGKILL) == "signal 9"
+
+
+def test_supervisor_starts_restarts_and_stops_workers(tmp_path: Path) -> None:
+    log = tmp_path / "started"
+
+    async def scenario() -> None:
+        sup = WorkerSupervisor(tmp_path / "admin.sock", 3,
+                               lambda i: [sys.executable, "-c", REPORTER, str(log)],
+                               backoff_initial=0.05, backoff_max=0.2)
+        assert [w.index for w in sup.workers()] == [1, 2]
+        assert not any(w.up for w in sup.workers())
+        await sup.start()
+        await _wait_for(lambda: log.exists() and len(log.read_text().splitlines()) == 2)
+        first = {w.index: w.pid for w in sup.workers()}
+        assert all(first.values())
+        # every worker is told its parent (the main process) to check against after PR_SET_PDEATHSIG
+        assert {line.split()[1] for line in log.read_text().splitlines()} == {str(os.getpid())}
+        # "up" needs the worker's admin socket too
+        (tmp_path / "worker-1.sock").touch()
+        assert [w.up for w in sup.workers()] == [True, False]
+
+        pid1 = first[1]
+        assert pid1 is not None
+        os.kill(pid1, signal.SIGKILL)
+        await _wait_for(lambda: sup.workers()[0].pid not in (None, pid1))
+        w1 = sup.workers()[0]
+        assert w1.restarts == 1 and w1.last_exit == "signal 9"
+        assert sup.workers()[1].pid == first[2] and sup.workers()[1].restarts == 0
+        pids = [w.pid for w in sup.workers()]
+
+        await sup.close()
+        assert all(w.pid is None and not w.up for w in sup.workers())
+        assert not any(_alive(p) for p in pids if p is not None)
+
+    asyncio.run(scenario())
+
+
+def test_supervisor_backs_off_a_worker_that_keeps_failing(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        sup = WorkerSupervisor(tmp_path / "admin.sock", 2,
+                               lambda i: [sys.executable, "-c", "raise SystemExit(3)"],
+                               backoff_initial=0.1, backoff_max=0.4)
+        await sup.start()
+        await asyncio.sleep(1.5)
+        w = sup.workers()[0]
+        await sup.close()
+        # delays 0.1, 0.2, 0.4, 0.4, ... plus each start (~0.05-0.1 s): far fewer than an
+        # unthrottled loop, yet it kept trying
+        assert 2 <= w.restarts <= 7, w.restarts
+        assert w.last_exit == "exit 3"
+
+    asyncio.run(scenario())
+
+
+def test_supervisor_reports_a_command_that_cannot_start(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        sup = WorkerSupervisor(tmp_path / "admin.sock", 2, lambda i: [str(tmp_path / "no-such-binary")],
+                               backoff_initial=0.05, backoff_max=0.05)
+        await sup.start()
+        await _wait_for(lambda: sup.workers()[0].restarts >= 2)
+        await sup.close()
+        assert sup.workers()[0].last_exit.startswith("spawn failed:")
+
+    asyncio.run(scenario())
+
+
+def test_supervisor_kills_a_worker_that_ignores_sigterm(tmp_path: Path) -> None:
+    ready = tmp_path / "ready"
+    code = STUBBORN.replace("time.sleep(60)", f"open({str(ready)!r}, 'w').close(); time.sleep(60)")
+
+    async def scenario() -> None:
+        sup = WorkerSupervisor(tmp_path / "admin.sock", 2, lambda i: [sys.executable, "-c", code],
+                               stop_timeout=0.3)
+        await sup.start()
+        await _wait_for(ready.exists)
+        pid = sup.workers()[0].pid
+        assert pid is not None
+        began = time.monotonic()
+        await sup.close()
+        assert time.monotonic() - began < 3
+        assert not _alive(pid)
+
+    asyncio.run(scenario())
+
+
+def test_one_process_means_no_workers(tmp_path: Path) -> None:
+    assert WorkerSupervisor(tmp_path / "admin.sock", 1, lambda i: ["true"]).workers() == []
+    with pytest.raises(ValueError):
+        WorkerSupervisor(tmp_path / "admin.sock", 0, lambda i: ["true"])
+
+
+def test_worker_command_line_is_accepted_by_agent_run(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The argv the main process builds parses into the same options plus the worker index."""
+    import agent.cli as cli
+    from nodemesh.cli import app
+
+    (tmp_path / "cg").mkdir()
+    opts = AgentOptions("node1", "10.0.0.1:15012", tmp_path / "tok", tmp_path / "ca.pem", tmp_path / "cg",
+                        tmp_path / "state", server_name="ctl.example", resync_interval=2.5,
+                        trust_domain="example.org", admin_socket=tmp_path / "a.sock", flow_ring_size=77,
+                        proxy_workers=3, event_loop="asyncio", log_level="debug")
+    seen: list[AgentOptions] = []
+
+    async def fake_run(options: AgentOptions, stop: object = None) -> int:
+        seen.append(options)
+        return 0
+
+    monkeypatch.setattr(cli, "run", fake_run)
+    monkeypatch.setattr(cli, "configure_logging", lambda *a: None)
+    argv = worker_argv(opts, 2)
+    assert argv[:3] == [sys.executable, "-m", "nodemesh.cli"]
+    assert argv[3:5] == ["agent", "run"]
+    result = CliRunner().invoke(app, argv[3:])
+    assert result.exit_code == 0, result.output
+    got = seen[0]
+    assert got.worker_index == 2 and got.proxy_workers == 1
+    for field in ("node", "controller", "token_file", "ca_file", "pod_cgroup", "state_root",
+                  "server_name", "resync_interval", "trust_domain", "admin_socket", "flow_ring_size",
+                  "event_loop", "log_level"):
+        assert getattr(got, field) == getattr(opts, field), field
+
+
+def test_connection_ids_carry_the_worker_prefix(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(conns, "_id_prefix", conns._id_prefix)
+    main_id = conns.new_connection_id()
+    assert main_id.startswith("c") and int(main_id[1:], 16) > 0
+    conns.set_id_prefix("w3")
+    ids = {conns.new_connection_id() for _ in range(5)}
+    assert len(ids) == 5 and all(i.startswith("w3c") for i in ids)
