@@ -23,8 +23,10 @@ from typing import Protocol
 
 from prometheus_client import CollectorRegistry
 
+from agent.admin.flow_feed import WorkerFlowFeed
 from agent.admin.flows import FlowRing
 from agent.admin.paths import admin_socket_path
+from agent.admin.peers import WorkerPeers
 from agent.admin.server import AdminError, AdminServer
 from agent.config_client import ConfigClient, ConfigUpdate
 from agent.datapath.bcc_datapath import BPFFS_ROOT, BccDatapath, WorkerDatapath, remove_source_ip
@@ -39,8 +41,8 @@ from agent.proxy.metrics import ProxyMetrics
 from agent.proxy.server import NodeProxy
 from agent.relay import Relay
 from agent.sources import AgentSources, LinkState
-from agent.telemetry import METRICS_PORT, AgentCollector, MetricsServer
-from agent.workers import WorkerSupervisor, die_with_parent, worker_socket_path
+from agent.telemetry import METRICS_PORT, AgentCollector, MetricsServer, merged_registry
+from agent.workers import WorkerSupervisor, die_with_parent, worker_id_prefix, worker_socket_path
 from api import logsink
 from api.resources import PolicyObject
 
@@ -306,7 +308,7 @@ async def run(options: AgentOptions, stop: asyncio.Event | None = None) -> int:
         if not die_with_parent():
             log.error("event=proxy_worker_orphaned worker=%d action=exit", worker)
             return 1
-        conns.set_id_prefix(f"w{worker}")
+        conns.set_id_prefix(worker_id_prefix(worker))
     dp = WorkerDatapath() if worker else BccDatapath(preserve_source_ip=options.preserve_source_ip)
     try:
         await asyncio.to_thread(dp.load, options.node, options.pod_cgroup)
@@ -350,14 +352,26 @@ async def run(options: AgentOptions, stop: asyncio.Event | None = None) -> int:
     gc_pauses = GcPauses()
     registry.register(gc_pauses)
     main_socket = options.admin_socket or admin_socket_path(options.node)
-    admin = AdminServer(sources, ring, worker_socket_path(main_socket, worker) if worker else main_socket)
     supervisor = (WorkerSupervisor(main_socket, options.proxy_workers, lambda i: worker_argv(options, i))
                   if not worker and options.proxy_workers > 1 else None)
+    feed: WorkerFlowFeed | None = None
+    exposed = registry
+    if supervisor is not None:
+        # one admin API and one exposition for the node: the workers' connections, flows and
+        # metrics are merged into the main process's (agent/admin/peers.py, flow_feed.py, telemetry.py)
+        feed = WorkerFlowFeed(supervisor.workers, ring)
+        registry.register(feed)
+        exposed = merged_registry(registry, supervisor.workers)
+        admin = AdminServer(sources, ring, main_socket, peers=WorkerPeers(supervisor.workers),
+                            metrics=exposed)
+    else:
+        admin = AdminServer(sources, ring, worker_socket_path(main_socket, worker) if worker else main_socket,
+                            worker_index=worker)
     metrics_server: MetricsServer | None = None
     try:
         await admin.start()
         if options.metrics_listen and not worker:
-            metrics_server = MetricsServer(registry, options.metrics_listen)
+            metrics_server = MetricsServer(exposed, options.metrics_listen)
     except (AdminError, OSError) as exc:
         log.error("event=agent_start_failed node=%s error=%r", options.node, str(exc))
         await admin.close()
@@ -370,6 +384,8 @@ async def run(options: AgentOptions, stop: asyncio.Event | None = None) -> int:
              1 if worker else options.proxy_workers)
     if supervisor is not None:
         await supervisor.start()
+    if feed is not None:
+        await feed.start()
     tasks = {asyncio.create_task(client.run(), name="config"),
              asyncio.create_task(agent.run(), name="reconcile")}
     stop_wait = asyncio.create_task(stop.wait())
@@ -384,6 +400,8 @@ async def run(options: AgentOptions, stop: asyncio.Event | None = None) -> int:
         for t in tasks:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        if feed is not None:
+            await feed.close()  # before the workers stop: their ends of its streams go with them
         if supervisor is not None:
             await supervisor.close()
         await agent.close()

@@ -3,23 +3,40 @@
 One registry holds the proxy's Istio TCP metrics plus an `AgentCollector` that, at scrape time,
 reads the process (RSS, CPU, open fds, via psutil) and the datapath's BPF counters. Served by
 prometheus-client's own HTTP server on a thread: a scrape never runs on the proxy's event loop.
+
+With proxy workers (agent/workers.py) the main process serves one exposition for the node:
+`WorkerMetrics` wraps the main registry and merges each up worker's `/metrics` (read from its admin
+socket, parsed with prometheus-client's parser) into it, family by family, as `merge_rule` says:
+per-proxy traffic is summed, per-process values get a `worker` label, node-wide values are the main
+process's.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable, Iterator, Mapping
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from enum import StrEnum
 from wsgiref.simple_server import WSGIServer
 
 import psutil
 from prometheus_client import CollectorRegistry, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import Collector
+from prometheus_client.samples import Sample
+
+from agent.admin import client
+from agent.admin.client import PeerError
+from agent.admin.sources import ProxyWorker, Workers
 
 log = logging.getLogger("nodemesh.agent.metrics")
 
 METRICS_PORT = 15020
+SCRAPE_TIMEOUT = 0.75  # seconds a worker has to answer `/metrics`
+SCRAPE_THREADS = 8  # workers scraped at once
 
 
 class AgentCollector(Collector):
@@ -83,3 +100,180 @@ class MetricsServer:
         self._httpd.shutdown()
         self._httpd.server_close()
         self._thread.join(timeout=5)
+
+
+# --- one exposition for the main process and its proxy workers -----------------------------------
+
+
+class MergeRule(StrEnum):
+    """How a worker's sample joins the main process's exposition."""
+
+    SUM = "sum"  # per-proxy traffic: the node's value is the sum over the processes
+    PER_PROCESS = "per_process"  # the process's own (memory, CPU, GC): kept apart, labelled `worker`
+    MAIN_ONLY = "main_only"  # node-wide (the BPF maps, the pods served): the main process's value
+
+
+# Families named `istio_*` or `nodemesh_proxy_*` count a proxy's traffic: connections, bytes,
+# refusals (`nodemesh_proxy_stat{stat="opened"|"overload"|...}`), so the node's value is the sum.
+SUMMED_PREFIXES = ("istio_", "nodemesh_proxy_")
+# Read from the pinned BPF maps every process shares: a worker reports the same values again.
+MAIN_ONLY_FAMILIES = frozenset({"nodemesh_datapath_events"})
+# The main process's view of its workers (supervision, flow feed, these scrapes).
+MAIN_ONLY_PREFIXES = ("nodemesh_proxy_worker",)
+# `nodemesh_proxy_stat` values that count pods, not traffic: every worker serves every pod.
+MAIN_ONLY_PROXY_STATS = frozenset({"pods", "pods_source_ip"})
+WORKER_LABEL = "worker"
+
+
+def merge_rule(family: str, labels: Mapping[str, str]) -> MergeRule:
+    """The rule for one sample of `family`. What is not known to be traffic or node-wide (process
+    metrics, GC pauses, a family added later) is kept per process: never counted twice, never lost."""
+    if family in MAIN_ONLY_FAMILIES or family.startswith(MAIN_ONLY_PREFIXES):
+        return MergeRule.MAIN_ONLY
+    if family.endswith("_created"):  # a counter's start time (parsed as a gauge family): not a count
+        return MergeRule.MAIN_ONLY
+    if family == "nodemesh_proxy_stat" and labels.get("stat") in MAIN_ONLY_PROXY_STATS:
+        return MergeRule.MAIN_ONLY
+    if family.startswith(SUMMED_PREFIXES):
+        return MergeRule.SUM
+    return MergeRule.PER_PROCESS
+
+
+def _series(sample: Sample) -> tuple[str, tuple[tuple[str, str], ...]]:
+    return sample.name, tuple(sorted(sample.labels.items()))
+
+
+def merge_families(
+    own: Iterable[Metric], workers: Iterable[tuple[int, Iterable[Metric]]]
+) -> tuple[list[Metric], list[tuple[int, str]]]:
+    """The main process's families with each worker's merged in (`merge_rule`), one family per name
+    (main's first, in its order; then families only workers have), and the families that could not
+    be merged, as (worker index, why): a worker gave a name another type; its part is left out.
+
+    Summing adds samples of the same name and labels: counters, gauges, histogram buckets, `_sum`
+    and `_count` alike (workers run the same code, so their buckets are the main process's).
+    """
+    merged: dict[str, Metric] = {}
+    for family in own:
+        target = merged.get(family.name)
+        if target is None:
+            target = merged[family.name] = Metric(family.name, family.documentation, family.type, family.unit)
+        target.samples.extend(family.samples)
+    positions: dict[str, dict[tuple[str, tuple[tuple[str, str], ...]], int]] = {}
+    conflicts: list[tuple[int, str]] = []
+    for index, families in workers:
+        worker = str(index)
+        for family in families:
+            rules = [(s, merge_rule(family.name, s.labels)) for s in family.samples]
+            taken = [(s, rule) for s, rule in rules if rule is not MergeRule.MAIN_ONLY]
+            if not taken:
+                continue
+            target = merged.get(family.name)
+            if target is None:
+                target = merged[family.name] = Metric(family.name, family.documentation, family.type)
+            elif target.type != family.type:
+                conflicts.append((index, f"{family.name} is a {family.type}, here a {target.type}: left out"))
+                continue
+            at = positions.get(family.name)
+            if at is None:
+                at = positions[family.name] = {_series(s): i for i, s in enumerate(target.samples)}
+            created = family.name + "_created"  # a start time, not a count
+            for s, rule in taken:
+                if rule is MergeRule.PER_PROCESS:
+                    target.samples.append(Sample(s.name, {**s.labels, WORKER_LABEL: worker}, s.value))
+                    continue
+                if s.name == created:
+                    continue
+                key = _series(s)
+                i = at.get(key)
+                if i is None:
+                    at[key] = len(target.samples)
+                    target.samples.append(Sample(s.name, dict(s.labels), s.value))
+                else:
+                    old = target.samples[i]
+                    target.samples[i] = Sample(old.name, old.labels, old.value + s.value)
+    return list(merged.values()), conflicts
+
+
+class WorkerMetrics:
+    """The main process's registry `own` merged with every up proxy worker's `/metrics`, collected
+    as one exposition; plus the workers' up/down gauge and scrape errors. Register it alone in a
+    registry of its own (`merged_registry`): registered beside `own`'s collectors it would repeat
+    their families.
+
+    Collecting blocks (each worker has `timeout` seconds, read at once on a few threads): call it on
+    a scrape thread or `asyncio.to_thread`, never on the event loop. A worker that does not answer, or
+    answers what does not parse, is left out of that collection, logged and counted.
+    """
+
+    def __init__(
+        self,
+        own: Collector,
+        workers: Workers,
+        *,
+        timeout: float = SCRAPE_TIMEOUT,
+        fetch: Callable[[ProxyWorker], str] | None = None,
+    ) -> None:
+        self._own = own
+        self._workers = workers
+        self._timeout = timeout
+        self._fetch = fetch or self._fetch_admin
+        self._lock = threading.Lock()  # the :15020 thread and the admin route may collect at once
+        self.scrape_errors: Counter[int] = Counter()
+
+    def _fetch_admin(self, w: ProxyWorker) -> str:
+        return client.get_blocking(w.admin_socket, "/metrics", timeout=self._timeout).decode()
+
+    def _failed(self, index: int, error: str) -> None:
+        with self._lock:
+            self.scrape_errors[index] += 1
+        log.warning("event=proxy_worker_scrape_failed worker=%d error=%r", index, error)
+
+    def _scrape(self, w: ProxyWorker) -> list[Metric] | None:
+        try:
+            return list(text_string_to_metric_families(self._fetch(w)))
+        except PeerError as exc:
+            self._failed(w.index, str(exc))
+        except Exception as exc:  # the parser raises ValueError, IndexError, ... on bad text
+            self._failed(w.index, f"unparsable metrics: {exc!r}")
+        return None
+
+    def collect(self) -> Iterator[Metric]:
+        workers: Sequence[ProxyWorker] = list(self._workers())
+        up = [w for w in workers if w.up]
+        if len(up) > 1:
+            with ThreadPoolExecutor(min(len(up), SCRAPE_THREADS), thread_name_prefix="worker-scrape") as pool:
+                scraped = list(pool.map(self._scrape, up))
+        else:
+            scraped = [self._scrape(w) for w in up]
+        families, conflicts = merge_families(
+            self._own.collect(), [(w.index, f) for w, f in zip(up, scraped, strict=True) if f is not None]
+        )
+        for index, conflict in conflicts:
+            self._failed(index, conflict)
+        yield from families
+        state = GaugeMetricFamily("nodemesh_proxy_workers", "Proxy worker processes by state (the main "
+                                  "process not counted)", labels=["state"])
+        state.add_metric(["up"], len(up))
+        state.add_metric(["down"], len(workers) - len(up))
+        yield state
+        errors = CounterMetricFamily(
+            "nodemesh_proxy_worker_scrape_errors",
+            "Reads of a proxy worker's metrics that failed (no answer in time, unparsable, not mergeable)",
+            labels=["worker"],
+        )
+        with self._lock:
+            counts = {w.index: self.scrape_errors[w.index] for w in workers} | dict(self.scrape_errors)
+        for index, count in sorted(counts.items()):
+            errors.add_metric([str(index)], count)
+        yield errors
+
+
+def merged_registry(
+    own: CollectorRegistry, workers: Workers, *, timeout: float = SCRAPE_TIMEOUT
+) -> CollectorRegistry:
+    """A registry whose one collector is `WorkerMetrics(own, workers)`: give it to `MetricsServer`
+    and to `AdminServer(metrics=...)`; the agent's collectors stay registered in `own`."""
+    exposed = CollectorRegistry(auto_describe=False)
+    exposed.register(WorkerMetrics(own, workers, timeout=timeout))
+    return exposed

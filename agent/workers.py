@@ -51,6 +51,14 @@ class WorkerInfo:
 
 PR_SET_PDEATHSIG = 1
 PARENT_ENV = "NODEMESH_WORKER_PARENT"  # the main process's pid, set in each worker's environment
+RESTARTS_ENV = "NODEMESH_WORKER_RESTARTS"  # how often this worker was restarted before (ids stay unique)
+
+
+def worker_id_prefix(index: int) -> str:
+    """Connection-id prefix of proxy worker `index`: `w1`, and `w1r3` after its third restart, so a
+    node's ids never repeat across its processes (the main process's flow ring holds them all)."""
+    restarts = int(os.environ.get(RESTARTS_ENV) or 0)
+    return f"w{index}r{restarts}" if restarts else f"w{index}"
 
 
 def die_with_parent() -> bool:
@@ -126,9 +134,9 @@ class WorkerSupervisor:
     async def _keep(self, w: _Worker) -> None:
         initial, cap = self._backoff
         delay = initial
-        env = {**os.environ, PARENT_ENV: str(os.getpid())}
         while not self._stopping:
             began = time.monotonic()
+            env = {**os.environ, PARENT_ENV: str(os.getpid()), RESTARTS_ENV: str(w.restarts)}
             try:
                 w.proc = await asyncio.create_subprocess_exec(*self._argv(w.index), stdin=subprocess.DEVNULL,
                                                               env=env)

@@ -266,6 +266,23 @@ def _get(client: AdminClient, path: str, **params: object) -> Any:
         _fail(str(exc))
 
 
+def workers_line(workers: list[dict[str, Any]]) -> tuple[str, bool]:
+    """`proxy workers: 2 of 2 up (pids 123, 456), 1 restart`, then what is wrong, if anything (a
+    worker down and how it last ended, or up but not answering); and whether nothing is."""
+    up = [w for w in workers if w["up"]]
+    pids = ", ".join(str(w["pid"]) for w in up if w["pid"] is not None)
+    restarts = sum(w["restarts"] for w in workers)
+    parts = [f"proxy workers: {len(up)} of {len(workers)} up" + (f" (pids {pids})" if pids else "")
+             + f", {restarts} restart{'' if restarts == 1 else 's'}"]
+    for w in workers:
+        if not w["up"]:
+            how = f" (last exit: {w['last_exit']})" if w["last_exit"] else ""
+            parts.append(f"worker {w['index']} down{how}")
+        elif w["connections"] is None:
+            parts.append(f"worker {w['index']} not answering")
+    return "; ".join(parts), len(parts) == 1
+
+
 def status_command(node: NodeOpt = None, sock: SocketOpt = None, output: OutputOpt = Output.TABLE) -> None:
     """Agent, proxy, datapath, controller link, certificates and flow log of this node."""
     doc = _get(_run(node, sock), "/v1/status")
@@ -283,6 +300,10 @@ def status_command(node: NodeOpt = None, sock: SocketOpt = None, output: OutputO
                   f"{proxy['active_connections']} connections, "
                   f"callers' IPs kept in {proxy['source_ip_pods']}/{proxy['pods']} pods")
     grid.add_row("Proxy", proxy_line + (f" ({proxy['detail']})" if proxy["detail"] else ""))
+    workers = doc.get("workers") or []
+    if workers:
+        line, healthy = workers_line(workers)
+        grid.add_row("", Text(line, style="" if healthy else "yellow"))
     grid.add_row("Datapath", f"{dp['backend']}, {len(dp['programs'])} programs, {len(dp['maps'])} maps, "
                              f"same-node fast path {'on' if dp['fast_path'] else 'off'}"
                              + (f", pins {dp['pin_dir']}" if dp["pin_dir"] else ""))
@@ -376,17 +397,24 @@ def certs_command(node: NodeOpt = None, sock: SocketOpt = None, output: OutputOp
 
 def conns_command(node: NodeOpt = None, sock: SocketOpt = None, output: OutputOpt = Output.TABLE) -> None:
     """Live connections through this node's proxy."""
-    rows = _get(_run(node, sock), "/v1/connections")["connections"]
+    doc = _get(_run(node, sock), "/v1/connections")
+    rows = doc["connections"]
+    for index in doc.get("workers_unreachable", []):
+        typer.echo(f"warning: proxy worker {index} did not answer: its connections are not listed", err=True)
     if output is Output.JSON:
         _print_json(rows)
         return
-    table = _table("SOURCE", "DESTINATION", "ADDRESS", "PATH", "SENT", "RECEIVED", "AGE", "IDENTITY")
+    # a WORKER column only when proxy workers carry some of the connections
+    by_worker = any(c.get("worker", 0) > 0 for c in rows)
+    columns = ["SOURCE", "DESTINATION", "ADDRESS", "PATH", "SENT", "RECEIVED", "AGE", "IDENTITY"]
+    table = _table(*(["WORKER", *columns] if by_worker else columns))
     for c in rows:
         dest = c["dst_service"] or c["dst_workload"] or "-"
         if c["dst_service"] and c["dst_workload"]:
             dest = f"{c['dst_service']} ({c['dst_workload']})"
-        table.add_row(c["src_pod"] or c["src"], dest, c["dst"], c["path"], fmt_bytes(c["bytes_sent"]),
-                      fmt_bytes(c["bytes_received"]), fmt_duration(c["age"]), c["src_identity"] or "-")
+        cells = [c["src_pod"] or c["src"], dest, c["dst"], c["path"], fmt_bytes(c["bytes_sent"]),
+                 fmt_bytes(c["bytes_received"]), fmt_duration(c["age"]), c["src_identity"] or "-"]
+        table.add_row(*([str(c.get("worker", 0)), *cells] if by_worker else cells))
     _print_table(table)
 
 

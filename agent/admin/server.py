@@ -3,9 +3,12 @@
 Routes (all GET): `/v1/status`, `/v1/workloads`, `/v1/services`, `/v1/policies`, `/v1/certs`,
 `/v1/connections`, `/v1/flows` (`?pod=&namespace=&verdict=&since=&last=`, `&follow=1` streams
 newline-delimited JSON with chunked encoding until the client hangs up), `/v1/policy/explain`
-(`?from=&to=&port=`), `/metrics` (Prometheus text) and `/healthz`. The socket's directory is 0700
-and the socket 0600: the file mode is the authentication, as for the Docker and containerd sockets.
-The data comes from an `AdminSources` the agent implements and from the node's `FlowRing`.
+(`?from=&to=&port=`), `/metrics` (Prometheus text, generated on a thread) and `/healthz`. The
+socket's directory is 0700 and the socket 0600: the file mode is the authentication, as for the
+Docker and containerd sockets. The data comes from an `AdminSources` the agent implements and from
+the node's `FlowRing`. With proxy workers, the main process's server also asks the workers
+(`WorkerPeers`): `/v1/connections` lists theirs too and `/v1/status` has a `workers` list; its flow
+ring is fed by `WorkerFlowFeed` and its metrics are the merged ones (agent/telemetry.py).
 """
 
 from __future__ import annotations
@@ -24,11 +27,14 @@ from typing import Any
 from urllib.parse import parse_qs
 
 import httptools
+from prometheus_client import generate_latest
+from prometheus_client.registry import Collector
 
 from agent.admin import views
 from agent.admin.explain import ExplainError, explain
 from agent.admin.flows import Dropped, FlowFilter, FlowRecord, FlowRing, Verdict
 from agent.admin.paths import answers
+from agent.admin.peers import WorkerPeers
 from agent.admin.sources import AdminSources
 
 log = logging.getLogger("nodemesh.agent.admin")
@@ -158,7 +164,13 @@ def prepare_socket_path(path: Path) -> None:
 
 
 class AdminServer:
-    """Serves `sources` and `ring` on `socket_path` until `close()`."""
+    """Serves `sources` and `ring` on `socket_path` until `close()`.
+
+    `worker_index` is this process's proxy worker index (0: the main process), given in each of its
+    connections. The main process passes `peers` (its workers' admin APIs, merged into
+    `/v1/connections` and `/v1/status`) and `metrics` (the merged registry `/metrics` serves instead
+    of `sources.metrics_text()`).
+    """
 
     def __init__(
         self,
@@ -167,11 +179,17 @@ class AdminServer:
         socket_path: Path,
         *,
         clock: Callable[[], float] = time.time,
+        worker_index: int = 0,
+        peers: WorkerPeers | None = None,
+        metrics: Collector | None = None,
     ) -> None:
         self.sources = sources
         self.ring = ring
         self.path = socket_path
         self._clock = clock
+        self.worker_index = worker_index
+        self.peers = peers
+        self.metrics = metrics
         self._server: asyncio.AbstractServer | None = None
         self._handlers: set[asyncio.Task[None]] = set()
         self.requests = 0
@@ -263,7 +281,7 @@ class AdminServer:
             if path == "/v1/flows" and _one(query, "follow") in ("1", "true"):
                 await self._follow(query, reader, writer)
                 return False
-            content_type, body = self._route(path, query)
+            content_type, body = await self._route(path, query)
         except HttpError as err:
             await self._send_error(writer, err, req.keep_alive)
             return req.keep_alive
@@ -276,16 +294,23 @@ class AdminServer:
         await writer.drain()
         return req.keep_alive
 
-    def _route(self, path: str, query: dict[str, list[str]]) -> tuple[str, bytes]:
-        now = self._clock()
+    async def _route(self, path: str, query: dict[str, list[str]]) -> tuple[str, bytes]:
         src = self.sources
         doc: Any
         if path == "/metrics":
-            return "text/plain; version=0.0.4; charset=utf-8", src.metrics_text().encode()
+            # a collection reads the workers' /metrics (blocking, up to a timeout each): never on the loop
+            return "text/plain; version=0.0.4; charset=utf-8", await asyncio.to_thread(self._metrics_text)
+        if path == "/v1/connections":
+            return "application/json", _json_bytes(await self._connections())
+        if path == "/v1/status":
+            workers = await self.peers.active_connections() if self.peers is not None else []
+            now = self._clock()
+            return "application/json", _json_bytes(
+                views.status_dict(src.status(), src.certs(), self.ring, now, workers)
+            )
+        now = self._clock()
         if path == "/healthz":
             doc = {"ok": True}
-        elif path == "/v1/status":
-            doc = views.status_dict(src.status(), src.certs(), self.ring, now)
         elif path == "/v1/workloads":
             doc = {"workloads": [views.workload_dict(w) for w in
                                  sorted(src.workloads(), key=lambda w: (w.namespace, w.name))]}
@@ -296,8 +321,6 @@ class AdminServer:
             doc = {"policies": views.policies_list(src.policies(), src.mesh().root_namespace)}
         elif path == "/v1/certs":
             doc = {"certs": [views.cert_dict(c, now) for c in sorted(src.certs(), key=lambda c: c.identity)]}
-        elif path == "/v1/connections":
-            doc = {"connections": views.connections_list(src, now)}
         elif path == "/v1/flows":
             records = self.ring.snapshot(flow_filter(query), _int_param(query, "last"))
             doc = {"flows": [r.to_dict() for r in records], "ring": self.ring.stats()}
@@ -306,6 +329,18 @@ class AdminServer:
         else:
             raise HttpError(404, f"no such endpoint {path}")
         return "application/json", _json_bytes(doc)
+
+    def _metrics_text(self) -> bytes:
+        if self.metrics is not None:
+            return generate_latest(self.metrics)
+        return self.sources.metrics_text().encode()
+
+    async def _connections(self) -> dict[str, Any]:
+        """This process's connections and, in the main process, the up workers' (oldest first)."""
+        theirs, unreachable = await self.peers.connections() if self.peers is not None else ([], [])
+        rows = views.connections_list(self.sources, self._clock(), self.worker_index) + theirs
+        rows.sort(key=lambda row: row["opened_at"])
+        return {"connections": rows, "workers_unreachable": unreachable}
 
     def _explain(self, query: dict[str, list[str]]) -> dict[str, Any]:
         from_pod, to = _one(query, "from"), _one(query, "to")
@@ -330,7 +365,8 @@ class AdminServer:
         with self.ring.subscribe(flt) as sub:
             history = self.ring.snapshot(flt, last)
             writer.write(_head(200, "application/x-ndjson", None, keep_alive=False))
-            lines = [_json_bytes({"kind": "start", "ring": self.ring.stats()})]
+            # `ring_id` and the ring's `added` count let a reconnecting follower skip what it has seen
+            lines = [_json_bytes({"kind": "start", "ring": self.ring.stats(), "ring_id": self.ring.id})]
             lines += (_json_bytes({"kind": "flow", "flow": r.to_dict()}) for r in history)
             writer.write(_chunk(b"\n".join(lines) + b"\n"))
             await writer.drain()

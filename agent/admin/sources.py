@@ -7,10 +7,11 @@ Unix seconds (`time.time()`); the server turns them into ages and countdowns wit
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from enum import StrEnum
+from pathlib import Path
 from typing import Protocol
 
 from cryptography import x509
@@ -159,3 +160,32 @@ class AdminSources(Protocol):
     def metrics_text(self) -> str:
         """Prometheus text exposition (`prometheus_client.generate_latest(registry).decode()`)."""
         ...
+
+
+class ProxyWorker(Protocol):
+    """One proxy worker process as the main process's supervisor reports it (`agent.workers.WorkerInfo`
+    is one; a Protocol here keeps the admin package free of the supervisor)."""
+
+    @property
+    def index(self) -> int: ...  # 1..N-1 (0 is the main process)
+
+    @property
+    def pid(self) -> int | None: ...
+
+    @property
+    def admin_socket(self) -> Path: ...
+
+    @property
+    def up(self) -> bool: ...  # running and its admin socket exists
+
+    @property
+    def restarts(self) -> int: ...
+
+    @property
+    def started_at(self) -> float | None: ...
+
+    @property
+    def last_exit(self) -> str: ...
+
+
+Workers = Callable[[], Sequence[ProxyWorker]]  # the supervisor's `workers()`: their state now

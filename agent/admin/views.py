@@ -11,7 +11,7 @@ from importlib import metadata
 from typing import Any
 
 from agent.admin.flows import FlowRing
-from agent.admin.sources import AdminSources, AgentStatus, CertInfo, ConnectionInfo
+from agent.admin.sources import AdminSources, AgentStatus, CertInfo, ConnectionInfo, ProxyWorker
 from api.authz import PeerAuthIndex, PolicyIndex
 from api.resources import PolicyObject, Service, Workload
 
@@ -64,8 +64,30 @@ def cert_summary(certs: Sequence[CertInfo], now: float) -> dict[str, Any]:
     }
 
 
-def status_dict(st: AgentStatus, certs: Sequence[CertInfo], ring: FlowRing, now: float) -> dict[str, Any]:
+def worker_dict(w: ProxyWorker, connections: int | None) -> dict[str, Any]:
+    """One proxy worker in `/v1/status`; `connections` is its active count, None when it did not answer."""
+    return {
+        "index": w.index,
+        "pid": w.pid,
+        "up": w.up,
+        "restarts": w.restarts,
+        "started_at": w.started_at,
+        "last_exit": w.last_exit,
+        "connections": connections,
+    }
+
+
+def status_dict(
+    st: AgentStatus,
+    certs: Sequence[CertInfo],
+    ring: FlowRing,
+    now: float,
+    workers: Sequence[tuple[ProxyWorker, int | None]] = (),
+) -> dict[str, Any]:
+    """The agent's status; with proxy workers (each with its active connections, None if it did not
+    answer), the proxy's connection count is the node's: this process's plus the workers'."""
     ctl = st.controller
+    worker_connections = sum(n for _, n in workers if n is not None)
     return {
         "node": st.node,
         "version": st.version,
@@ -75,7 +97,7 @@ def status_dict(st: AgentStatus, certs: Sequence[CertInfo], ring: FlowRing, now:
         "proxy": {
             "state": str(st.proxy.state),
             "listeners": st.proxy.listeners,
-            "active_connections": st.proxy.active_connections,
+            "active_connections": st.proxy.active_connections + worker_connections,
             "detail": st.proxy.detail,
             "pods": st.proxy.pods,
             "source_ip_pods": st.proxy.source_ip_pods,
@@ -98,6 +120,7 @@ def status_dict(st: AgentStatus, certs: Sequence[CertInfo], ring: FlowRing, now:
         },
         "certificates": cert_summary(certs, now),
         "flows": ring.stats(),
+        "workers": [worker_dict(w, n) for w, n in sorted(workers, key=lambda wn: wn[0].index)],
     }
 
 
@@ -176,7 +199,7 @@ def policies_list(objects: Sequence[PolicyObject], root_namespace: str) -> list[
     return rows
 
 
-def connection_dict(c: ConnectionInfo, now: float) -> dict[str, Any]:
+def connection_dict(c: ConnectionInfo, now: float, worker: int = 0) -> dict[str, Any]:
     return {
         "id": c.id,
         "path": str(c.path),
@@ -190,8 +213,10 @@ def connection_dict(c: ConnectionInfo, now: float) -> dict[str, Any]:
         "bytes_received": c.bytes_received,
         "age": round(now - c.opened_at, 1),
         "opened_at": c.opened_at,
+        "worker": worker,
     }
 
 
-def connections_list(sources: AdminSources, now: float) -> list[dict[str, Any]]:
-    return [connection_dict(c, now) for c in sorted(sources.connections(), key=lambda c: c.opened_at)]
+def connections_list(sources: AdminSources, now: float, worker: int = 0) -> list[dict[str, Any]]:
+    """This process's connections, oldest first; `worker` is its proxy worker index (0: the main one)."""
+    return [connection_dict(c, now, worker) for c in sorted(sources.connections(), key=lambda c: c.opened_at)]

@@ -99,14 +99,17 @@ class BccDatapath:
         return self.node_dir(self._node)
 
     # -- load -------------------------------------------------------------------------------
+    def _pins_to_load(self, node: str) -> tuple[Path, dict[str, Path], dict[str, Path]]:
+        """`node`'s pin directory and its map and program pins; refuses a second load (lock held)."""
+        if self._node is not None:
+            raise DatapathError(f"node {node}", f"datapath already loaded for node {self._node}")
+        ndir = self.node_dir(node)
+        return ndir, {m: ndir / "maps" / m for m in abi.MAP_SPECS}, {p: ndir / "progs" / p for p in _PROGS}
+
     def load(self, node: str, pod_cgroup: Path) -> None:
         """Load and attach every program (all or nothing); re-use complete pins of a previous run."""
         with self._lock:
-            if self._node is not None:
-                raise DatapathError(f"node {node}", f"datapath already loaded for node {self._node}")
-            ndir = self.node_dir(node)
-            maps = {m: ndir / "maps" / m for m in abi.MAP_SPECS}
-            progs = {p: ndir / "progs" / p for p in _PROGS}
+            ndir, maps, progs = self._pins_to_load(node)
             present = [p.exists() for p in (*maps.values(), *progs.values())]
             try:
                 cg_fd = os.open(pod_cgroup, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
@@ -433,11 +436,7 @@ class WorkerDatapath(BccDatapath):
     def load(self, node: str, pod_cgroup: Path) -> None:
         """Open the main process's pins (all of them, or fail); attach nothing."""
         with self._lock:
-            if self._node is not None:
-                raise DatapathError(f"node {node}", f"datapath already loaded for node {self._node}")
-            ndir = self.node_dir(node)
-            maps = {m: ndir / "maps" / m for m in abi.MAP_SPECS}
-            progs = {p: ndir / "progs" / p for p in _PROGS}
+            _, maps, progs = self._pins_to_load(node)
             missing = [str(p) for p in (*maps.values(), *progs.values()) if not p.exists()]
             if missing:
                 raise DatapathError(f"node {node}", "the main agent process has not loaded the datapath: "

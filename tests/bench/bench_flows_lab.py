@@ -238,6 +238,8 @@ def main() -> int:
     parser.add_argument("--rate", type=float, default=2000.0, help="--load python: target connections/s")
     parser.add_argument("--clients", type=int, default=None,
                         help="wrk connections (default 32) or python processes (default 8)")  # fmt: skip
+    parser.add_argument("--proxy-workers", type=int, default=1, help="processes per agent")
+    parser.add_argument("--out", type=Path, default=OUT)
     args = parser.parse_args()
     clients = args.clients or (32 if args.load == "wrk" else 8)
     tmp = Path(tempfile.mkdtemp(prefix="nm-bench-flows-"))
@@ -247,14 +249,15 @@ def main() -> int:
         fcntl.flock(lock, fcntl.LOCK_EX)
         lab = Lab(DEFAULT_STATE_DIR)
         try:
-            lab.up(load_topology())
-            result = run(lab, args.seconds, args.rate, clients, args.load, tmp)
+            lab.up(load_topology(), proxy_workers=args.proxy_workers)
+            result = {"proxy_workers": args.proxy_workers,
+                      **run(lab, args.seconds, args.rate, clients, args.load, tmp)}
         finally:
             lab.down(quiet=True)
             fcntl.flock(lock, fcntl.LOCK_UN)
             shutil.rmtree(tmp, ignore_errors=True)
-    OUT.parent.mkdir(exist_ok=True)
-    OUT.write_text(json.dumps(result, indent=2) + "\n")
+    args.out.parent.mkdir(exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
     for k, v in result.items():
         print(f"{k:<34} {v}")
     ok = result["ring_held_missing_from_follower"] == 0

@@ -10,13 +10,16 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
 import psutil
 from conftest import LabHandle
+from labtools import cli_json, flows_json, metric_sum, parse_metrics, scrape_15020, series
 from meshlab import Policies, flows, flows_from, request_ok, wait_for
 from test_lab_authz import KEEPALIVE, from_source
 
@@ -41,7 +44,8 @@ def worker_pids(lab: LabHandle, node: str) -> list[int]:
 
 
 def processes_of(conn_ids: list[str]) -> set[str]:
-    return {"worker-1" if c.startswith("w1c") else "main" for c in conn_ids}
+    """Which processes the connection ids name: `c…` main, `w1c…` / `w1r<restarts>c…` worker 1."""
+    return {"worker-1" if re.match(r"w1(r\d+)?c", c) else "main" for c in conn_ids}
 
 
 def spread_requests(lab: LabHandle, pod: str, node: str, dst: str) -> list[dict[str, str]]:
@@ -93,45 +97,123 @@ def test_inbound_plaintext_through_sk_lookup_is_spread(lab: LabHandle) -> None:
     assert all(r["verdict"] == "allowed" for r in recs)
 
 
-def test_a_policy_change_closes_denied_connections_in_every_process(
-    lab: LabHandle, policies: Policies, tmp_path: Path
-) -> None:
-    v2, outsider = lab.plan.pod("httpbin-v2"), lab.plan.pod("outsider")
-    procs: list[subprocess.Popen[bytes]] = []
-    logs: list[Path] = []
+class Held:
+    """Long-lived keep-alive connections from `outsider` to httpbin-v2 (both on node2; plaintext
+    through sk_lookup to 15006), opened until each of node2's processes holds `each` of them."""
 
-    def lines(log: Path, kind: str) -> list[list[str]]:
+    def __init__(self, lab: LabHandle, tmp_path: Path, each: int) -> None:
+        self.lab, self.tmp, self.each = lab, tmp_path, each
+        self.procs: list[subprocess.Popen[bytes]] = []
+        self.logs: list[Path] = []
+
+    def lines(self, log: Path, kind: str) -> list[list[str]]:
         return [ln.split() for ln in log.read_text().splitlines() if ln.startswith(kind + " ")]
 
-    before = len(flows_from(lab, "node2", outsider.ip, event="open"))
-    try:
-        for n in range(MAX_TRIES):  # long-lived connections until both processes hold two
-            log = tmp_path / f"keepalive-{n}.log"
+    def open(self) -> list[str]:
+        """Returns the connection ids node2 logged for them."""
+        v2, outsider = self.lab.plan.pod("httpbin-v2"), self.lab.plan.pod("outsider")
+        before = len(flows_from(self.lab, "node2", outsider.ip, event="open"))
+        for n in range(MAX_TRIES):
+            log = self.tmp / f"keepalive-{n}.log"
             argv = ["python3", "-c", KEEPALIVE, v2.ip, "8000", "60"]
-            procs.append(lab.lab.popen("outsider", argv, log=log))
-            logs.append(log)
-            wait_for(lambda log=log: lines(log, "ok"), 10, "an answer on the new connection")
-            held = [r["conn"] for r in flows_from(lab, "node2", outsider.ip, event="open")[before:]]
-            if all(sum(processes_of([c]) == {p} for c in held) >= 2 for p in ("main", "worker-1")):
-                break
-        else:
-            raise AssertionError(f"{MAX_TRIES} connections did not reach both processes of node2")
-        t0 = time.time()
-        deny = from_source("DENY", ipBlocks=[f"{outsider.ip}/32"])
-        name = policies.apply("AuthorizationPolicy", "deny-outsider-live", deny)
-        for log in logs:
-            closed = wait_for(lambda log=log: lines(log, "closed"), 5, f"{log.name} to be closed")[0]
-            assert float(closed[2]) - t0 < 5, closed
-        # each process re-decided its own connections with the new policy and said so
-        denied = wait_for(lambda: len(d := flows(lab, "node2", event="deny", policy=name)) >= len(logs) and d,
-                          5, "a deny record per connection")
-        assert processes_of([r["conn"] for r in denied]) == {"main", "worker-1"}, denied
-    finally:
-        for p in procs:
+            self.procs.append(self.lab.lab.popen("outsider", argv, log=log))
+            self.logs.append(log)
+            wait_for(lambda log=log: self.lines(log, "ok"), 10, "an answer on the new connection")
+            held = wait_for(lambda n=n: len(h := [r["conn"] for r in flows_from(
+                self.lab, "node2", outsider.ip, event="open")[before:]]) > n and h, 5, "its open record")
+            if all(sum(processes_of([c]) == {p} for c in held) >= self.each for p in ("main", "worker-1")):
+                return held
+        raise AssertionError(f"{MAX_TRIES} connections did not reach both processes of node2")
+
+    def close(self) -> None:
+        for p in self.procs:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(p.pid, signal.SIGKILL)
             with contextlib.suppress(subprocess.TimeoutExpired):
                 p.wait(5)
+
+
+def test_the_main_admin_api_answers_for_every_process(lab: LabHandle, tmp_path: Path) -> None:
+    """status, conns, flows and :15020 on the main process's socket include the worker's part."""
+    for node in ("node1", "node2"):
+        [pid] = wait_for(lambda node=node: worker_pids(lab, node), 10, f"the worker of {node}")
+        workers = wait_for(lambda node=node: (w := cli_json(node, "status")["workers"]) and w[0]["up"] and w,
+                           10, f"{node}'s worker up in status")
+        assert [(w["index"], w["pid"], w["restarts"]) for w in workers] == [(1, pid, 0)]
+
+    # flows: the main ring has the worker's records too (fed from its admin socket)
+    v2 = lab.plan.pod("httpbin-v2")
+    samples = parse_metrics(scrape_15020(lab.plan.node("node1").netns_path))
+    opened_before = metric_sum(samples, "istio_tcp_connections_opened_total", reporter="source",
+                               destination_workload="httpbin-v2")
+    recs = spread_requests(lab, "client", "node1", v2.ip)
+    ids = {r["conn"] for r in recs}
+    def stored_ids() -> set[str]:
+        return {f["connection_id"] for f in flows_json("node1", "--all")}
+
+    stored = wait_for(lambda: ids <= (got := stored_ids()) and got, 5, "the connections in `nodemesh flows`")
+    assert processes_of(sorted(ids & stored)) == {"main", "worker-1"}
+
+    # metrics: one exposition, traffic summed over both processes, per-process values labelled
+    def opened() -> float:
+        samples = parse_metrics(scrape_15020(lab.plan.node("node1").netns_path))
+        return metric_sum(samples, "istio_tcp_connections_opened_total", reporter="source",
+                          destination_workload="httpbin-v2")
+
+    wait_for(lambda: opened() - opened_before == len(recs), 5, f"{len(recs)} more connections opened")
+    text = scrape_15020(lab.plan.node("node1").netns_path)
+    assert text.count("# TYPE istio_tcp_connections_opened_total ") == 1
+    rss = series(parse_metrics(text), "nodemesh_agent_resident_memory_bytes")
+    assert sorted(s.get("worker", "main") for s in rss) == ["1", "main"]
+
+    # conns: open connections of both processes, each saying which one holds it
+    held = Held(lab, tmp_path, each=1)
+    try:
+        ids = set(held.open())
+        rows = cli_json("node2", "conns")
+        listed = {r["id"]: r["worker"] for r in (rows["connections"] if isinstance(rows, dict) else rows)}
+        assert ids <= set(listed), (ids, listed)
+        assert {listed[i] for i in ids} == {0, 1}
+        assert all((listed[i] == 1) == (processes_of([i]) == {"worker-1"}) for i in ids)
+    finally:
+        held.close()
+
+
+def test_the_proxy_workers_example_shows_who_carried_each_connection(lab: LabHandle) -> None:
+    script = Path(__file__).resolve().parents[2] / "examples" / "lab" / "proxy-workers.sh"
+    proc = subprocess.run(
+        ["sh", str(script)], capture_output=True, text=True, timeout=120,
+        env={**os.environ, "NODEMESH": f"{sys.executable} -m nodemesh.cli"},
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    line = r"^ *(\S+)  [\d.]+:\d+ -> [\d.]+:8000  carried by (main process|worker 1)$"
+    carried = re.findall(line, proc.stdout, re.M)
+    assert len(carried) == 12, proc.stdout
+    assert all(processes_of([conn]) == {"worker-1" if who == "worker 1" else "main"} for conn, who in carried)
+    assert re.search(r"^processes that carried them: [12]$", proc.stdout, re.M), proc.stdout
+    assert re.search(r"proxy workers: 1 of 1 up \(pids \d+\)", proc.stdout), proc.stdout
+
+
+def test_a_policy_change_closes_denied_connections_in_every_process(
+    lab: LabHandle, policies: Policies, tmp_path: Path
+) -> None:
+    outsider = lab.plan.pod("outsider")
+    held = Held(lab, tmp_path, each=2)
+    try:
+        held.open()
+        t0 = time.time()
+        deny = from_source("DENY", ipBlocks=[f"{outsider.ip}/32"])
+        name = policies.apply("AuthorizationPolicy", "deny-outsider-live", deny)
+        for log in held.logs:
+            closed = wait_for(lambda log=log: held.lines(log, "closed"), 5, f"{log.name} to be closed")[0]
+            assert float(closed[2]) - t0 < 5, closed
+        # each process re-decided its own connections with the new policy and said so
+        want = len(held.logs)
+        denied = wait_for(lambda: len(d := flows(lab, "node2", event="deny", policy=name)) >= want and d,
+                          5, "a deny record per connection")
+        assert processes_of([r["conn"] for r in denied]) == {"main", "worker-1"}, denied
+    finally:
+        held.close()
 
 
 def test_a_killed_worker_is_restarted(lab: LabHandle) -> None:
@@ -146,7 +228,9 @@ def test_a_killed_worker_is_restarted(lab: LabHandle) -> None:
     assert state is not None
     pause = state["processes"]["pod/default/client/pause"]
     wait_for(lambda: _listeners(pause, 15001) >= 2, 15, "the new worker's listeners in the client pod")
-    spread_requests(lab, "client", "node1", lab.plan.pod("httpbin-v2").ip)
+    recs = spread_requests(lab, "client", "node1", lab.plan.pod("httpbin-v2").ip)
+    # the restarted worker's connection ids differ from its predecessor's
+    assert any(r["conn"].startswith("w1r1c") for r in recs), recs
 
 
 def test_a_killed_main_process_takes_its_worker_along(lab: LabHandle) -> None:

@@ -241,3 +241,73 @@ def test_policies_table_shows_rejected_and_skipped_objects(fake: FakeClient) -> 
     out = invoke("policies").output
     assert "skipped: targetRef" in out and "rejected: spec.action" in out
     assert out.count("active") == 1
+
+
+def _conn_row(cid: str, worker: int | None) -> dict[str, Any]:
+    row = {"id": cid, "path": "hbone", "src_pod": "shop/web", "src_identity": "", "src": "10.1.0.2:41000",
+           "dst_service": "", "dst_workload": "shop/db-0", "dst": "10.2.0.3:5432", "bytes_sent": 10,
+           "bytes_received": 20, "age": 3.0, "opened_at": 1_700_000_000.0}
+    return row if worker is None else {**row, "worker": worker}
+
+
+@pytest.mark.parametrize(
+    ("workers", "column"),
+    [
+        ([None, None], False),  # an agent of before proxy workers: no field
+        ([0, 0], False),  # no workers, or none carries a connection now
+        ([0, 2], True),
+    ],
+)
+def test_conns_has_a_worker_column_only_when_workers_carry_connections(
+    fake: FakeClient, workers: list[int | None], column: bool
+) -> None:
+    fake.docs["/v1/connections"] = {"connections": [_conn_row(f"c{i}", w) for i, w in enumerate(workers)],
+                                    "workers_unreachable": []}
+    lines = invoke("conns").output.splitlines()
+    assert (lines[0].split()[0] == "WORKER") is column
+    if column:
+        assert [line.split()[0] for line in lines[1:]] == ["0", "2"]
+    result = invoke("conns", "-o", "json")
+    assert [r.get("worker") for r in json.loads(result.stdout)] == workers
+
+
+def test_conns_warns_about_workers_that_did_not_answer(fake: FakeClient) -> None:
+    fake.docs["/v1/connections"] = {"connections": [_conn_row("c1", 0)], "workers_unreachable": [2]}
+    result = CliRunner().invoke(app, ["conns", "-o", "json"])
+    assert result.exit_code == 0
+    assert [r["id"] for r in json.loads(result.stdout)] == ["c1"]
+    assert "warning: proxy worker 2 did not answer: its connections are not listed" in result.stderr
+
+
+def _status(workers: list[dict[str, Any]]) -> dict[str, Any]:
+    from agent.admin.sources import AgentStatus, ControllerLink, DatapathStatus, ProxyState, ProxyStatus
+
+    st = AgentStatus("node1", "0.1.0", 1_700_000_000.0, ProxyStatus(ProxyState.RUNNING, 3, 5, pods=1),
+                     DatapathStatus("bcc"), ControllerLink("10.0.0.1:15012", False))
+    return {**views.status_dict(st, [], FlowRing(), 1_700_000_060.0), "workers": workers}
+
+
+def _worker(index: int, pid: int | None, restarts: int = 0, connections: int | None = 0,
+            last_exit: str = "") -> dict[str, Any]:
+    return {"index": index, "pid": pid, "up": pid is not None, "restarts": restarts, "started_at": None,
+            "last_exit": last_exit, "connections": connections}
+
+
+@pytest.mark.parametrize(
+    ("workers", "line"),
+    [
+        ([], None),
+        ([_worker(1, 123, 1), _worker(2, 456)], "proxy workers: 2 of 2 up (pids 123, 456), 1 restart"),
+        ([_worker(1, 123), _worker(2, None, 3, None, "signal 9"), _worker(3, 789, connections=None)],
+         "proxy workers: 2 of 3 up (pids 123, 789), 3 restarts; worker 2 down (last exit: signal 9); "
+         "worker 3 not answering"),
+    ],
+)
+def test_status_has_a_workers_line_only_with_workers(
+    fake: FakeClient, workers: list[dict[str, Any]], line: str | None
+) -> None:
+    fake.docs["/v1/status"] = _status(workers)
+    out = invoke("status").output
+    found = [x.strip() for x in out.splitlines() if "proxy workers" in x]
+    assert found == ([line] if line else [])
+    assert "running, 3 listeners, 5 connections" in out

@@ -14,13 +14,20 @@ from typer.testing import CliRunner
 
 from agent.main import AgentOptions, worker_argv
 from agent.proxy import conns
-from agent.workers import PARENT_ENV, WorkerSupervisor, describe_exit, worker_socket_path
+from agent.workers import (
+    PARENT_ENV,
+    RESTARTS_ENV,
+    WorkerSupervisor,
+    describe_exit,
+    worker_id_prefix,
+    worker_socket_path,
+)
 
-SLEEPER = "import time; time.sleep(60)"
-# Writes its pid and the parent pid it was given, then sleeps; SIGTERM ends it at once.
+# Writes its pid, the parent pid and the restart count it was given, then sleeps; SIGTERM ends it.
 REPORTER = (
     "import os, sys, time; "
-    "open(sys.argv[1], 'a').write(f\"{os.getpid()} {os.environ.get('" + PARENT_ENV + "')}\\n\"); "
+    "open(sys.argv[1], 'a').write(f\"{os.getpid()} {os.environ.get('" + PARENT_ENV + "')} "
+    "{os.environ.get('" + RESTARTS_ENV + "')}\\n\"); "
     "time.sleep(60)"
 )
 STUBBORN = "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(60)"
@@ -70,6 +77,7 @@ def test_supervisor_starts_restarts_and_stops_workers(tmp_path: Path) -> None:
         assert all(first.values())
         # every worker is told its parent (the main process) to check against after PR_SET_PDEATHSIG
         assert {line.split()[1] for line in log.read_text().splitlines()} == {str(os.getpid())}
+        assert {line.split()[2] for line in log.read_text().splitlines()} == {"0"}
         # "up" needs the worker's admin socket too
         (tmp_path / "worker-1.sock").touch()
         assert [w.up for w in sup.workers()] == [True, False]
@@ -80,6 +88,9 @@ def test_supervisor_starts_restarts_and_stops_workers(tmp_path: Path) -> None:
         await _wait_for(lambda: sup.workers()[0].pid not in (None, pid1))
         w1 = sup.workers()[0]
         assert w1.restarts == 1 and w1.last_exit == "signal 9"
+        # the restarted process is told so (its connection ids differ from its predecessor's)
+        await _wait_for(lambda: len(log.read_text().splitlines()) == 3)
+        assert log.read_text().splitlines()[2].split()[2] == "1"
         assert sup.workers()[1].pid == first[2] and sup.workers()[1].restarts == 0
         pids = [w.pid for w in sup.workers()]
 
@@ -175,6 +186,13 @@ def test_worker_command_line_is_accepted_by_agent_run(
                   "server_name", "resync_interval", "trust_domain", "admin_socket", "flow_ring_size",
                   "event_loop", "log_level"):
         assert getattr(got, field) == getattr(opts, field), field
+
+
+def test_worker_id_prefixes_differ_per_worker_and_start(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(RESTARTS_ENV, raising=False)
+    assert worker_id_prefix(1) == "w1"
+    monkeypatch.setenv(RESTARTS_ENV, "3")
+    assert worker_id_prefix(2) == "w2r3"
 
 
 def test_connection_ids_carry_the_worker_prefix(monkeypatch: pytest.MonkeyPatch) -> None:

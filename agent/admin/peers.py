@@ -1,0 +1,100 @@
+"""The main agent process's reads of its proxy workers' admin APIs: their connections and status.
+
+The main process's admin server (worker 0) asks every up worker's socket at once, each within
+`timeout`, so `nodemesh conns` and `nodemesh status` show the node and not one process. A worker
+that does not answer in time, or answers nonsense, is left out and named in the answer
+(`workers_unreachable`, or `connections: null` in the status), never a failed request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+from agent.admin import client
+from agent.admin.client import PeerError
+from agent.admin.sources import ProxyWorker, Workers
+
+log = logging.getLogger("nodemesh.agent.admin")
+
+PEER_TIMEOUT = 0.75  # seconds a worker has to answer one admin request
+
+
+class WorkerPeers:
+    """Asks the proxy workers' admin sockets; `workers` is the supervisor's `workers()`."""
+
+    def __init__(self, workers: Workers, *, timeout: float = PEER_TIMEOUT) -> None:
+        self._workers = workers
+        self.timeout = timeout
+        self.failures = 0  # answers that could not be used, each one logged
+
+    async def _ask_all(self, target: str) -> list[tuple[ProxyWorker, Any | None]]:
+        """Every worker with its JSON answer to `target`; None when it is down or gave no usable answer."""
+        workers = sorted(self._workers(), key=lambda w: w.index)
+
+        async def ask(w: ProxyWorker) -> Any | None:
+            if not w.up:
+                return None
+            try:
+                return await client.get_json(w.admin_socket, target, timeout=self.timeout)
+            except PeerError as exc:
+                self._failed(w, target, str(exc))
+                return None
+
+        answers = await asyncio.gather(*(ask(w) for w in workers))
+        return list(zip(workers, answers, strict=True))
+
+    def _failed(self, w: ProxyWorker, target: str, error: str) -> None:
+        self.failures += 1
+        log.warning("event=proxy_worker_unreachable worker=%d socket=%s request=%s error=%r",
+                    w.index, w.admin_socket, target, error)
+
+    async def connections(self) -> tuple[list[dict[str, Any]], list[int]]:
+        """The up workers' connections (each row with its `worker` index), and the indexes of the up
+        workers whose connections could not be read."""
+        rows: list[dict[str, Any]] = []
+        unreachable: list[int] = []
+        for w, doc in await self._ask_all("/v1/connections"):
+            if not w.up:
+                continue
+            got = None if doc is None else _connection_rows(doc)
+            if got is None:
+                if doc is not None:
+                    self._failed(w, "/v1/connections", "not a connections document")
+                unreachable.append(w.index)
+                continue
+            for row in got:
+                row["worker"] = w.index
+            rows += got
+        return rows, unreachable
+
+    async def active_connections(self) -> list[tuple[ProxyWorker, int | None]]:
+        """Every worker with its proxy's active connections (None: down, or did not answer)."""
+        out: list[tuple[ProxyWorker, int | None]] = []
+        for w, doc in await self._ask_all("/v1/status"):
+            count = None if doc is None else _active_connections(doc)
+            if count is None and doc is not None:
+                self._failed(w, "/v1/status", "no proxy.active_connections in the status")
+            out.append((w, count))
+        return out
+
+
+def _connection_rows(doc: Any) -> list[dict[str, Any]] | None:
+    """The rows of a `/v1/connections` document, or None when it is not one (each row needs a
+    numeric `opened_at`: the merged list is sorted by it)."""
+    rows = doc.get("connections") if isinstance(doc, dict) else None
+    if not isinstance(rows, list):
+        return None
+    for row in rows:
+        if not isinstance(row, dict) or not isinstance(row.get("opened_at"), int | float):
+            return None
+    return rows
+
+
+def _active_connections(doc: Any) -> int | None:
+    proxy = doc.get("proxy") if isinstance(doc, dict) else None
+    count = proxy.get("active_connections") if isinstance(proxy, dict) else None
+    if isinstance(count, bool) or not isinstance(count, int) or count < 0:
+        return None
+    return count
