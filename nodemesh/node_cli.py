@@ -381,26 +381,36 @@ def policies_command(node: NodeOpt = None, sock: SocketOpt = None, output: Outpu
 
 def certs_command(node: NodeOpt = None, sock: SocketOpt = None, output: OutputOpt = Output.TABLE) -> None:
     """Workload certificates (SVIDs): serial, issuer, expiry and renewal."""
-    rows = _get(_run(node, sock), "/v1/certs")["certs"]
+    doc = _get(_run(node, sock), "/v1/certs")
+    rows = doc["certs"]
+    _warn_unreachable(doc, "certificates")
     if output is Output.JSON:
         _print_json(rows)
         return
-    table = _table("IDENTITY", "SERIAL", "NOT AFTER", "EXPIRES IN", "RENEWS IN", "PODS", "STATE", "ISSUER")
+    # proxy workers have certificates of their own: a WORKER column only when they are listed
+    by_worker = any(c.get("worker", 0) > 0 for c in rows)
+    columns = ["IDENTITY", "SERIAL", "NOT AFTER", "EXPIRES IN", "RENEWS IN", "PODS", "STATE", "ISSUER"]
+    table = _table(*(["WORKER", *columns] if by_worker else columns))
     for c in rows:
         not_after = datetime.fromtimestamp(c["not_after"]).strftime("%Y-%m-%d %H:%M:%S")
         state = c["state"] + (f" ({c['last_error']})" if c["last_error"] else "")
-        table.add_row(c["identity"], c["serial"][:16], not_after, fmt_duration(c["expires_in"]),
-                      fmt_duration(c["renews_in"]), str(c["pods"]),
-                      Text(state, style="" if c["state"] == "valid" else "yellow"), c["issuer"])
+        cells = [c["identity"], c["serial"][:16], not_after, fmt_duration(c["expires_in"]),
+                 fmt_duration(c["renews_in"]), str(c["pods"]),
+                 Text(state, style="" if c["state"] == "valid" else "yellow"), c["issuer"]]
+        table.add_row(*([str(c.get("worker", 0)), *cells] if by_worker else cells))
     _print_table(table)
+
+
+def _warn_unreachable(doc: dict[str, Any], what: str) -> None:
+    for index in doc.get("workers_unreachable", []):
+        typer.echo(f"warning: proxy worker {index} did not answer: its {what} are not listed", err=True)
 
 
 def conns_command(node: NodeOpt = None, sock: SocketOpt = None, output: OutputOpt = Output.TABLE) -> None:
     """Live connections through this node's proxy."""
     doc = _get(_run(node, sock), "/v1/connections")
     rows = doc["connections"]
-    for index in doc.get("workers_unreachable", []):
-        typer.echo(f"warning: proxy worker {index} did not answer: its connections are not listed", err=True)
+    _warn_unreachable(doc, "connections")
     if output is Output.JSON:
         _print_json(rows)
         return

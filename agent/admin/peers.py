@@ -1,7 +1,7 @@
-"""The main agent process's reads of its proxy workers' admin APIs: their connections and status.
+"""The main agent process's reads of its proxy workers' admin APIs: connections, certificates, status.
 
 The main process's admin server (worker 0) asks every up worker's socket at once, each within
-`timeout`, so `nodemesh conns` and `nodemesh status` show the node and not one process. A worker
+`timeout`, so `nodemesh conns`, `certs` and `status` show the node and not one process. A worker
 that does not answer in time, or answers nonsense, is left out and named in the answer
 (`workers_unreachable`, or `connections: null` in the status), never a failed request.
 """
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from typing import Any
 
 from agent.admin import client
@@ -53,15 +54,25 @@ class WorkerPeers:
     async def connections(self) -> tuple[list[dict[str, Any]], list[int]]:
         """The up workers' connections (each row with its `worker` index), and the indexes of the up
         workers whose connections could not be read."""
+        return await self._rows("/v1/connections", "connections", _connection_rows)
+
+    async def certs(self) -> tuple[list[dict[str, Any]], list[int]]:
+        """The up workers' certificates (each process has its own key and certificate for every
+        local identity; each row with its `worker` index), and the up workers that did not answer."""
+        return await self._rows("/v1/certs", "certs", _cert_rows)
+
+    async def _rows(
+        self, target: str, what: str, parse: Callable[[Any], list[dict[str, Any]] | None]
+    ) -> tuple[list[dict[str, Any]], list[int]]:
         rows: list[dict[str, Any]] = []
         unreachable: list[int] = []
-        for w, doc in await self._ask_all("/v1/connections"):
+        for w, doc in await self._ask_all(target):
             if not w.up:
                 continue
-            got = None if doc is None else _connection_rows(doc)
+            got = None if doc is None else parse(doc)
             if got is None:
                 if doc is not None:
-                    self._failed(w, "/v1/connections", "not a connections document")
+                    self._failed(w, target, f"not a {what} document")
                 unreachable.append(w.index)
                 continue
             for row in got:
@@ -88,6 +99,18 @@ def _connection_rows(doc: Any) -> list[dict[str, Any]] | None:
         return None
     for row in rows:
         if not isinstance(row, dict) or not isinstance(row.get("opened_at"), int | float):
+            return None
+    return rows
+
+
+def _cert_rows(doc: Any) -> list[dict[str, Any]] | None:
+    """The rows of a `/v1/certs` document, or None when it is not one (each row needs a string
+    `identity`: the merged list is sorted by it)."""
+    rows = doc.get("certs") if isinstance(doc, dict) else None
+    if not isinstance(rows, list):
+        return None
+    for row in rows:
+        if not isinstance(row, dict) or not isinstance(row.get("identity"), str):
             return None
     return rows
 

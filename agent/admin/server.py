@@ -302,6 +302,8 @@ class AdminServer:
             return "text/plain; version=0.0.4; charset=utf-8", await asyncio.to_thread(self._metrics_text)
         if path == "/v1/connections":
             return "application/json", _json_bytes(await self._connections())
+        if path == "/v1/certs":
+            return "application/json", _json_bytes(await self._certs())
         if path == "/v1/status":
             workers = await self.peers.active_connections() if self.peers is not None else []
             now = self._clock()
@@ -319,8 +321,6 @@ class AdminServer:
                                 sorted(src.services(), key=lambda s: (s.namespace, s.name))]}
         elif path == "/v1/policies":
             doc = {"policies": views.policies_list(src.policies(), src.mesh().root_namespace)}
-        elif path == "/v1/certs":
-            doc = {"certs": [views.cert_dict(c, now) for c in sorted(src.certs(), key=lambda c: c.identity)]}
         elif path == "/v1/flows":
             records = self.ring.snapshot(flow_filter(query), _int_param(query, "last"))
             doc = {"flows": [r.to_dict() for r in records], "ring": self.ring.stats()}
@@ -341,6 +341,15 @@ class AdminServer:
         rows = views.connections_list(self.sources, self._clock(), self.worker_index) + theirs
         rows.sort(key=lambda row: row["opened_at"])
         return {"connections": rows, "workers_unreachable": unreachable}
+
+    async def _certs(self) -> dict[str, Any]:
+        """This process's certificates and, in the main process, the up workers' (by identity)."""
+        theirs, unreachable = await self.peers.certs() if self.peers is not None else ([], [])
+        now = self._clock()
+        own = [{**views.cert_dict(c, now), "worker": self.worker_index} for c in self.sources.certs()]
+        rows = own + theirs
+        rows.sort(key=lambda row: (row["identity"], row["worker"]))
+        return {"certs": rows, "workers_unreachable": unreachable}
 
     def _explain(self, query: dict[str, list[str]]) -> dict[str, Any]:
         from_pod, to = _one(query, "from"), _one(query, "to")

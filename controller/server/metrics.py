@@ -23,7 +23,12 @@ class ControllerMetrics:
             "nodemesh_controller_pushes", "Config pushes by node and result", ["node", "result"], registry=r
         )
         self.connected_agents = Gauge(
-            "nodemesh_controller_connected_agents", "Config streams open", registry=r
+            "nodemesh_controller_connected_agents",
+            "Config streams open (an agent with proxy workers opens one per process)",
+            registry=r,
+        )
+        self.connected_nodes = Gauge(
+            "nodemesh_controller_connected_nodes", "Nodes with at least one config stream open", registry=r
         )
         self.certificates_issued = Counter(
             "nodemesh_controller_certificates_issued", "Workload certificates signed", registry=r

@@ -116,6 +116,7 @@ class ConfigService(pb_grpc.ConfigServicer):
         stream = _Stream(node, first.initial.known_versions)
         self._streams.add(stream)
         self._metrics.connected_agents.inc()
+        self._count_nodes()
         log.info("stream.connected node=%s known=%d", node, len(stream.state.acked))
         reader = asyncio.create_task(self._read(stream, request_iterator))
         waiter: asyncio.Task[bool] | None = None
@@ -137,7 +138,11 @@ class ConfigService(pb_grpc.ConfigServicer):
                 waiter.cancel()
             self._streams.discard(stream)
             self._metrics.connected_agents.dec()
+            self._count_nodes()
             log.info("stream.disconnected node=%s", node)
+
+    def _count_nodes(self) -> None:
+        self._metrics.connected_nodes.set(len({s.node for s in self._streams}))
 
     def _next_response(self, stream: _Stream) -> pb.ConfigResponse | None:
         try:

@@ -93,7 +93,8 @@ LAB_LOCK = Path("/run/lock/nodemesh-lab.lock")
 def lab(request: pytest.FixtureRequest) -> Generator[LabHandle, None, None]:
     """The default lab, up for one test module. There is one lab per host (fixed names), so the
     fixture holds an exclusive lock for the module: concurrent test runs wait instead of
-    tearing down each other's lab. A module's `LAB_PROXY_WORKERS` sets the agents' processes."""
+    tearing down each other's lab. A module's `LAB_PROXY_WORKERS` sets the agents' processes;
+    NODEMESH_TEST_PROXY_WORKERS sets them for every module (a whole run against proxy workers)."""
     if os.geteuid() != 0:
         pytest.skip("the lab needs root (netns, cgroups, eBPF)")
     LAB_LOCK.parent.mkdir(parents=True, exist_ok=True)
@@ -101,7 +102,10 @@ def lab(request: pytest.FixtureRequest) -> Generator[LabHandle, None, None]:
     fcntl.flock(lock, fcntl.LOCK_EX)
     the_lab = Lab(DEFAULT_STATE_DIR)
     try:
-        the_lab.up(load_topology(), proxy_workers=getattr(request.module, "LAB_PROXY_WORKERS", 1))
+        workers = int(
+            os.environ.get("NODEMESH_TEST_PROXY_WORKERS") or getattr(request.module, "LAB_PROXY_WORKERS", 1)
+        )
+        the_lab.up(load_topology(), proxy_workers=workers)
         yield LabHandle(the_lab)
     finally:
         logs = the_lab.state_dir / "logs"

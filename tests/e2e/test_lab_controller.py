@@ -26,10 +26,13 @@ def test_controller_is_healthy_and_both_agents_are_connected(lab: LabHandle) -> 
     for path in ("/healthz", "/readyz"):
         proc = underlay_curl(lab, path)
         assert proc.returncode == 0 and proc.stdout.endswith("\n200"), proc
+    state = lab.lab.load_state() or {}
+    streams = 2 * int(state.get("proxy_workers", 1))  # a config stream per agent process
     deadline = time.monotonic() + 10
     while True:
         metrics = underlay_curl(lab, "/metrics").stdout
-        if "nodemesh_controller_connected_agents 2.0" in metrics:
+        if (f"nodemesh_controller_connected_agents {streams}.0" in metrics
+                and "nodemesh_controller_connected_nodes 2.0" in metrics):
             break
         assert time.monotonic() < deadline, metrics[-1500:]
         time.sleep(0.1)

@@ -55,8 +55,11 @@ class ProcessSources:
     """The admin data of one agent process (the main one or a proxy worker): its connections and a
     metrics registry holding the proxy's istio counters and the agent collector, as the agent's."""
 
-    def __init__(self, conns: Sequence[ConnectionInfo] = (), opened: int = 0) -> None:
+    def __init__(
+        self, conns: Sequence[ConnectionInfo] = (), opened: int = 0, certs: Sequence[CertInfo] = ()
+    ) -> None:
         self.conns = list(conns)
+        self.cert_list = list(certs)
         self.metrics = ProxyMetrics(CollectorRegistry(auto_describe=True))
         self.stats = {"opened": opened, "pods": 2}
         self.metrics.registry.register(AgentCollector(NODE, lambda: {"connect_redirected": 50},
@@ -87,7 +90,7 @@ class ProcessSources:
         return []
 
     def certs(self) -> Sequence[CertInfo]:
-        return []
+        return self.cert_list
 
     def connections(self) -> Sequence[ConnectionInfo]:
         return self.conns
@@ -99,6 +102,11 @@ class ProcessSources:
 def conn(cid: str, age: float, src_pod: str = "shop/web-7d9f") -> ConnectionInfo:
     return ConnectionInfo(cid, ConnPath.HBONE, "10.1.0.2", 41234, "10.2.0.3", 5432, time.time() - age,
                           src_pod=src_pod, dst_workload="shop/db-0", bytes_sent=100)
+
+
+def cert(identity: str, serial: str) -> CertInfo:
+    now = time.time()
+    return CertInfo(identity, serial, "O=lab,CN=nodemesh root", now - 60, now + 86_400, now + 43_200, pods=1)
 
 
 def rec(cid: str) -> FlowRecord:
@@ -195,6 +203,22 @@ async def test_connections_of_every_up_worker_are_merged_with_their_index(run_di
     assert doc["workers_unreachable"] == []  # worker 3 is down: it carries nothing, it is not asked
     assert rows[2]["src_pod"] == "shop/web-7d9f" and rows[2]["bytes_sent"] == 100 and 19 < rows[2]["age"] < 30
     assert direct["connections"][0]["worker"] == 1  # a worker's own answer says which it is
+
+
+async def test_certificates_of_every_up_worker_are_listed_with_their_index(run_dir: Path) -> None:
+    """Each process holds its own key and certificate per identity: `/v1/certs` lists them all."""
+    web, db = "spiffe://cluster.local/ns/shop/sa/web", "spiffe://cluster.local/ns/shop/sa/db"
+    workers = [info(1, sock(run_dir, 1)), info(2, sock(run_dir, 2)), info(3, sock(run_dir, 3), up=False)]
+    main = AdminServer(ProcessSources(certs=[cert(web, "0a"), cert(db, "0b")]), FlowRing(), sock(run_dir, 0),
+                       peers=WorkerPeers(lambda: workers, timeout=0.3))
+    w1 = AdminServer(ProcessSources(certs=[cert(web, "1a"), cert(db, "1b")]), FlowRing(), sock(run_dir, 1),
+                     worker_index=1)
+    async with serving(main, w1), raw_server(sock(run_dir, 2), http_200(b'{"certs": [{"serial": 7}]}')):
+        doc = await client.get_json(sock(run_dir, 0), "/v1/certs", timeout=5)
+    rows = [(r["identity"], r["serial"], r["worker"]) for r in doc["certs"]]
+    assert rows == [(db, "0b", 0), (db, "1b", 1), (web, "0a", 0), (web, "1a", 1)]
+    assert all(r["state"] == "valid" and 43_000 < r["renews_in"] < 43_300 for r in doc["certs"])
+    assert doc["workers_unreachable"] == [2]  # answered, but not with certificates
 
 
 async def test_a_worker_that_hangs_or_answers_garbage_is_left_out_and_named(run_dir: Path) -> None:
@@ -458,8 +482,9 @@ def node(run_dir: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[NodeThread]
                info(2, sock(run_dir, 2), up=False, restarts=2, last_exit="exit 1")]
     main = AdminServer(ProcessSources([conn("c1", 30)]), FlowRing(), sock(run_dir, 0),
                        peers=WorkerPeers(lambda: workers))
-    w1 = AdminServer(ProcessSources([conn("w1c1", 20, src_pod="default/legacy")]), FlowRing(),
-                     sock(run_dir, 1), worker_index=1)
+    w1 = AdminServer(ProcessSources([conn("w1c1", 20, src_pod="default/legacy")],
+                                    certs=[cert("spiffe://cluster.local/ns/default/sa/legacy", "1a")]),
+                     FlowRing(), sock(run_dir, 1), worker_index=1)
     with NodeThread(run_dir, workers, [main, w1]) as n:
         yield n
 
@@ -473,6 +498,14 @@ def test_cli_conns_shows_which_worker_carries_each_connection(node: NodeThread) 
     assert second.split()[:2] == ["1", "default/legacy"]
     rows = json.loads(CliRunner().invoke(app, ["conns", "-o", "json"]).output)
     assert [(r["id"], r["worker"]) for r in rows] == [("c1", 0), ("w1c1", 1)]
+
+
+def test_cli_certs_shows_which_worker_holds_each_certificate(node: NodeThread) -> None:
+    result = CliRunner().invoke(app, ["certs"])
+    assert result.exit_code == 0, result.output
+    header, first = result.output.splitlines()[:2]
+    assert header.split()[:2] == ["WORKER", "IDENTITY"]
+    assert first.split()[:3] == ["1", "spiffe://cluster.local/ns/default/sa/legacy", "1a"]
 
 
 def test_cli_status_has_one_line_for_the_workers(node: NodeThread) -> None:

@@ -235,3 +235,22 @@ async def test_a_disconnected_stream_leaves_no_task_behind(
     await stop_client(client, task)
     await assert_eventually(lambda: srv.metrics.connected_agents._value.get() == 0, what="stream ended")
     await assert_eventually(lambda: waiting() == [], what="no waiter task left")
+
+
+async def test_streams_and_nodes_are_counted_apart(server: tuple[ControllerServer, str, bytes]) -> None:
+    """An agent with proxy workers opens a config stream per process: node1's two count as one node."""
+    srv, address, bundle = server
+
+    def counts() -> tuple[float, float]:
+        return srv.metrics.connected_agents._value.get(), srv.metrics.connected_nodes._value.get()
+
+    a, ta = await start_client(address, "tok1", bundle, Recorder())
+    b, tb = await start_client(address, "tok1", bundle, Recorder())
+    c, tc = await start_client(address, "tok2", bundle, Recorder())
+    await assert_eventually(lambda: counts() == (3, 2), what="3 streams of 2 nodes")
+    await stop_client(a, ta)
+    await assert_eventually(lambda: counts() == (2, 2), what="node1 still has a stream")
+    await stop_client(b, tb)
+    await assert_eventually(lambda: counts() == (1, 1), what="node1 gone")
+    await stop_client(c, tc)
+    await assert_eventually(lambda: counts() == (0, 0), what="no stream left")
