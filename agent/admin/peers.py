@@ -15,7 +15,7 @@ from typing import Any
 
 from agent.admin import client
 from agent.admin.client import PeerError
-from agent.admin.sources import ProxyWorker, Workers
+from agent.admin.sources import ProxyCounts, ProxyWorker, Workers
 
 log = logging.getLogger("nodemesh.agent.admin")
 
@@ -80,14 +80,14 @@ class WorkerPeers:
             rows += got
         return rows, unreachable
 
-    async def active_connections(self) -> list[tuple[ProxyWorker, int | None]]:
-        """Every worker with its proxy's active connections (None: down, or did not answer)."""
-        out: list[tuple[ProxyWorker, int | None]] = []
+    async def proxy_counts(self) -> list[tuple[ProxyWorker, ProxyCounts | None]]:
+        """Every worker with its proxy's active connections and listeners (None: down, or no answer)."""
+        out: list[tuple[ProxyWorker, ProxyCounts | None]] = []
         for w, doc in await self._ask_all("/v1/status"):
-            count = None if doc is None else _active_connections(doc)
-            if count is None and doc is not None:
-                self._failed(w, "/v1/status", "no proxy.active_connections in the status")
-            out.append((w, count))
+            counts = None if doc is None else _proxy_counts(doc)
+            if counts is None and doc is not None:
+                self._failed(w, "/v1/status", "no proxy.active_connections/listeners in the status")
+            out.append((w, counts))
         return out
 
 
@@ -115,9 +115,13 @@ def _cert_rows(doc: Any) -> list[dict[str, Any]] | None:
     return rows
 
 
-def _active_connections(doc: Any) -> int | None:
+def _proxy_counts(doc: Any) -> ProxyCounts | None:
     proxy = doc.get("proxy") if isinstance(doc, dict) else None
-    count = proxy.get("active_connections") if isinstance(proxy, dict) else None
-    if isinstance(count, bool) or not isinstance(count, int) or count < 0:
+    if not isinstance(proxy, dict):
         return None
-    return count
+    connections, listeners = proxy.get("active_connections"), proxy.get("listeners")
+    if not isinstance(connections, int) or not isinstance(listeners, int):
+        return None
+    if isinstance(connections, bool) or isinstance(listeners, bool) or min(connections, listeners) < 0:
+        return None
+    return ProxyCounts(connections=connections, listeners=listeners)

@@ -305,7 +305,7 @@ class AdminServer:
         if path == "/v1/certs":
             return "application/json", _json_bytes(await self._certs())
         if path == "/v1/status":
-            workers = await self.peers.active_connections() if self.peers is not None else []
+            workers = await self.peers.proxy_counts() if self.peers is not None else []
             now = self._clock()
             return "application/json", _json_bytes(
                 views.status_dict(src.status(), src.certs(), self.ring, now, workers)

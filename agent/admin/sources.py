@@ -188,4 +188,12 @@ class ProxyWorker(Protocol):
     def last_exit(self) -> str: ...
 
 
+@dataclass(frozen=True, slots=True)
+class ProxyCounts:
+    """What a proxy worker's own status says of its proxy (added to the node's in `/v1/status`)."""
+
+    connections: int
+    listeners: int
+
+
 Workers = Callable[[], Sequence[ProxyWorker]]  # the supervisor's `workers()`: their state now

@@ -11,7 +11,7 @@ from importlib import metadata
 from typing import Any
 
 from agent.admin.flows import FlowRing
-from agent.admin.sources import AdminSources, AgentStatus, CertInfo, ConnectionInfo, ProxyWorker
+from agent.admin.sources import AdminSources, AgentStatus, CertInfo, ConnectionInfo, ProxyCounts, ProxyWorker
 from api.authz import PeerAuthIndex, PolicyIndex
 from api.resources import PolicyObject, Service, Workload
 
@@ -64,7 +64,7 @@ def cert_summary(certs: Sequence[CertInfo], now: float) -> dict[str, Any]:
     }
 
 
-def worker_dict(w: ProxyWorker, connections: int | None) -> dict[str, Any]:
+def worker_dict(w: ProxyWorker, counts: ProxyCounts | None) -> dict[str, Any]:
     """One proxy worker in `/v1/status`; `connections` is its active count, None when it did not answer."""
     return {
         "index": w.index,
@@ -73,7 +73,8 @@ def worker_dict(w: ProxyWorker, connections: int | None) -> dict[str, Any]:
         "restarts": w.restarts,
         "started_at": w.started_at,
         "last_exit": w.last_exit,
-        "connections": connections,
+        "connections": None if counts is None else counts.connections,
+        "listeners": None if counts is None else counts.listeners,
     }
 
 
@@ -82,12 +83,12 @@ def status_dict(
     certs: Sequence[CertInfo],
     ring: FlowRing,
     now: float,
-    workers: Sequence[tuple[ProxyWorker, int | None]] = (),
+    workers: Sequence[tuple[ProxyWorker, ProxyCounts | None]] = (),
 ) -> dict[str, Any]:
-    """The agent's status; with proxy workers (each with its active connections, None if it did not
-    answer), the proxy's connection count is the node's: this process's plus the workers'."""
+    """The agent's status; with proxy workers (each with its proxy's counts, None if it did not
+    answer), the proxy's connections and listeners are the node's: this process's plus the workers'."""
     ctl = st.controller
-    worker_connections = sum(n for _, n in workers if n is not None)
+    answered = [c for _, c in workers if c is not None]
     return {
         "node": st.node,
         "version": st.version,
@@ -96,8 +97,8 @@ def status_dict(
         "enrolled_pods": st.enrolled_pods,
         "proxy": {
             "state": str(st.proxy.state),
-            "listeners": st.proxy.listeners,
-            "active_connections": st.proxy.active_connections + worker_connections,
+            "listeners": st.proxy.listeners + sum(c.listeners for c in answered),
+            "active_connections": st.proxy.active_connections + sum(c.connections for c in answered),
             "detail": st.proxy.detail,
             "pods": st.proxy.pods,
             "source_ip_pods": st.proxy.source_ip_pods,

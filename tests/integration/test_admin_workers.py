@@ -511,6 +511,7 @@ def test_cli_certs_shows_which_worker_holds_each_certificate(node: NodeThread) -
 def test_cli_status_has_one_line_for_the_workers(node: NodeThread) -> None:
     result = CliRunner().invoke(app, ["status"])
     assert result.exit_code == 0, result.output
-    assert "running, 3 listeners, 2 connections" in result.output  # the main process's and worker 1's
+    # the main process's and worker 1's (worker 2 is down)
+    assert "running, 6 listeners, 2 connections" in result.output
     lines = [line.strip() for line in result.output.splitlines() if "proxy workers" in line]
     assert lines == ["proxy workers: 1 of 2 up (pids 4241), 3 restarts; worker 2 down (last exit: exit 1)"]
