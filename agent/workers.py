@@ -76,11 +76,48 @@ def describe_exit(returncode: int) -> str:
     return f"signal {-returncode}" if returncode < 0 else f"exit {returncode}"
 
 
+class _Child:
+    """A worker process, started by `subprocess` (vfork, then exec) rather than the event loop's
+    fork: fork runs gRPC's pthread_atfork handlers, which abort the child while the main process's
+    gRPC threads are busy ("Check failed: next_worker->state == KICKED", seen on restarts); vfork
+    runs none. Its exit is awaited through a pidfd on the loop; started on the loop's thread, which
+    PR_SET_PDEATHSIG in the worker refers to."""
+
+    def __init__(self, argv: Sequence[str], env: dict[str, str]) -> None:
+        self._popen = subprocess.Popen(list(argv), stdin=subprocess.DEVNULL, env=env, close_fds=True)
+        self.pid = self._popen.pid
+        self._pidfd = os.pidfd_open(self.pid)  # works until the process is reaped (by `_exited`)
+        self._exit: asyncio.Future[int] | None = None
+
+    @property
+    def returncode(self) -> int | None:
+        return self._popen.returncode
+
+    async def wait(self) -> int:
+        if self._exit is None:
+            loop = asyncio.get_running_loop()
+            self._exit = loop.create_future()
+            loop.add_reader(self._pidfd, self._exited, loop)
+        return await asyncio.shield(self._exit)
+
+    def _exited(self, loop: asyncio.AbstractEventLoop) -> None:
+        loop.remove_reader(self._pidfd)
+        os.close(self._pidfd)
+        code = self._popen.wait()  # the pidfd is readable: the process has exited, this reaps it
+        if self._exit is not None and not self._exit.done():
+            self._exit.set_result(code)
+
+    def send(self, sig: int) -> None:
+        if self._popen.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.pid, sig)
+
+
 @dataclass(slots=True)
 class _Worker:
     index: int
     socket: Path
-    proc: asyncio.subprocess.Process | None = None
+    proc: _Child | None = None
     restarts: int = 0
     started_at: float | None = None
     last_exit: str = ""
@@ -138,8 +175,7 @@ class WorkerSupervisor:
             began = time.monotonic()
             env = {**os.environ, PARENT_ENV: str(os.getpid()), RESTARTS_ENV: str(w.restarts)}
             try:
-                w.proc = await asyncio.create_subprocess_exec(*self._argv(w.index), stdin=subprocess.DEVNULL,
-                                                              env=env)
+                w.proc = _Child(self._argv(w.index), env)
             except OSError as exc:
                 w.last_exit = f"spawn failed: {exc}"
                 log.error("event=proxy_worker_spawn_failed worker=%d error=%r action=retry_in_%.0fs",
@@ -164,16 +200,14 @@ class WorkerSupervisor:
         self._stopping = True
         procs = [w.proc for w in self._workers if w.proc is not None and w.proc.returncode is None]
         for p in procs:
-            with contextlib.suppress(ProcessLookupError):
-                p.terminate()
+            p.send(signal.SIGTERM)
         if procs:
             _, late = await asyncio.wait([asyncio.ensure_future(p.wait()) for p in procs],
                                          timeout=self._stop_timeout)
             for p in procs:
                 if p.returncode is None:
                     log.error("event=proxy_worker_kill pid=%d reason=no_exit_after_sigterm", p.pid)
-                    with contextlib.suppress(ProcessLookupError):
-                        p.kill()
+                    p.send(signal.SIGKILL)
             if late:
                 await asyncio.gather(*late, return_exceptions=True)
         for t in self._tasks:

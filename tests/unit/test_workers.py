@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -202,3 +203,43 @@ def test_connection_ids_carry_the_worker_prefix(monkeypatch: pytest.MonkeyPatch)
     conns.set_id_prefix("w3")
     ids = {conns.new_connection_id() for _ in range(5)}
     assert len(ids) == 5 and all(i.startswith("w3c") for i in ids)
+
+
+# Run in a child interpreter: the at-fork handler it registers would abort every later fork() there.
+ATFORK = r"""
+import asyncio, ctypes, os, sys
+from pathlib import Path
+import uvloop
+from agent.workers import WorkerSupervisor
+
+libc = ctypes.CDLL(None)
+# what gRPC's fork support does to a child forked while its threads are busy: abort
+assert libc.__register_atfork(None, None, ctypes.cast(libc.abort, ctypes.c_void_p), None) == 0
+pid = os.fork()
+if pid == 0:
+    os._exit(0)
+status = os.waitpid(pid, 0)[1]
+print("fork:", os.WTERMSIG(status) if os.WIFSIGNALED(status) else "no signal")
+
+async def main():
+    sup = WorkerSupervisor(Path(sys.argv[1]) / "admin.sock", 2,
+                           lambda i: [sys.executable, "-c", "raise SystemExit(5)"], backoff_initial=30)
+    await sup.start()
+    while sup.workers()[0].restarts == 0:
+        await asyncio.sleep(0.02)
+    print("worker:", sup.workers()[0].last_exit)
+    await sup.close()
+
+uvloop.run(main())
+"""
+
+
+def test_workers_start_without_running_at_fork_handlers(tmp_path: Path) -> None:
+    """gRPC's pthread_atfork child handler aborted restarted workers (the main process's gRPC threads
+    were busy); uvloop's spawn forks and runs it, the supervisor's vfork does not."""
+    proc = subprocess.run([sys.executable, "-c", ATFORK, str(tmp_path)], capture_output=True, text=True,
+                          timeout=60, cwd=Path(__file__).resolve().parents[2])
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert lines[0] == f"fork: {signal.SIGABRT}", lines  # the handler is in place: a forked child aborts
+    assert lines[1] == "worker: exit 5", lines  # the worker ran its own code to the end
