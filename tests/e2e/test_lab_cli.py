@@ -39,6 +39,17 @@ HTTPBIN_ID = f"spiffe://{TD}/ns/default/sa/httpbin"
 VIP = "10.96.0.10"
 
 
+def proxy_workers(lab: LabHandle) -> int:
+    state = lab.lab.load_state()
+    return int(state.get("proxy_workers", 1)) if state else 1
+
+
+def main_process(samples: Samples, name: str) -> float:
+    """The value of `name` for the agent's main process (workers' samples have a `worker` label)."""
+    [value] = [v for (n, labels), v in samples.items() if n == name and "worker" not in dict(labels)]
+    return value
+
+
 def try_connect(lab: LabHandle, pod: str, *targets: str, timeout: float = 3.0) -> list[dict[str, object]]:
     proc = lab.exec(pod, "python3", "-c", TRY, str(timeout), *targets, timeout=timeout * len(targets) + 15)
     assert proc.returncode == 0, proc.stderr.decode()
@@ -62,7 +73,8 @@ def test_status_shows_programs_counters_controller_and_certificates(lab: LabHand
     traffic(lab)
     doc = cli_json("node1", "status")
     assert doc["node"] == "node1" and doc["enrolled_pods"] == 2
-    assert doc["proxy"]["state"] == "running" and doc["proxy"]["listeners"] == 6  # 15001/6/8 x 2 pods
+    # 15001/6/8 x 2 pods, in each of the agent's processes
+    assert doc["proxy"]["state"] == "running" and doc["proxy"]["listeners"] == 6 * proxy_workers(lab)
     assert (doc["proxy"]["pods"], doc["proxy"]["source_ip_pods"]) == (2, 2)  # both keep callers' IPs
     progs = " ".join(doc["datapath"]["programs"])
     for prog in ("cgroup/connect4", "sockops", "cgroup/getpeername4", "sk_lookup"):
@@ -127,17 +139,6 @@ def test_services_list_the_vip_ports_and_endpoints(lab: LabHandle) -> None:
     assert eps == {lab.plan.pod("httpbin-v1").ip, lab.plan.pod("httpbin-v2").ip}
     out = node_cli("services", "--node", "node2").stdout
     assert f"httpbin  {VIP}  8000→8000/TCP" in out
-
-
-def proxy_workers(lab: LabHandle) -> int:
-    state = lab.lab.load_state()
-    return int(state.get("proxy_workers", 1)) if state else 1
-
-
-def main_process(samples: Samples, name: str) -> float:
-    """The value of `name` for the agent's main process (workers' samples have a `worker` label)."""
-    [value] = [v for (n, labels), v in samples.items() if n == name and "worker" not in dict(labels)]
-    return value
 
 
 def test_certs_are_the_node_pods_identities_issued_by_the_lab_ca(lab: LabHandle) -> None:
