@@ -43,6 +43,14 @@ def worker_pids(lab: LabHandle, node: str) -> list[int]:
     return []
 
 
+def gone(pid: int) -> bool:
+    """The process exited (a zombie not reaped yet counts as gone)."""
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
 def processes_of(conn_ids: list[str]) -> set[str]:
     """Which processes the connection ids name: `c…` main, `w1c…` / `w1r<restarts>c…` worker 1."""
     return {"worker-1" if re.match(r"w1(r\d+)?c", c) else "main" for c in conn_ids}
@@ -233,11 +241,31 @@ def test_a_killed_worker_is_restarted(lab: LabHandle) -> None:
     assert any(r["conn"].startswith("w1r1c") for r in recs), recs
 
 
+def test_sigterm_stops_the_worker_before_the_main_process(lab: LabHandle) -> None:
+    """A restart as an operator does it: SIGTERM to the agent stops its worker cleanly, then itself;
+    the next start brings both back and serves again."""
+    [worker] = wait_for(lambda: worker_pids(lab, "node1"), 10, "node1's worker")
+    main = agent_pid(lab, "node1")
+    lab.lab.stop_agent("node1")  # SIGTERM, waits for the main process to exit
+    assert gone(worker)
+    lines = lab.log("agent-node1").splitlines()
+    stopped = [i for i, ln in enumerate(lines) if "event=agent_stopped" in ln]
+    by_worker = [i for i in stopped if " worker=1 " in lines[i]]
+    by_main = [i for i in stopped if " worker=" not in lines[i]]
+    assert by_worker and by_main, [lines[i] for i in stopped]  # both ended cleanly ...
+    last_worker_line = max(i for i, ln in enumerate(lines) if " worker=1 " in ln)
+    assert by_main[-1] > last_worker_line  # ... the worker first
+    assert not any("event=proxy_worker_kill" in ln for ln in lines)  # it needed no SIGKILL
+    assert gone(main)
+    lab.lab.start_agent("node1")  # waits for both processes' listeners in node1's pods
+    assert len(wait_for(lambda: worker_pids(lab, "node1"), 10, "the new worker")) == 1
+    spread_requests(lab, "client", "node1", lab.plan.pod("httpbin-v2").ip)
+
+
 def test_a_killed_main_process_takes_its_worker_along(lab: LabHandle) -> None:
     [worker] = wait_for(lambda: worker_pids(lab, "node2"), 10, "node2's worker")
     os.kill(agent_pid(lab, "node2"), signal.SIGKILL)
-    wait_for(lambda: not psutil.pid_exists(worker) or psutil.Process(worker).status() == psutil.STATUS_ZOMBIE,
-             10, "the worker to exit after its main process died")
+    wait_for(lambda: gone(worker), 10, "the worker to exit after its main process died")
     lab.lab.start_agent("node2")  # waits for both processes' listeners in every pod of node2
     assert len(wait_for(lambda: worker_pids(lab, "node2"), 10, "the new worker")) == 1
     spread_requests(lab, "outsider", "node2", lab.plan.pod("httpbin-v2").ip)
