@@ -25,6 +25,7 @@ from controller_fixtures import assert_eventually
 from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 from typer.testing import CliRunner
+from unix_peer import answering, http_200
 
 from agent.admin import client
 from agent.admin.flow_feed import WorkerFlowFeed
@@ -149,42 +150,6 @@ async def serving(*servers: AdminServer) -> AsyncIterator[None]:
             await s.close()
 
 
-@contextlib.asynccontextmanager
-async def raw_server(path: Path, answer: bytes | None) -> AsyncIterator[None]:
-    """A Unix socket that reads the request and sends `answer` as is, or never answers (None)."""
-    handlers: set[asyncio.Task[Any]] = set()
-
-    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        assert task is not None
-        handlers.add(task)
-        try:
-            await reader.readuntil(b"\r\n\r\n")
-            if answer is not None:
-                writer.write(answer)
-                await writer.drain()
-            await reader.read()  # until the client hangs up
-        except (ConnectionError, asyncio.IncompleteReadError, asyncio.CancelledError):
-            pass
-        finally:
-            writer.close()
-
-    server = await asyncio.start_unix_server(handle, path=str(path))
-    try:
-        yield
-    finally:
-        server.close()
-        for t in handlers:
-            t.cancel()
-        await asyncio.gather(*handlers, return_exceptions=True)
-        path.unlink(missing_ok=True)
-
-
-def http_200(body: bytes, content_type: str = "application/json") -> bytes:
-    return (f"HTTP/1.1 200 OK\r\nContent-Type: {content_type}\r\nContent-Length: {len(body)}\r\n"
-            f"Connection: close\r\n\r\n").encode() + body
-
-
 # --- connections and status -----------------------------------------------------------------------
 
 
@@ -213,7 +178,7 @@ async def test_certificates_of_every_up_worker_are_listed_with_their_index(run_d
                        peers=WorkerPeers(lambda: workers, timeout=0.3))
     w1 = AdminServer(ProcessSources(certs=[cert(web, "1a"), cert(db, "1b")]), FlowRing(), sock(run_dir, 1),
                      worker_index=1)
-    async with serving(main, w1), raw_server(sock(run_dir, 2), http_200(b'{"certs": [{"serial": 7}]}')):
+    async with serving(main, w1), answering(sock(run_dir, 2), http_200(b'{"certs": [{"serial": 7}]}')):
         doc = await client.get_json(sock(run_dir, 0), "/v1/certs", timeout=5)
     rows = [(r["identity"], r["serial"], r["worker"]) for r in doc["certs"]]
     assert rows == [(db, "0b", 0), (db, "1b", 1), (web, "0a", 0), (web, "1a", 1)]
@@ -227,8 +192,8 @@ async def test_a_worker_that_hangs_or_answers_garbage_is_left_out_and_named(run_
     peers = WorkerPeers(lambda: workers, timeout=0.3)
     main = AdminServer(ProcessSources([conn("c1", 30)]), FlowRing(), sock(run_dir, 0), peers=peers)
     w1 = AdminServer(ProcessSources([conn("w1c1", 20)]), FlowRing(), sock(run_dir, 1), worker_index=1)
-    async with serving(main, w1), raw_server(sock(run_dir, 2), None), \
-            raw_server(sock(run_dir, 3), http_200(b"<html>oops</html>")):
+    async with serving(main, w1), answering(sock(run_dir, 2)), \
+            answering(sock(run_dir, 3), http_200(b"<html>oops</html>")):
         began = time.monotonic()
         doc = await client.get_json(sock(run_dir, 0), "/v1/connections", timeout=5)
         elapsed = time.monotonic() - began
@@ -372,7 +337,7 @@ async def test_malformed_flow_lines_are_skipped_and_counted(run_dir: Path) -> No
     answer = (b"HTTP/1.1 200 OK\r\nContent-Type: application/x-ndjson\r\nTransfer-Encoding: chunked\r\n"
               b"Connection: close\r\n\r\n" + b"%x\r\n%s\r\n" % (len(body), body))  # and no end: streaming
     feed = feed_for(lambda: [info(1, sock(run_dir, 1))], main_ring)
-    async with raw_server(sock(run_dir, 1), answer):
+    async with answering(sock(run_dir, 1), answer):
         await feed.start()
         try:
             await assert_eventually(lambda: ids(main_ring) == ["w1c7"])
@@ -389,7 +354,7 @@ async def test_a_bad_first_line_breaks_the_stream_and_it_is_retried(run_dir: Pat
     body = b'{"kind":"flow","flow":{}}\n'
     answer = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n%x\r\n%s\r\n0\r\n\r\n" % (len(body), body)
     feed = feed_for(lambda: [info(1, sock(run_dir, 1))], FlowRing())
-    async with raw_server(sock(run_dir, 1), answer):
+    async with answering(sock(run_dir, 1), answer):
         await feed.start()
         try:
             await assert_eventually(lambda: feed.stream_errors[1] >= 2, what="retried after a bad stream")
@@ -417,7 +382,7 @@ async def test_metrics_of_the_main_socket_and_port_are_merged_with_the_workers(r
     port = MetricsServer(exposed, "127.0.0.1:0")
     try:
         async with serving(main, AdminServer(w1, FlowRing(), sock(run_dir, 1)),
-                           AdminServer(w2, FlowRing(), sock(run_dir, 2))), raw_server(sock(run_dir, 3), None):
+                           AdminServer(w2, FlowRing(), sock(run_dir, 2))), answering(sock(run_dir, 3)):
             # a scrape is blocking I/O, on threads: the loop goes on serving the workers meanwhile
             admin = (await client.get(sock(run_dir, 0), "/metrics", timeout=5)).decode()
             scraped = await asyncio.to_thread(_http_get, port.port)

@@ -9,10 +9,11 @@ import shutil
 import tempfile
 import threading
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from unix_peer import answering, head
 
 from agent.admin import client
 from agent.admin.client import PeerError
@@ -25,44 +26,6 @@ def sock() -> Iterator[Path]:
         yield path / "worker-1.sock"
     finally:
         shutil.rmtree(path, ignore_errors=True)
-
-
-@contextlib.asynccontextmanager
-async def answering(path: Path, *parts: bytes, pause: float = 0.0) -> AsyncIterator[list[bytes]]:
-    """Answers every request with `parts`, `pause` seconds apart, then keeps the connection open."""
-    requests: list[bytes] = []
-    handlers: set[asyncio.Task[None]] = set()
-
-    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        assert task is not None
-        handlers.add(task)
-        try:
-            requests.append(await reader.readuntil(b"\r\n\r\n"))
-            for part in parts:
-                writer.write(part)
-                await writer.drain()
-                await asyncio.sleep(pause)
-            await reader.read()
-        except (ConnectionError, asyncio.IncompleteReadError, asyncio.CancelledError):
-            pass
-        finally:
-            writer.close()
-
-    server = await asyncio.start_unix_server(handle, path=str(path))
-    try:
-        yield requests
-    finally:
-        server.close()
-        for task in handlers:
-            task.cancel()
-        await asyncio.gather(*handlers, return_exceptions=True)
-        path.unlink(missing_ok=True)
-
-
-def head(status: str, length: int | None) -> bytes:
-    size = f"Content-Length: {length}" if length is not None else "Transfer-Encoding: chunked"
-    return f"HTTP/1.1 {status}\r\n{size}\r\nConnection: close\r\n\r\n".encode()
 
 
 async def test_get_returns_the_body_and_sends_one_get(sock: Path) -> None:
