@@ -30,6 +30,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import psutil
 import yaml
 
 from agent.admin.paths import remove_stale
@@ -486,6 +487,22 @@ class Lab:
                         + _tail(log_file)
                     )
                 time.sleep(0.05)
+
+    def proxy_workers(self, node: str) -> dict[int, int]:
+        """The running proxy workers of `node`'s agent (`agent run --proxy-workers`): the agent's
+        children started with `--worker-index`, as {index: pid}."""
+        state = self._require_state()
+        pid = state["processes"].get(f"agent/{node}")
+        if pid is None:
+            return {}
+        found: dict[int, int] = {}
+        with contextlib.suppress(psutil.Error):
+            for child in psutil.Process(pid).children():
+                with contextlib.suppress(psutil.Error):
+                    argv = child.cmdline()
+                    if "--worker-index" in argv and child.status() != psutil.STATUS_ZOMBIE:
+                        found[int(argv[argv.index("--worker-index") + 1])] = child.pid
+        return found
 
     def stop_agent(self, node: str, timeout: float = 10.0) -> None:
         """SIGTERM one node's agent and wait for it to exit (its pins stay, as on a real restart)."""

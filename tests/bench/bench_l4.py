@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import contextlib
 import json
 import os
 import platform
@@ -36,7 +35,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import psutil
 import stunnel_pair
 from proc_usage import Watch
 from stunnel_pair import Tunnel
@@ -96,18 +94,6 @@ def lab_up(agents: bool, proxy_workers: int = 1) -> Iterator[Lab]:
         yield lab
     finally:
         lab.down(quiet=True)
-
-
-def proxy_workers(agents: dict[str, int]) -> dict[str, int]:
-    """The agents' proxy worker processes (their children), named `agent/<node>/w<index>`."""
-    found: dict[str, int] = {}
-    for name, pid in agents.items():
-        with contextlib.suppress(psutil.Error):
-            for child in psutil.Process(pid).children():
-                argv = child.cmdline()
-                if "--worker-index" in argv:
-                    found[f"{name}/w{argv[argv.index('--worker-index') + 1]}"] = child.pid
-    return found
 
 
 def wait_listening(lab: Lab, pod: str, port: int, proc: subprocess.Popen[bytes], log: Path) -> None:
@@ -366,8 +352,9 @@ def measure_mode(mode: str, s: Settings) -> dict[str, Any]:
                 host = "127.0.0.1"
             elif mode == "nodemesh":
                 state = lab.load_state() or {}
-                agents = {n: pid for n, pid in state.get("processes", {}).items() if n.startswith("agent/")}
-                proxies = {**agents, **proxy_workers(agents)}
+                proxies = {n: pid for n, pid in state.get("processes", {}).items() if n.startswith("agent/")}
+                for node in [n.removeprefix("agent/") for n in list(proxies)]:  # and their proxy workers
+                    proxies |= {f"agent/{node}/w{i}": pid for i, pid in lab.proxy_workers(node).items()}
             out: dict[str, Any] = {"mode": mode, "target": host}
             steps: list[tuple[str, Any]] = [
                 ("bulk_1", lambda: iperf(lab, host, 1, s, proxies)),

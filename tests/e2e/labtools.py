@@ -36,6 +36,15 @@ def node_cli(*args: str, timeout: float = 30.0) -> subprocess.CompletedProcess[s
     return subprocess.run([*CLI, *args], capture_output=True, text=True, timeout=timeout, env=cli_env())
 
 
+def run_example(name: str) -> subprocess.CompletedProcess[str]:
+    """`examples/lab/<name>` against the running lab with this checkout's CLI (rc 0 asserted)."""
+    script = Path(__file__).resolve().parents[2] / "examples" / "lab" / name
+    proc = subprocess.run(["sh", str(script)], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "NODEMESH": " ".join(CLI)})
+    assert proc.returncode == 0, proc.stderr
+    return proc
+
+
 def cli_json(node: str, *args: str) -> Any:
     """`nodemesh <args> --node NODE -o json`, parsed (rc 0 asserted)."""
     proc = node_cli(*args, "--node", node, "-o", "json")

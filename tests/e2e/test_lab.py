@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import json
-import os
 import re
 import subprocess
-import sys
 from pathlib import Path
 
 from conftest import LabHandle, lab_leftovers, nodemesh_cli
+from labtools import run_example
 from meshlab import wait_for
 
 from nodemesh.lab.lab import Lab
@@ -85,12 +84,7 @@ def test_apps_see_the_callers_ip_on_every_inbound_path(lab: LabHandle) -> None:
 
 
 def test_the_source_ip_example_shows_every_caller_ip(lab: LabHandle) -> None:
-    script = Path(__file__).resolve().parents[2] / "examples" / "lab" / "source-ip.sh"
-    proc = subprocess.run(
-        ["sh", str(script)], capture_output=True, text=True, timeout=120,
-        env={**os.environ, "NODEMESH": f"{sys.executable} -m nodemesh.cli"},
-    )  # fmt: skip
-    assert proc.returncode == 0, proc.stderr
+    proc = run_example("source-ip.sh")
     paths = re.findall(r"^(.+?): (\S+) saw ([\d.]+):\d+ +\(caller ([\d.]+)\)$", proc.stdout, re.M)
     assert len(paths) == 4, proc.stdout
     assert all(saw == caller for _, _, saw, caller in paths), proc.stdout

@@ -13,13 +13,12 @@ import os
 import re
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import psutil
 from conftest import LabHandle
-from labtools import cli_json, flows_json, metric_sum, parse_metrics, scrape_15020, series
+from labtools import cli_json, flows_json, metric_sum, parse_metrics, run_example, scrape_15020, series
 from meshlab import Policies, flows, flows_from, request_ok, wait_for
 from test_lab_authz import KEEPALIVE, from_source
 
@@ -36,11 +35,7 @@ def agent_pid(lab: LabHandle, node: str) -> int:
 
 
 def worker_pids(lab: LabHandle, node: str) -> list[int]:
-    """The node's proxy workers: the agent's children started with `--worker-index`."""
-    with contextlib.suppress(psutil.NoSuchProcess):
-        children = psutil.Process(agent_pid(lab, node)).children()
-        return [c.pid for c in children if "--worker-index" in c.cmdline()]
-    return []
+    return list(lab.lab.proxy_workers(node).values())
 
 
 def gone(pid: int) -> bool:
@@ -188,12 +183,7 @@ def test_the_main_admin_api_answers_for_every_process(lab: LabHandle, tmp_path: 
 
 
 def test_the_proxy_workers_example_shows_who_carried_each_connection(lab: LabHandle) -> None:
-    script = Path(__file__).resolve().parents[2] / "examples" / "lab" / "proxy-workers.sh"
-    proc = subprocess.run(
-        ["sh", str(script)], capture_output=True, text=True, timeout=120,
-        env={**os.environ, "NODEMESH": f"{sys.executable} -m nodemesh.cli"},
-    )  # fmt: skip
-    assert proc.returncode == 0, proc.stderr
+    proc = run_example("proxy-workers.sh")
     line = r"^ *(\S+)  [\d.]+:\d+ -> [\d.]+:8000  carried by (main process|worker 1)$"
     carried = re.findall(line, proc.stdout, re.M)
     assert len(carried) == 12, proc.stdout
