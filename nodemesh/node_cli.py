@@ -29,6 +29,7 @@ from rich.measure import Measurement
 from rich.table import Table
 from rich.text import Text
 
+from agent.admin.client import error_message
 from agent.admin.paths import admin_socket_path, node_sockets, run_dir
 
 TIMEOUT = 10.0
@@ -109,11 +110,7 @@ class AdminClient:
         if resp.status != 200:
             body = resp.read()
             conn.close()
-            try:
-                message = json.loads(body)["error"]
-            except (ValueError, KeyError, TypeError):
-                message = body.decode(errors="replace").strip() or resp.reason
-            raise CliError(str(message))
+            raise CliError(error_message(body, resp.reason))
         return resp
 
     @staticmethod

@@ -64,7 +64,7 @@ class _Response:
 
     def result(self) -> bytes:
         if self.status != 200:
-            raise PeerError(f"answered {self.status}: {_error_message(bytes(self.body))}")
+            raise PeerError(f"answered {self.status}: {error_message(bytes(self.body))}")
         return bytes(self.body)
 
     def take_lines(self) -> list[bytes]:
@@ -79,11 +79,13 @@ class _Response:
         return lines
 
 
-def _error_message(body: bytes) -> str:
+def error_message(body: bytes, empty: str = "(no body)") -> str:
+    """The message of an admin API error answer (`{"error": "..."}`), or the start of whatever the
+    body is; `empty` when there is none. Shared with the node CLI's client."""
     try:
         return str(json.loads(body)["error"])
     except (ValueError, KeyError, TypeError):
-        return body[:200].decode("utf-8", "replace").strip() or "(no body)"
+        return body[:200].decode("utf-8", "replace").strip() or empty
 
 
 async def get(path: Path, target: str, *, timeout: float, limit: int = MAX_BODY) -> bytes:
