@@ -48,6 +48,8 @@ class LabHandle:
         self.lab = lab
         self.state_dir = lab.state_dir
         self.plan = lab.plan()
+        state = lab.load_state() or {}
+        self.proxy_workers = int(state.get("proxy_workers", 1))  # processes per agent
 
     def status(self) -> dict[str, Any]:
         return self.lab.status()

@@ -39,11 +39,6 @@ HTTPBIN_ID = f"spiffe://{TD}/ns/default/sa/httpbin"
 VIP = "10.96.0.10"
 
 
-def proxy_workers(lab: LabHandle) -> int:
-    state = lab.lab.load_state()
-    return int(state.get("proxy_workers", 1)) if state else 1
-
-
 def main_process(samples: Samples, name: str) -> float:
     """The value of `name` for the agent's main process (workers' samples have a `worker` label)."""
     [value] = [v for (n, labels), v in samples.items() if n == name and "worker" not in dict(labels)]
@@ -74,7 +69,7 @@ def test_status_shows_programs_counters_controller_and_certificates(lab: LabHand
     doc = cli_json("node1", "status")
     assert doc["node"] == "node1" and doc["enrolled_pods"] == 2
     # 15001/6/8 x 2 pods, in each of the agent's processes
-    assert doc["proxy"]["state"] == "running" and doc["proxy"]["listeners"] == 6 * proxy_workers(lab)
+    assert doc["proxy"]["state"] == "running" and doc["proxy"]["listeners"] == 6 * lab.proxy_workers
     assert (doc["proxy"]["pods"], doc["proxy"]["source_ip_pods"]) == (2, 2)  # both keep callers' IPs
     progs = " ".join(doc["datapath"]["programs"])
     for prog in ("cgroup/connect4", "sockops", "cgroup/getpeername4", "sk_lookup"):
@@ -156,7 +151,7 @@ def test_certs_are_the_node_pods_identities_issued_by_the_lab_ca(lab: LabHandle)
     # certificate comes before the client certificate request, so a client without one still sees it);
     # with proxy workers each process has its own, and the kernel picks the process that answers
     node2_certs = cli_json("node2", "certs")
-    assert sorted(c["worker"] for c in node2_certs) == list(range(proxy_workers(lab)))
+    assert sorted(c["worker"] for c in node2_certs) == list(range(lab.proxy_workers))
     v2 = lab.plan.pod("httpbin-v2").ip
     proc = lab.exec("outsider", "sh", "-c",
                     f"openssl s_client -connect {v2}:15008 -alpn h2 </dev/null 2>/dev/null"

@@ -26,8 +26,7 @@ def test_controller_is_healthy_and_both_agents_are_connected(lab: LabHandle) -> 
     for path in ("/healthz", "/readyz"):
         proc = underlay_curl(lab, path)
         assert proc.returncode == 0 and proc.stdout.endswith("\n200"), proc
-    state = lab.lab.load_state() or {}
-    streams = 2 * int(state.get("proxy_workers", 1))  # a config stream per agent process
+    streams = 2 * lab.proxy_workers  # a config stream per agent process
     deadline = time.monotonic() + 10
     while True:
         metrics = underlay_curl(lab, "/metrics").stdout

@@ -164,7 +164,7 @@ def test_explain_verdicts_match_real_connections(mesh: LabHandle) -> None:
     rng = random.Random(SEED)
     combos = combinations(lab, rng)
     assert len(combos) >= 50
-    workers = int((lab.lab.load_state() or {}).get("proxy_workers", 1))
+    workers = lab.proxy_workers
     mismatches = []
     tally: Counter[str] = Counter()
     for c in combos:
