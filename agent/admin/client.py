@@ -11,10 +11,11 @@ more.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import socket
 import time
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -88,9 +89,20 @@ def error_message(body: bytes, empty: str = "(no body)") -> str:
         return body[:200].decode("utf-8", "replace").strip() or empty
 
 
+@contextlib.contextmanager
+def _peer_errors(timeout: float) -> Iterator[None]:
+    """A deadline passed or a socket error, as the `PeerError` every caller handles."""
+    try:
+        yield
+    except TimeoutError:
+        raise PeerError(f"no answer within {timeout:g}s") from None
+    except OSError as exc:
+        raise PeerError(f"socket error: {exc}") from None
+
+
 async def get(path: Path, target: str, *, timeout: float, limit: int = MAX_BODY) -> bytes:
     """The body of `GET target` on the admin socket `path`; the whole exchange takes at most `timeout`."""
-    try:
+    with _peer_errors(timeout):
         async with asyncio.timeout(timeout):
             reader, writer = await asyncio.open_unix_connection(str(path))
             try:
@@ -103,10 +115,6 @@ async def get(path: Path, target: str, *, timeout: float, limit: int = MAX_BODY)
                     response.feed(data)
             finally:
                 writer.close()
-    except TimeoutError:
-        raise PeerError(f"no answer within {timeout:g}s") from None
-    except OSError as exc:
-        raise PeerError(f"socket error: {exc}") from None
     return response.result()
 
 
@@ -167,23 +175,18 @@ async def stream_lines(path: Path, target: str, *, timeout: float) -> AsyncGener
 def get_blocking(path: Path, target: str, *, timeout: float, limit: int = MAX_BODY) -> bytes:
     """`get` for a thread that may block (a metrics scrape); the whole exchange takes at most `timeout`."""
     deadline = time.monotonic() + timeout
-    try:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-            sock.settimeout(timeout)
-            sock.connect(str(path))
-            sock.sendall(_request(target))
-            response = _Response(limit)
-            while not response.complete:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    raise TimeoutError
-                sock.settimeout(remaining)
-                data = sock.recv(READ_SIZE)
-                if not data:
-                    raise PeerError("connection closed before the end of the answer")
-                response.feed(data)
-    except TimeoutError:
-        raise PeerError(f"no answer within {timeout:g}s") from None
-    except OSError as exc:
-        raise PeerError(f"socket error: {exc}") from None
+    with _peer_errors(timeout), socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(timeout)
+        sock.connect(str(path))
+        sock.sendall(_request(target))
+        response = _Response(limit)
+        while not response.complete:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError
+            sock.settimeout(remaining)
+            data = sock.recv(READ_SIZE)
+            if not data:
+                raise PeerError("connection closed before the end of the answer")
+            response.feed(data)
     return response.result()
