@@ -42,6 +42,10 @@ RECORD = 16384  # TLS's largest record payload (RFC 8446 §5.1)
 WRITE_HIGH = 1024 * 1024  # send buffer above which the protocol is told to pause writing
 WRITE_LOW = 256 * 1024
 CLOSE_LINGER = 10.0  # seconds close() waits for buffered bytes to drain before aborting
+# after the last byte went out on close(): seconds to read and drop what the peer still sends before
+# closing the socket (closing with unread bytes makes the kernel send a RST, and a RST can destroy
+# what we sent last, a GOAWAY, before the peer read it)
+DRAIN_LINGER = 2.0
 _RETRY = (BlockingIOError, InterruptedError)
 
 
@@ -168,6 +172,7 @@ class TlsTransport(asyncio.Transport):
         self._reading = False
         self._closing = False  # close() or abort() called, or the connection failed
         self._lost = False  # connection_lost scheduled
+        self._drain_timer: asyncio.TimerHandle | None = None
         self._extra: dict[str, Any] = {"socket": sock, "ssl_object": self._obj}
         with contextlib.suppress(OSError):
             self._extra["peername"] = sock.getpeername()
@@ -367,7 +372,7 @@ class TlsTransport(asyncio.Transport):
         if not self._wbuf:
             self._loop.remove_writer(self._fd)
             if self._closing:
-                self._finish(None)
+                self._drain_then_finish()
                 return
         if self._writing_paused and self._wsize <= self._low:
             self._writing_paused = False
@@ -400,9 +405,33 @@ class TlsTransport(asyncio.Transport):
             self._obj.unwrap()  # queues close_notify; raises SSLWantReadError waiting for the peer's
         self._flush_out()
         if not self._wbuf and not self._lost:
-            self._finish(None)
+            self._drain_then_finish()
         elif not self._lost:  # a peer that stopped reading must not hold the socket for ever
             self._loop.call_later(CLOSE_LINGER, self._linger_expired)
+
+    def _drain_then_finish(self) -> None:
+        """All was sent (close_notify too): half-close, drop what the peer still sends until its EOF
+        or `DRAIN_LINGER`, then close the socket."""
+        try:
+            self._sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            self._finish(None)
+            return
+        self._loop.add_reader(self._fd, self._drop_incoming)
+        self._drain_timer = self._loop.call_later(DRAIN_LINGER, self._finish, None)
+
+    def _drop_incoming(self) -> None:
+        bufs = _claim_buffers()
+        try:
+            n = self._sock.recv_into(bufs.recv)
+        except _RETRY:
+            return
+        except OSError:
+            n = 0
+        finally:
+            bufs.give_back()
+        if n == 0:
+            self._finish(None)
 
     def _linger_expired(self) -> None:
         if not self._lost:
@@ -421,6 +450,8 @@ class TlsTransport(asyncio.Transport):
             return
         self._lost = True
         self._reading = False
+        if self._drain_timer is not None:
+            self._drain_timer.cancel()
         self._loop.remove_reader(self._fd)
         self._loop.remove_writer(self._fd)
         self._wbuf.clear()

@@ -393,3 +393,36 @@ def test_close_gives_up_on_a_peer_that_stopped_reading(
         srv.transport.abort()
 
     uvloop.run(main())
+
+
+def test_close_reaches_a_peer_that_is_still_sending(
+    contexts: dict[str, ssl.SSLContext], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Closing a socket with unread bytes makes the kernel send a RST, which can destroy what was sent
+    last (an HTTP/2 GOAWAY) before the peer read it. close() therefore half-closes and drops what
+    still arrives until the peer's EOF, or for `DRAIN_LINGER` at most."""
+    monkeypatch.setattr(tls_transport, "DRAIN_LINGER", 0.5)
+
+    class SaysGoodbye(Recorder):
+        def data_received(self, data: bytes) -> None:
+            super().data_received(data)
+            if self.transport is not None and not self.transport.is_closing():
+                self.transport.write(b"goodbye")
+                self.transport.close()
+
+    async def main() -> None:
+        for _ in range(5):
+            srv, cli = await _pair(contexts, SaysGoodbye())
+            assert cli.transport is not None and cli.lost is not None and srv.lost is not None
+            cli.transport.pause_reading()  # reads only once the server closed, into a full buffer
+            cli.transport.write(os.urandom(8 << 20))  # still sending when the server closes
+            await asyncio.sleep(0.1)
+            cli.transport.resume_reading()
+            await asyncio.wait_for(cli.lost, 5)
+            assert cli.received == b"goodbye" and cli.got_eof
+            loop = asyncio.get_running_loop()
+            started = loop.time()
+            assert await asyncio.wait_for(srv.lost, 5) is None
+            assert loop.time() - started < 1.5
+
+    uvloop.run(main())
