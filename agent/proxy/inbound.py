@@ -20,6 +20,7 @@ import logging
 import socket
 import ssl
 from collections.abc import Callable
+from typing import Final
 
 from agent.admin.sources import ConnPath
 from agent.datapath.interface import EnrolledPod
@@ -41,12 +42,23 @@ REASON_STRICT = "STRICT_MTLS_PLAINTEXT"
 REASON_UNKNOWN_DST = "UNKNOWN_DESTINATION_WORKLOAD"
 
 
+# 15008 counters in NodeProxy.stats(); cut_off_*: connections ended for abusing HTTP/2
+# (tunnel.MAX_PENDING_RESETS, tunnel.MAX_OWED_WHILE_PAUSED)
+HBONE_STATS: Final = (
+    "handshake_failures",
+    "rejected_400",
+    "connections",
+    "cut_off_rapid_reset",
+    "cut_off_control_flood",
+)
+
+
 class Inbound:
     """Accepts connections for the pods this proxy serves."""
 
     def __init__(self, core: ProxyCore) -> None:
         self.core = core
-        self.hbone_stats: dict[str, int] = {"handshake_failures": 0, "rejected_400": 0, "connections": 0}
+        self.hbone_stats: dict[str, int] = dict.fromkeys(HBONE_STATS, 0)
 
     # -- 15008 --
     async def pick_identity(self, local_ip: IpAddress) -> ssl.SSLContext | None:
@@ -77,6 +89,9 @@ class Inbound:
         finally:
             self.hbone_stats["handshake_failures"] += server.handshake_failures
             self.hbone_stats["rejected_400"] += server.rejected
+            for reason, n in server.abuse.items():
+                key = f"cut_off_{reason}"
+                self.hbone_stats[key] = self.hbone_stats.get(key, 0) + n
 
     async def _hbone_stream(
         self, sock_peer: Addr, peer: SpiffeId, target: ConnectTarget, stream: ServerStream

@@ -33,6 +33,14 @@ from api.spiffe import SpiffeId
 log = logging.getLogger(__name__)
 
 HANDSHAKE_TIMEOUT = 10.0
+# A peer that stops reading while it keeps sending frames that are owed an answer (PING, SETTINGS,
+# frames on closed streams: CVE-2019-9512/9514/9515) would grow the write buffer without bound.
+# Writing pauses at tls_transport.WRITE_HIGH; answers owed beyond this much more end the connection.
+MAX_OWED_WHILE_PAUSED = 1024 * 1024
+# CONNECTs reset by the peer before their handler answered, at once (CVE-2023-44487, rapid reset:
+# a reset stream leaves the concurrency limit at once, its handler's work does not); more end the
+# connection with GOAWAY ENHANCE_YOUR_CALM. The Rust h2 crate's default for the same limit.
+MAX_PENDING_RESETS = 20
 
 
 class TunnelError(ConnectionError):
@@ -237,6 +245,8 @@ class _H2Protocol(asyncio.Protocol):
         self._can_write = _Signal(self._loop, True)
         self.goaway = False
         self._pings: dict[bytes, asyncio.Future[None]] = {}
+        self._owed = 0  # bytes of answers written while writing was paused (reset on resume)
+        self.abuse: str | None = None  # why the connection was cut off for abusing HTTP/2
 
     # -- asyncio.Protocol --
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -264,6 +274,9 @@ class _H2Protocol(asyncio.Protocol):
             self.ready.exception()
 
     def data_received(self, data: bytes) -> None:
+        paused = not self._can_write._flag  # the peer does not read what we write
+        if paused:
+            before = self._buffered()
         try:
             events = self.conn.receive_data(data)
         except h2.exceptions.ProtocolError as exc:
@@ -273,7 +286,31 @@ class _H2Protocol(asyncio.Protocol):
             return
         for event in events:
             self._dispatch(event)
+            if self.abuse is not None:  # cut off: the rest of this receive is not handled
+                return
         self._flush()
+        if paused:  # what this receive made us write is owed to a peer that does not read
+            self._owed += self._buffered() - before
+            if self._owed > MAX_OWED_WHILE_PAUSED:
+                self._cut_off("control_flood", goaway=False)
+
+    def _buffered(self) -> int:
+        return self.transport.get_write_buffer_size() if self.transport is not None else 0
+
+    def _cut_off(self, reason: str, *, goaway: bool) -> None:
+        """End the connection of a peer abusing HTTP/2: GOAWAY ENHANCE_YOUR_CALM and close, or (for
+        a peer that does not read) abort, dropping what waits to be written."""
+        if self.abuse is not None:
+            return
+        self.abuse = reason
+        log.warning("event=hbone_abuse reason=%s peer=%s streams=%d", reason, self.peer, len(self.streams))
+        if goaway:
+            with contextlib.suppress(h2.exceptions.ProtocolError):
+                self.conn.close_connection(h2.errors.ErrorCodes.ENHANCE_YOUR_CALM)
+            self._flush()
+        elif self.transport is not None:
+            self.transport.abort()
+        self._shutdown(TunnelError(f"connection cut off: {reason}"))
 
     def _dispatch(self, event: h2.events.Event) -> None:
         if isinstance(event, h2.events.DataReceived):
@@ -305,6 +342,7 @@ class _H2Protocol(asyncio.Protocol):
         elif isinstance(event, h2.events.StreamReset):
             if (stream := self.streams.pop(event.stream_id, None)) is not None:
                 stream._fail(TunnelError(f"stream {event.stream_id} reset by peer code={event.error_code}"))
+                self._peer_reset(stream)
         elif isinstance(event, h2.events.ConnectionTerminated):
             self.goaway = True
             # last_stream_id names streams *we* initiated that the peer processed (RFC 9113 §6.8);
@@ -320,6 +358,9 @@ class _H2Protocol(asyncio.Protocol):
             self._dispatch_side(event)
 
     def _dispatch_side(self, event: h2.events.Event) -> None:
+        pass
+
+    def _peer_reset(self, stream: Stream) -> None:
         pass
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -341,6 +382,7 @@ class _H2Protocol(asyncio.Protocol):
         self._can_write.clear()
 
     def resume_writing(self) -> None:
+        self._owed = 0
         self._can_write.set()
 
     # -- used by Stream --
@@ -607,6 +649,13 @@ class _ServerProtocol(_H2Protocol):
         self.server = server
         self.local_ip = local_ip
         self.tasks: set[asyncio.Task[None]] = set()
+        self._unanswered_resets: set[int] = set()  # reset by the peer while their handler runs
+
+    def _peer_reset(self, stream: Stream) -> None:
+        if stream.status is None:  # every ServerStream here has a handler task, unanswered so far
+            self._unanswered_resets.add(stream.stream_id)
+            if len(self._unanswered_resets) > MAX_PENDING_RESETS:
+                self._cut_off("rapid_reset", goaway=True)
 
     def _check_peer(self, ssl_object: ssl.SSLObject) -> SpiffeId:
         return peer_spiffe_id(ssl_object, self.server.trust_domain)
@@ -637,6 +686,8 @@ class _ServerProtocol(_H2Protocol):
         assert self.peer is not None
         status: int | None = None
         try:
+            if stream._error is not None:  # reset (or the connection gone) before it was handled
+                return
             status = await self.server.on_stream(self.peer, target, stream)
         except TunnelError as exc:  # the peer reset the stream or the connection went away
             log.info(
@@ -648,6 +699,7 @@ class _ServerProtocol(_H2Protocol):
             )
             status = Status.SERVICE_UNAVAILABLE
         finally:
+            self._unanswered_resets.discard(stream.stream_id)
             if stream.status is None and stream._error is None and not self.closed.done():
                 stream.respond(status if status is not None else Status.SERVICE_UNAVAILABLE)
             elif stream.status == Status.OK and not self.closed.done():
@@ -679,6 +731,7 @@ class HboneServer:
         self.handshake_timeout = handshake_timeout
         self.handshake_failures = 0
         self.rejected = 0
+        self.abuse: dict[str, int] = {}  # connections cut off, by reason (_H2Protocol._cut_off)
         self._conns: set[_ServerProtocol] = set()
 
     async def serve(self, sock: socket.socket) -> None:
@@ -722,6 +775,8 @@ class HboneServer:
                 await asyncio.gather(*proto.tasks, return_exceptions=True)
         finally:
             self._conns.discard(proto)
+            if proto.abuse is not None:
+                self.abuse[proto.abuse] = self.abuse.get(proto.abuse, 0) + 1
 
     async def close(self) -> None:
         """Send GOAWAY on every connection and close it."""

@@ -25,9 +25,11 @@ from typing import Any
 
 import h2.config
 import h2.connection
+import h2.errors
 import h2.events
 import pytest
 from conftest import LabHandle
+from labtools import metric_sum, parse_metrics, scrape_15020
 from meshlab import (
     Policies,
     client_tls,
@@ -349,3 +351,35 @@ def test_an_independent_h2_client_tunnels_http11_to_the_app(
     )[0]
     assert rec["src_identity"] == CLIENT_ID and rec["dst_pod"] == "default/httpbin-v2"
     assert "src_pod" not in rec  # the outsider's IP does not prove the client's workload
+
+
+def test_rapid_reset_gets_goaway_and_the_agent_keeps_serving(
+    lab: LabHandle, lab_ca: CertificateAuthority, tmp_path: Path
+) -> None:
+    """A mesh identity opening CONNECTs and resetting them at once, 200 times in one go (HTTP/2 rapid
+    reset, CVE-2023-44487): node2's agent ends that connection with GOAWAY ENHANCE_YOUR_CALM, counts
+    it, and goes on serving everyone else."""
+    v2 = lab.plan.pod("httpbin-v2")
+    node2 = lab.plan.node("node2").netns_path
+
+    def cut_off() -> float:
+        samples = parse_metrics(scrape_15020(node2))
+        return metric_sum(samples, "nodemesh_proxy_stat", stat="cut_off_rapid_reset")
+
+    before = cut_off()
+    ctx = client_tls(bundle(lab), issue(lab_ca, spiffe("default", "client")), tmp_path)
+    tls, _ = tls_to_hbone(lab, ctx, v2.ip)
+    with tls:
+        h2c = H2Tunnel(tls)
+        for _ in range(200):
+            sid = h2c.conn.get_next_available_stream_id()
+            h2c.conn.send_headers(sid, [(":method", "CONNECT"), (":authority", f"{v2.ip}:8000")])
+            h2c.conn.reset_stream(sid, h2.errors.ErrorCodes.CANCEL)
+        h2c._flush()
+        with pytest.raises(EOFError, match=f"GOAWAY {int(h2.errors.ErrorCodes.ENHANCE_YOUR_CALM)}"):
+            h2c._until(lambda: False, "the GOAWAY")
+    wait_for(lambda: cut_off() == before + 1, 5, "node2 counting the connection it cut off")
+    said = "event=hbone_abuse reason=rapid_reset peer=spiffe://cluster.local/ns/default/sa/client"
+    wait_for(lambda: said in lab.log("agent-node2"), 5, said)  # a worker's lines may come later
+    body = request_ok(lab, "client", f"http://{v2.ip}:8000/after-rapid-reset")
+    assert body["pod"] == "httpbin-v2"

@@ -9,12 +9,18 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+import h2.config
+import h2.connection
+import h2.errors
+import h2.events
+import hyperframe.frame
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
 from h2client import h2_connect
 
-from agent.proxy import tls
+from agent.proxy import tls, tls_transport
 from agent.proxy.hbone import (
     STREAM_WINDOW,
     ConnectTarget,
@@ -25,7 +31,14 @@ from agent.proxy.hbone import (
     connect_headers,
 )
 from agent.proxy.pool import HbonePool, PoolKey
-from agent.proxy.tunnel import HboneClient, HboneServer, ServerStream, TunnelError
+from agent.proxy.tunnel import (
+    MAX_OWED_WHILE_PAUSED,
+    MAX_PENDING_RESETS,
+    HboneClient,
+    HboneServer,
+    ServerStream,
+    TunnelError,
+)
 from api.csr import new_workload_csr
 from api.spiffe import SpiffeId
 from controller.ca.authority import CertificateAuthority
@@ -83,15 +96,16 @@ class Running:
 
 
 Handler = Callable[[SpiffeId, ConnectTarget, ServerStream], Awaitable[int | None]]
+Start = Callable[..., Running]  # start(handler, sndbuf=0)
 
 
 @pytest.fixture
-async def running(server_svid: Svid) -> AsyncIterator[Callable[[Handler], Running]]:
+async def running(server_svid: Svid) -> AsyncIterator[Start]:
     listeners: list[socket.socket] = []
     tasks: set[asyncio.Task[None]] = set()
     context = tls.server_context(server_svid.chain, server_svid.key, server_svid.bundle)
 
-    def start(handler: Handler) -> Running:
+    def start(handler: Handler, sndbuf: int = 0) -> Running:
         seen: list[tuple[SpiffeId, ConnectTarget]] = []
 
         async def recording(peer: SpiffeId, target: ConnectTarget, stream: ServerStream) -> int | None:
@@ -103,6 +117,8 @@ async def running(server_svid: Svid) -> AsyncIterator[Callable[[Handler], Runnin
 
         server = HboneServer(pick, recording, TD)
         lsock = socket.socket()
+        if sndbuf:  # accepted sockets inherit it
+            lsock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, sndbuf)
         lsock.bind(("127.0.0.1", 0))
         lsock.listen(256)
         lsock.setblocking(False)
@@ -399,3 +415,212 @@ async def test_silent_peer_is_dropped_after_the_handshake_timeout(
     writer.close()
     client = await HboneClient.connect(srv.addr, client_ctx(client_svid), SERVER_ID)  # still serving
     await client.close()
+
+
+# ---- abusive peers (the HTTP/2 floods of CVE-2019-9512/9514/9515 and CVE-2023-44487) ------------
+def _flood_session(addr: tuple[str, int], ctx: ssl.SSLContext, rcvbuf: int = 0) -> tuple[ssl.SSLSocket, Any]:
+    """A mesh client speaking bare h2 over a blocking TLS socket (none of nodemesh's I/O code)."""
+    raw = socket.socket()
+    if rcvbuf:  # before connect, so the window stays small: the server's answers back up sooner
+        raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+    raw.settimeout(10)
+    raw.connect(addr)
+    s = ctx.wrap_socket(raw, server_hostname=None)
+    conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+    conn.initiate_connection()
+    s.sendall(conn.data_to_send())
+    return s, conn
+
+
+def _ping_flood(addr: tuple[str, int], ctx: ssl.SSLContext, pings: int) -> bool:
+    """Send `pings` PINGs and never read the answers; True when the server hung up (within 10 s)."""
+    s, _conn = _flood_session(addr, ctx, rcvbuf=4096)
+    frame = hyperframe.frame.PingFrame(0)
+    frame.opaque_data = b"12345678"
+    batch = frame.serialize() * 1000
+    try:
+        for _ in range(pings // 1000):
+            s.sendall(batch)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:  # the server may still be working through its backlog
+            s.sendall(batch[:17])
+            time.sleep(0.01)
+    except OSError:  # reset, broken pipe, or the TLS layer seeing either
+        return True
+    finally:
+        s.close()
+    return False
+
+
+async def test_a_ping_flood_from_a_peer_that_does_not_read_is_cut_off(
+    running: Start, client_svid: Svid
+) -> None:
+    """Every PING is owed an answer; a peer that never reads them must not grow the server's buffer
+    without bound (CVE-2019-9512): past `MAX_OWED_WHILE_PAUSED` of answers it is disconnected."""
+    srv = running(echo, sndbuf=64 * 1024)  # the kernel takes only a little of the answers
+    pings = 400_000  # 6.8 MB of PINGs, as many bytes of answers
+    flood = asyncio.create_task(asyncio.to_thread(_ping_flood, srv.addr, client_ctx(client_svid), pings))
+    peak = 0
+    while not flood.done():
+        for proto in list(srv.server._conns):
+            if proto.transport is not None:
+                peak = max(peak, proto.transport.get_write_buffer_size())
+        await asyncio.sleep(0.001)
+    assert await flood, "the server answered every PING into its buffer and never hung up"
+    limit = tls_transport.WRITE_HIGH + MAX_OWED_WHILE_PAUSED + 1024 * 1024  # + what one receive answers
+    assert 0 < peak <= limit, f"write buffer peaked at {peak} bytes"
+    await assert_eventually(lambda: srv.server.abuse == {"control_flood": 1})
+    # the server still serves well-behaved clients
+    client = await HboneClient.connect(srv.addr, client_ctx(client_svid), SERVER_ID)
+    stream = await client.open_stream(("127.0.0.1", 1))
+    await stream.write(b"ok")
+    assert await stream.read() == b"ok"
+    await client.close()
+
+
+def _rapid_reset(addr: tuple[str, int], ctx: ssl.SSLContext, streams: int) -> list[h2.events.Event]:
+    """CONNECT then RST_STREAM at once, `streams` times, 50 to a write; returns what the server said."""
+    s, conn = _flood_session(addr, ctx)
+    events: list[h2.events.Event] = []
+    try:
+        for first in range(1, 2 * streams, 100):
+            for sid in range(first, min(first + 100, 2 * streams), 2):
+                conn.send_headers(sid, [(":method", "CONNECT"), (":authority", "127.0.0.1:9000")])
+                conn.reset_stream(sid, h2.errors.ErrorCodes.CANCEL)
+            s.sendall(conn.data_to_send())
+        while not any(isinstance(e, h2.events.ConnectionTerminated) for e in events):
+            data = s.recv(65536)
+            if not data:
+                break
+            events += conn.receive_data(data)
+    except OSError:
+        pass
+    finally:
+        s.close()
+    return events
+
+
+async def test_rapid_reset_gets_goaway_enhance_your_calm(
+    running: Callable[[Handler], Running], client_svid: Svid
+) -> None:
+    """CONNECT + immediate RST_STREAM, over and over (CVE-2023-44487): each reset stream leaves the
+    stream limit at once, but its handler (authorization, a connection to the app) would still run.
+    A stream reset before its handler started is not handled at all, and more than
+    `MAX_PENDING_RESETS` unanswered resets at once end the connection with GOAWAY ENHANCE_YOUR_CALM."""
+    dialled = 0
+
+    async def slow_dial(peer: SpiffeId, target: ConnectTarget, stream: ServerStream) -> int | None:
+        nonlocal dialled
+        dialled += 1
+        await asyncio.sleep(0.05)  # connecting to the app
+        return await echo(peer, target, stream)
+
+    srv = running(slow_dial)
+    events = await asyncio.to_thread(_rapid_reset, srv.addr, client_ctx(client_svid), 2000)
+    goaways = [e for e in events if isinstance(e, h2.events.ConnectionTerminated)]
+    assert goaways and goaways[0].error_code == h2.errors.ErrorCodes.ENHANCE_YOUR_CALM
+    assert dialled <= MAX_PENDING_RESETS + 1, f"{dialled} of 2000 reset streams reached the handler"
+    await assert_eventually(lambda: srv.server.abuse == {"rapid_reset": 1})
+    client = await HboneClient.connect(srv.addr, client_ctx(client_svid), SERVER_ID)
+    stream = await client.open_stream(("127.0.0.1", 1))
+    await stream.write(b"ok")
+    assert await stream.read() == b"ok"
+    await client.close()
+
+
+async def test_resets_below_the_limit_keep_the_connection(
+    running: Callable[[Handler], Running], client_svid: Svid
+) -> None:
+    """A client cancelling a few CONNECTs (a timeout, a caller gone) is not an attack."""
+    srv = running(echo)
+    client = await HboneClient.connect(srv.addr, client_ctx(client_svid), SERVER_ID)
+    for _ in range(3):
+        for _ in range(MAX_PENDING_RESETS // 2):
+            client.start_stream(("127.0.0.1", 7)).close()
+        stream = await client.open_stream(("127.0.0.1", 8))
+        await stream.write(b"still here")
+        assert await stream.read() == b"still here"
+        stream.close()
+    assert client.usable and srv.server.abuse == {}
+    await client.close()
+
+
+def _resets_then_echo(addr: tuple[str, int], ctx: ssl.SSLContext, resets: int) -> tuple[bytes, list[Any]]:
+    """`resets` CONNECT + RST_STREAM pairs in one TLS record, then one CONNECT that is used."""
+    s, conn = _flood_session(addr, ctx)
+    try:
+        for sid in range(1, 2 * resets, 2):
+            conn.send_headers(sid, [(":method", "CONNECT"), (":authority", "127.0.0.1:9000")])
+            conn.reset_stream(sid, h2.errors.ErrorCodes.CANCEL)
+        s.sendall(conn.data_to_send())
+        sid = 2 * resets + 1
+        conn.send_headers(sid, [(":method", "CONNECT"), (":authority", "127.0.0.1:9001")])
+        conn.send_data(sid, b"used", end_stream=True)
+        s.sendall(conn.data_to_send())
+        body, events = b"", []
+        while not any(isinstance(e, h2.events.StreamEnded) and e.stream_id == sid for e in events):
+            data = s.recv(65536)
+            if not data:
+                break
+            for e in conn.receive_data(data):
+                events.append(e)
+                if isinstance(e, h2.events.DataReceived) and e.stream_id == sid:
+                    body += e.data
+            s.sendall(conn.data_to_send())
+        return body, events
+    finally:
+        s.close()
+
+
+async def test_a_stream_reset_before_its_handler_ran_is_not_handled(
+    running: Callable[[Handler], Running], client_svid: Svid
+) -> None:
+    """The reset arrived with the CONNECT: no authorization and no connection to the app for it."""
+    srv = running(echo)
+    body, events = await asyncio.to_thread(_resets_then_echo, srv.addr, client_ctx(client_svid), 10)
+    assert body == b"used"
+    assert [target.port for _, target in srv.seen] == [9001]
+    assert not any(isinstance(e, h2.events.ConnectionTerminated) for e in events)
+    assert srv.server.abuse == {}
+
+
+async def test_a_server_flooding_pings_at_a_client_that_it_does_not_read_is_cut_off(
+    server_svid: Svid, client_svid: Svid
+) -> None:
+    """The same limit on the dialling side: a peer node that sends PINGs and never reads the
+    answers does not grow the client's buffer without bound; the pool then drops the connection."""
+
+    class Flooder(asyncio.Protocol):
+        def connection_made(self, transport: asyncio.BaseTransport) -> None:
+            assert isinstance(transport, asyncio.Transport)
+            transport.pause_reading()  # never reads a byte the client sends
+            conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=False))
+            conn.initiate_connection()
+            frame = hyperframe.frame.PingFrame(0)
+            frame.opaque_data = b"12345678"
+            transport.write(conn.data_to_send() + frame.serialize() * 400_000)  # 6.8 MB of PINGs
+
+    context = tls.server_context(server_svid.chain, server_svid.key, server_svid.bundle)
+    lsock = socket.socket()
+    lsock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # accepted sockets inherit it
+    lsock.bind(("127.0.0.1", 0))
+    lsock.listen(8)
+    server = await asyncio.get_running_loop().create_server(Flooder, sock=lsock, ssl=context)
+
+    def small_sndbuf() -> socket.socket:
+        s = socket.socket()
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 64 * 1024)
+        return s
+
+    try:
+        client = await HboneClient.connect(
+            lsock.getsockname(), client_ctx(client_svid), SERVER_ID, sock_factory=small_sndbuf
+        )
+        await assert_eventually(lambda: not client.usable, timeout=10)
+        assert client._proto.abuse == "control_flood"
+        transport = client._proto.transport
+        assert transport is not None and transport.is_closing()
+        await client.close()
+    finally:
+        server.close()
+        await server.wait_closed()

@@ -11,6 +11,7 @@ from prometheus_client import CollectorRegistry
 from agent.heap import GcPauses
 from agent.proxy.conns import ConnTracker
 from agent.proxy.flows import FlowLog
+from agent.proxy.inbound import HBONE_STATS
 from agent.telemetry import AgentCollector
 
 RULES = Path(__file__).resolve().parents[2] / "examples" / "monitoring" / "prometheus-rules.yaml"
@@ -31,7 +32,7 @@ def test_alert_rules_name_only_what_the_agent_exports() -> None:
     rules = [rule for group in doc["groups"] for rule in group["rules"]]
     assert rules and all({"alert", "expr"} <= rule.keys() for rule in rules)
     exported = _exported_names()
-    stats = set(ConnTracker(FlowLog()).stats)
+    stats = set(ConnTracker(FlowLog()).stats) | set(HBONE_STATS)  # NodeProxy.stats() has both
     for rule in rules:
         names = _METRIC.findall(rule["expr"])
         assert names, rule["expr"]
