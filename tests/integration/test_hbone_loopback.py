@@ -155,6 +155,15 @@ def client_ctx(svid: Svid) -> ssl.SSLContext:
     return tls.client_context(svid.chain, svid.key, svid.bundle)
 
 
+async def assert_still_serving(srv: Running, client_svid: Svid) -> None:
+    """A well-behaved client still gets its bytes echoed (after a bad peer was dealt with)."""
+    client = await HboneClient.connect(srv.addr, client_ctx(client_svid), SERVER_ID)
+    stream = await client.open_stream(("127.0.0.1", 1))
+    await stream.write(b"ok")
+    assert await stream.read() == b"ok"
+    await client.close()
+
+
 async def test_echo_one_mebibyte_with_marker(
     running: Callable[[Handler], Running], client_svid: Svid
 ) -> None:
@@ -335,12 +344,7 @@ async def test_plaintext_garbage_does_not_hurt_the_server(
     await writer.drain()
     await assert_eventually(lambda: srv.server.handshake_failures == 1)
     writer.close()
-    # still serving real clients
-    client = await HboneClient.connect(srv.addr, client_ctx(client_svid), SERVER_ID)
-    stream = await client.open_stream(("127.0.0.1", 1))
-    await stream.write(b"ok")
-    assert await stream.read() == b"ok"
-    await client.close()
+    await assert_still_serving(srv, client_svid)
 
 
 async def test_keepalive_pings_are_answered(running: Callable[[Handler], Running], client_svid: Svid) -> None:
@@ -470,12 +474,7 @@ async def test_a_ping_flood_from_a_peer_that_does_not_read_is_cut_off(
     limit = tls_transport.WRITE_HIGH + MAX_OWED_WHILE_PAUSED + 1024 * 1024  # + what one receive answers
     assert 0 < peak <= limit, f"write buffer peaked at {peak} bytes"
     await assert_eventually(lambda: srv.server.abuse == {"control_flood": 1})
-    # the server still serves well-behaved clients
-    client = await HboneClient.connect(srv.addr, client_ctx(client_svid), SERVER_ID)
-    stream = await client.open_stream(("127.0.0.1", 1))
-    await stream.write(b"ok")
-    assert await stream.read() == b"ok"
-    await client.close()
+    await assert_still_serving(srv, client_svid)
 
 
 def _rapid_reset(addr: tuple[str, int], ctx: ssl.SSLContext, streams: int) -> list[h2.events.Event]:
@@ -521,11 +520,7 @@ async def test_rapid_reset_gets_goaway_enhance_your_calm(
     assert goaways and goaways[0].error_code == h2.errors.ErrorCodes.ENHANCE_YOUR_CALM
     assert dialled <= MAX_PENDING_RESETS + 1, f"{dialled} of 2000 reset streams reached the handler"
     await assert_eventually(lambda: srv.server.abuse == {"rapid_reset": 1})
-    client = await HboneClient.connect(srv.addr, client_ctx(client_svid), SERVER_ID)
-    stream = await client.open_stream(("127.0.0.1", 1))
-    await stream.write(b"ok")
-    assert await stream.read() == b"ok"
-    await client.close()
+    await assert_still_serving(srv, client_svid)
 
 
 async def test_resets_below_the_limit_keep_the_connection(
