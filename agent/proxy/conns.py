@@ -26,6 +26,9 @@ log = logging.getLogger(__name__)
 
 Addr = tuple[str, int]
 DEFAULT_MAX_CONNECTIONS = 10_000
+# accepted 15008 sockets still in their TLS handshake (unauthenticated): node-wide and per source IP
+MAX_PENDING_HANDSHAKES = 1024
+MAX_PENDING_HANDSHAKES_PER_IP = 256
 
 _ids = itertools.count(1)
 _id_prefix = "c"
@@ -93,6 +96,41 @@ class Tracked:
             self.close_reason = reason
         if self.closer is not None:
             self.closer()
+
+
+class HandshakeBudget:
+    """Accepted 15008 sockets whose TLS handshake is not done yet, capped node-wide and per source IP.
+
+    Until its handshake completes, a peer is unauthenticated and costs one idle socket. These
+    sockets do not take `max_connections` slots, so idle ones (each held for up to the handshake
+    timeout) cannot starve the pods' own connections. One source IP cannot take the whole budget
+    either.
+    """
+
+    def __init__(
+        self, total: int = MAX_PENDING_HANDSHAKES, per_ip: int = MAX_PENDING_HANDSHAKES_PER_IP
+    ) -> None:
+        self.total = total
+        self.per_ip = per_ip
+        self.pending = 0
+        self._by_ip: dict[str, int] = {}
+
+    def take(self, ip: str) -> bool:
+        """A slot for a new handshake from `ip`; False: over a cap, refuse the socket."""
+        n = self._by_ip.get(ip, 0)
+        if self.pending >= self.total or n >= self.per_ip:
+            return False
+        self.pending += 1
+        self._by_ip[ip] = n + 1
+        return True
+
+    def give_back(self, ip: str) -> None:
+        self.pending -= 1
+        n = self._by_ip[ip] - 1
+        if n:
+            self._by_ip[ip] = n
+        else:
+            del self._by_ip[ip]
 
 
 class ConnTracker:

@@ -50,6 +50,7 @@ HBONE_STATS: Final = (
     "connections",
     "cut_off_rapid_reset",
     "cut_off_control_flood",
+    "handshake_overload",  # accepted sockets closed at once: too many handshakes pending (HandshakeBudget)
 )
 
 
@@ -70,8 +71,9 @@ class Inbound:
             return None
         return await self.core.first_server_context(self.core.index.identity(hit[1]))
 
-    async def serve_hbone(self, sock: socket.socket) -> None:
-        """Run one accepted 15008 connection until it ends; never raises for a bad peer."""
+    async def serve_hbone(self, sock: socket.socket, established: Callable[[], bool] | None = None) -> None:
+        """Run one accepted 15008 connection until it ends; never raises for a bad peer.
+        `established()` runs once the peer is authenticated; False: close the connection."""
         try:
             sock_peer: Addr = sock.getpeername()[:2]
         except OSError as exc:
@@ -85,7 +87,7 @@ class Inbound:
         server = HboneServer(self.pick_identity, on_stream, self.core.index.trust_domain)
         self.hbone_stats["connections"] += 1
         try:
-            await server.serve(sock)
+            await server.serve(sock, established)
         finally:
             self.hbone_stats["handshake_failures"] += server.handshake_failures
             self.hbone_stats["rejected_400"] += server.rejected

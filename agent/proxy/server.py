@@ -19,7 +19,7 @@ from typing import Any
 from agent.admin.sources import ConnectionInfo
 from agent.datapath.interface import Datapath, EnrolledPod
 from agent.identity import CertificateManager
-from agent.proxy.conns import DEFAULT_MAX_CONNECTIONS, ConnTracker
+from agent.proxy.conns import DEFAULT_MAX_CONNECTIONS, ConnTracker, HandshakeBudget
 from agent.proxy.core import CONNECT_TIMEOUT, ProxyCore
 from agent.proxy.flows import FlowLog, FlowRing
 from agent.proxy.hbone import HBONE_PORT
@@ -69,6 +69,8 @@ class NodeProxy:
         self.flows = FlowLog(flow_ring)
         self.metrics = metrics or ProxyMetrics()
         self.tracker = ConnTracker(self.flows, max_connections)
+        self.handshakes = HandshakeBudget()
+        self._handshakes_refused = 0  # since the last accepted one: the log says when refusing starts, ends
         self.metrics.before_collect(self.tracker.report_bytes)
         self.certs = certs
         self.core = ProxyCore(
@@ -182,7 +184,7 @@ class NodeProxy:
         loop = asyncio.get_running_loop()
         while True:
             try:
-                conn, _ = await loop.sock_accept(listener)
+                conn, addr = await loop.sock_accept(listener)
             except asyncio.CancelledError:
                 raise
             except OSError as exc:
@@ -191,20 +193,49 @@ class NodeProxy:
                 log.warning("event=hbone_accept_error pod=%s error=%r", ep.pod.uid, exc)
                 await asyncio.sleep(0.1)
                 continue
-            if not self.tracker.reserve():
-                log.warning("event=overload side=hbone pod=%s", ep.pod.uid)
+            ip = addr[0]
+            if not self.handshakes.take(ip):
+                self.inbound.hbone_stats["handshake_overload"] += 1
+                if not self._handshakes_refused:
+                    log.warning(
+                        "event=hbone_handshake_overload pod=%s peer_ip=%s pending=%d pending_from_ip_cap=%d",
+                        ep.pod.uid,
+                        ip,
+                        self.handshakes.pending,
+                        self.handshakes.per_ip,
+                    )
+                self._handshakes_refused += 1
                 conn.close()
                 continue
-            self._spawn(self._serve_hbone(conn))
+            if self._handshakes_refused:
+                log.warning("event=hbone_handshake_overload_ended refused=%d", self._handshakes_refused)
+                self._handshakes_refused = 0
+            self._spawn(self._serve_hbone(conn, ip))
 
-    async def _serve_hbone(self, conn: socket.socket) -> None:
+    async def _serve_hbone(self, conn: socket.socket, ip: str) -> None:
+        """One accepted 15008 socket: a handshake slot until the peer is authenticated, then a
+        connection slot (`max_connections`) until it closes."""
+        handshaking, admitted = True, False
+
+        def established() -> bool:
+            nonlocal handshaking, admitted
+            handshaking = False
+            self.handshakes.give_back(ip)
+            admitted = self.tracker.reserve()
+            if not admitted:
+                log.warning("event=overload side=hbone peer_ip=%s", ip)
+            return admitted
+
         try:
-            await self.inbound.serve_hbone(conn)
+            await self.inbound.serve_hbone(conn, established)
         except Exception as exc:
             log.exception("event=hbone_connection_failed error=%r", exc)
             conn.close()
         finally:
-            self.tracker.release()
+            if handshaking:
+                self.handshakes.give_back(ip)
+            if admitted:
+                self.tracker.release()
 
     async def stop(self, pod_uid: str | None = None) -> None:
         """Stop serving one pod (close its listeners, connections and pooled tunnels), or all."""

@@ -734,8 +734,11 @@ class HboneServer:
         self.abuse: dict[str, int] = {}  # connections cut off, by reason (_H2Protocol._cut_off)
         self._conns: set[_ServerProtocol] = set()
 
-    async def serve(self, sock: socket.socket) -> None:
-        """Handle one accepted TCP socket until its connection ends. Never raises for a bad peer."""
+    async def serve(self, sock: socket.socket, established: Callable[[], bool] | None = None) -> None:
+        """Handle one accepted TCP socket until its connection ends. Never raises for a bad peer.
+
+        `established()` runs when the handshake is done and the peer's identity checked; False
+        closes the connection (GOAWAY) before any stream is handled."""
         try:
             local_ip = hbone.canonical_ip(sock.getsockname()[0])
             peer_addr = sock.getpeername()
@@ -768,6 +771,9 @@ class HboneServer:
         except BaseException:
             sock.close()
             raise
+        if established is not None and not established():
+            proto.close()
+            return
         self._conns.add(proto)
         try:
             await proto.closed

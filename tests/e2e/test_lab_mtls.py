@@ -13,6 +13,7 @@ import contextlib
 import json
 import os
 import re
+import select
 import signal
 import ssl
 import subprocess
@@ -45,6 +46,7 @@ from meshlab import (
     wait_new_flow,
 )
 
+from agent.proxy.conns import MAX_PENDING_HANDSHAKES_PER_IP
 from controller.ca import CertificateAuthority
 
 HTTPBIN_ID = "spiffe://cluster.local/ns/default/sa/httpbin"
@@ -353,6 +355,12 @@ def test_an_independent_h2_client_tunnels_http11_to_the_app(
     assert "src_pod" not in rec  # the outsider's IP does not prove the client's workload
 
 
+def proxy_stat(lab: LabHandle, node: str, stat: str) -> float:
+    """`nodemesh_proxy_stat{stat=...}` from the node's :15020 (summed over its proxy processes)."""
+    samples = parse_metrics(scrape_15020(lab.plan.node(node).netns_path))
+    return metric_sum(samples, "nodemesh_proxy_stat", stat=stat)
+
+
 def test_rapid_reset_gets_goaway_and_the_agent_keeps_serving(
     lab: LabHandle, lab_ca: CertificateAuthority, tmp_path: Path
 ) -> None:
@@ -360,13 +368,7 @@ def test_rapid_reset_gets_goaway_and_the_agent_keeps_serving(
     reset, CVE-2023-44487): node2's agent ends that connection with GOAWAY ENHANCE_YOUR_CALM, counts
     it, and goes on serving everyone else."""
     v2 = lab.plan.pod("httpbin-v2")
-    node2 = lab.plan.node("node2").netns_path
-
-    def cut_off() -> float:
-        samples = parse_metrics(scrape_15020(node2))
-        return metric_sum(samples, "nodemesh_proxy_stat", stat="cut_off_rapid_reset")
-
-    before = cut_off()
+    before = proxy_stat(lab, "node2", "cut_off_rapid_reset")
     ctx = client_tls(bundle(lab), issue(lab_ca, spiffe("default", "client")), tmp_path)
     tls, _ = tls_to_hbone(lab, ctx, v2.ip)
     with tls:
@@ -378,8 +380,35 @@ def test_rapid_reset_gets_goaway_and_the_agent_keeps_serving(
         h2c._flush()
         with pytest.raises(EOFError, match=f"GOAWAY {int(h2.errors.ErrorCodes.ENHANCE_YOUR_CALM)}"):
             h2c._until(lambda: False, "the GOAWAY")
-    wait_for(lambda: cut_off() == before + 1, 5, "node2 counting the connection it cut off")
+    wait_for(
+        lambda: proxy_stat(lab, "node2", "cut_off_rapid_reset") == before + 1,
+        5,
+        "node2 counting the connection it cut off",
+    )
     said = "event=hbone_abuse reason=rapid_reset peer=spiffe://cluster.local/ns/default/sa/client"
     wait_for(lambda: said in lab.log("agent-node2"), 5, said)  # a worker's lines may come later
     body = request_ok(lab, "client", f"http://{v2.ip}:8000/after-rapid-reset")
     assert body["pod"] == "httpbin-v2"
+
+
+def test_idle_sockets_on_15008_are_capped_per_source_ip_and_lock_nobody_out(lab: LabHandle) -> None:
+    """An outsider (no certificate) opening far more sockets to httpbin-v2's 15008 than one address
+    may hold in the TLS handshake: beyond MAX_PENDING_HANDSHAKES_PER_IP (per proxy process) they are
+    closed at once and counted, and the client pod's HBONE traffic to the same pod still flows."""
+    v2 = lab.plan.pod("httpbin-v2")
+    before = proxy_stat(lab, "node2", "handshake_overload")
+    n = MAX_PENDING_HANDSHAKES_PER_IP * lab.proxy_workers + 64  # the kernel spreads them over the processes
+    socks = [connect_from(lab.plan.pod("outsider").netns_path, (v2.ip, 15008)) for _ in range(n)]
+    try:
+        time.sleep(0.5)
+        readable, _, _ = select.select(socks, [], [], 0)
+        closed = [s for s in readable if s.recv(1) == b""]
+        assert len(closed) >= 64
+        assert proxy_stat(lab, "node2", "handshake_overload") - before == len(closed)
+        body = request_ok(lab, "client", f"http://{v2.ip}:8000/while-idle-sockets-wait")
+        assert body["pod"] == "httpbin-v2"
+    finally:
+        for s in socks:
+            s.close()
+    said = "event=hbone_handshake_overload pod=default_httpbin-v2"
+    wait_for(lambda: said in lab.log("agent-node2"), 5, said)

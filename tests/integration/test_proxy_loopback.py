@@ -747,6 +747,70 @@ async def test_connection_cap_refuses_beyond_the_limit(mesh: Mesh) -> None:
     assert proxy.stats()["overload"] >= 1
 
 
+async def idle_sockets(dst: tuple[str, int], src_ip: str, n: int) -> list[socket.socket]:
+    """`n` TCP connections from `src_ip` that never start TLS (a peer holding handshake slots)."""
+    loop = asyncio.get_running_loop()
+    socks = []
+    for _ in range(n):
+        s = socket.socket()
+        s.bind((src_ip, 0))
+        s.setblocking(False)
+        await loop.sock_connect(s, dst)
+        socks.append(s)
+    return socks
+
+
+async def closed_by_peer(s: socket.socket, wait: float) -> bool:
+    """The server closed `s` within `wait` seconds (EOF or reset) without sending anything."""
+    try:
+        return await asyncio.wait_for(asyncio.get_running_loop().sock_recv(s, 100), wait) == b""
+    except TimeoutError:
+        return False
+    except ConnectionError:
+        return True
+
+
+async def test_idle_sockets_on_15008_do_not_take_the_pods_connection_slots(mesh: Mesh) -> None:
+    """Unauthenticated sockets on 15008 (no TLS started) wait in the handshake budget, not in
+    `max_connections`: an outsider's idle sockets cannot lock the node's pods out."""
+    proxy, b = mesh.proxies["node2"], mesh.pods["b"]
+    idle = await idle_sockets((b.ip, mesh.hbone_port), mesh.net + "201", 10)
+    try:
+        await assert_eventually(lambda: proxy.handshakes.pending == 10)
+        # room for exactly one authenticated HBONE connection and its one stream
+        proxy.tracker.max_connections = proxy.tracker.in_use + 2
+        r, w = await mesh.connect("a", (b.ip, APP_PORT))
+        assert await exchange(r, w, b"ping", 6) == b"b:ping"
+        w.close()
+        assert proxy.stats()["overload"] == 0
+    finally:
+        for s in idle:
+            s.close()
+    await assert_eventually(lambda: proxy.handshakes.pending == 0)  # each gave its slot back
+
+
+async def test_pending_handshakes_are_capped_per_source_ip(mesh: Mesh) -> None:
+    proxy, b = mesh.proxies["node2"], mesh.pods["b"]
+    proxy.handshakes.per_ip = 4
+    dst = (b.ip, mesh.hbone_port)
+    held = await idle_sockets(dst, mesh.net + "201", 4)
+    extra = await idle_sockets(dst, mesh.net + "201", 2)
+    other = await idle_sockets(dst, mesh.net + "202", 1)
+    try:
+        assert all([await closed_by_peer(s, 2) for s in extra])  # refused at once
+        assert not any([await closed_by_peer(s, 0.2) for s in held + other])  # still waiting for TLS
+        assert proxy.stats()["handshake_overload"] == 2
+        assert proxy.handshakes.pending == 5
+        # a mesh peer from a third address still gets through
+        r, w = await mesh.connect("a", (b.ip, APP_PORT))
+        assert await exchange(r, w, b"ping", 6) == b"b:ping"
+        w.close()
+    finally:
+        for s in held + extra + other:
+            s.close()
+    await assert_eventually(lambda: proxy.handshakes.pending == 0)
+
+
 async def test_throughput_through_both_proxies_is_printed(
     mesh: Mesh, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -10,7 +10,7 @@ import pytest
 
 from agent.admin.flows import FlowEvent, FlowRecord, FlowRing, Verdict
 from agent.admin.sources import ConnPath
-from agent.proxy.conns import ConnTracker, Tracked
+from agent.proxy.conns import ConnTracker, HandshakeBudget, Tracked
 from agent.proxy.flows import FlowLog, format_flow
 from agent.proxy.index import MeshIndex
 from agent.proxy.metrics import TCP_LABELS, ProxyMetrics, TcpPeers, tcp_labels
@@ -227,3 +227,16 @@ def test_open_connection_bytes_are_in_every_scrape_and_counted_once() -> None:
     tracker.closed(t)
     assert received() == 1005.0
     assert metrics.registry.get_sample_value("istio_tcp_sent_bytes_total", tcp_labels(peers)) == 3.0
+
+
+def test_handshake_budget_caps_pending_handshakes_node_wide_and_per_source_ip() -> None:
+    budget = HandshakeBudget(total=5, per_ip=3)
+    assert [budget.take("10.0.0.1") for _ in range(4)] == [True, True, True, False]  # its IP's cap
+    assert [budget.take("10.0.0.2") for _ in range(3)] == [True, True, False]  # the node's cap: 5
+    budget.give_back("10.0.0.1")
+    assert budget.take("10.0.0.2")  # the freed slot goes to whoever asks next
+    assert not budget.take("10.0.0.3")
+    assert budget.pending == 5
+    for ip in ("10.0.0.1", "10.0.0.1", "10.0.0.2", "10.0.0.2", "10.0.0.2"):
+        budget.give_back(ip)
+    assert budget.pending == 0 and budget._by_ip == {}  # nothing kept for addresses gone
