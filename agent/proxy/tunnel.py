@@ -738,7 +738,7 @@ class HboneServer:
         """Handle one accepted TCP socket until its connection ends. Never raises for a bad peer.
 
         `established()` runs when the handshake is done and the peer's identity checked; False
-        closes the connection (GOAWAY) before any stream is handled."""
+        closes the connection (GOAWAY); a stream that came with the handshake fails with it."""
         try:
             local_ip = hbone.canonical_ip(sock.getsockname()[0])
             peer_addr = sock.getpeername()

@@ -9,7 +9,6 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import h2.config
 import h2.connection
@@ -422,7 +421,9 @@ async def test_silent_peer_is_dropped_after_the_handshake_timeout(
 
 
 # ---- abusive peers (the HTTP/2 floods of CVE-2019-9512/9514/9515 and CVE-2023-44487) ------------
-def _flood_session(addr: tuple[str, int], ctx: ssl.SSLContext, rcvbuf: int = 0) -> tuple[ssl.SSLSocket, Any]:
+def _flood_session(
+    addr: tuple[str, int], ctx: ssl.SSLContext, rcvbuf: int = 0
+) -> tuple[ssl.SSLSocket, h2.connection.H2Connection]:
     """A mesh client speaking bare h2 over a blocking TLS socket (none of nodemesh's I/O code)."""
     raw = socket.socket()
     if rcvbuf:  # before connect, so the window stays small: the server's answers back up sooner
@@ -540,7 +541,9 @@ async def test_resets_below_the_limit_keep_the_connection(
     await client.close()
 
 
-def _resets_then_echo(addr: tuple[str, int], ctx: ssl.SSLContext, resets: int) -> tuple[bytes, list[Any]]:
+def _resets_then_echo(
+    addr: tuple[str, int], ctx: ssl.SSLContext, resets: int
+) -> tuple[bytes, list[h2.events.Event]]:
     """`resets` CONNECT + RST_STREAM pairs in one TLS record, then one CONNECT that is used."""
     s, conn = _flood_session(addr, ctx)
     try:
@@ -552,7 +555,7 @@ def _resets_then_echo(addr: tuple[str, int], ctx: ssl.SSLContext, resets: int) -
         conn.send_headers(sid, [(":method", "CONNECT"), (":authority", "127.0.0.1:9001")])
         conn.send_data(sid, b"used", end_stream=True)
         s.sendall(conn.data_to_send())
-        body, events = b"", []
+        body, events = b"", list[h2.events.Event]()
         while not any(isinstance(e, h2.events.StreamEnded) and e.stream_id == sid for e in events):
             data = s.recv(65536)
             if not data:
