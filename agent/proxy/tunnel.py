@@ -37,9 +37,10 @@ HANDSHAKE_TIMEOUT = 10.0
 # frames on closed streams: CVE-2019-9512/9514/9515) would grow the write buffer without bound.
 # Writing pauses at tls_transport.WRITE_HIGH; answers owed beyond this much more end the connection.
 MAX_OWED_WHILE_PAUSED = 1024 * 1024
-# CONNECTs reset by the peer before their handler answered, at once (CVE-2023-44487, rapid reset:
-# a reset stream leaves the concurrency limit at once, its handler's work does not); more end the
-# connection with GOAWAY ENHANCE_YOUR_CALM. The Rust h2 crate's default for the same limit.
+# CONNECTs reset by the peer before their handler started, at once (CVE-2023-44487, rapid reset: a
+# reset stream leaves the concurrency limit at once); more end the connection with GOAWAY
+# ENHANCE_YOUR_CALM. The Rust h2 crate's limit on streams reset before the server accepted them,
+# with its default. A reset while the handler runs (a client giving up on a slow dial) is not counted.
 MAX_PENDING_RESETS = 20
 
 
@@ -220,6 +221,8 @@ class Stream:
 
 class ServerStream(Stream):
     """An inbound CONNECT stream: answer it with `respond(status)` before piping bytes."""
+
+    handling = False  # its handler task started
 
     def respond(self, status: int) -> None:
         if self.status is not None:
@@ -649,12 +652,12 @@ class _ServerProtocol(_H2Protocol):
         self.server = server
         self.local_ip = local_ip
         self.tasks: set[asyncio.Task[None]] = set()
-        self._unanswered_resets: set[int] = set()  # reset by the peer while their handler runs
+        self._reset_unhandled: set[int] = set()  # reset by the peer before their handler started
 
     def _peer_reset(self, stream: Stream) -> None:
-        if stream.status is None:  # every ServerStream here has a handler task, unanswered so far
-            self._unanswered_resets.add(stream.stream_id)
-            if len(self._unanswered_resets) > MAX_PENDING_RESETS:
+        if isinstance(stream, ServerStream) and not stream.handling:
+            self._reset_unhandled.add(stream.stream_id)
+            if len(self._reset_unhandled) > MAX_PENDING_RESETS:
                 self._cut_off("rapid_reset", goaway=True)
 
     def _check_peer(self, ssl_object: ssl.SSLObject) -> SpiffeId:
@@ -685,6 +688,7 @@ class _ServerProtocol(_H2Protocol):
     async def _handle(self, stream: ServerStream, target: ConnectTarget) -> None:
         assert self.peer is not None
         status: int | None = None
+        stream.handling = True
         try:
             if stream._error is not None:  # reset (or the connection gone) before it was handled
                 return
@@ -699,7 +703,7 @@ class _ServerProtocol(_H2Protocol):
             )
             status = Status.SERVICE_UNAVAILABLE
         finally:
-            self._unanswered_resets.discard(stream.stream_id)
+            self._reset_unhandled.discard(stream.stream_id)
             if stream.status is None and stream._error is None and not self.closed.done():
                 stream.respond(status if status is not None else Status.SERVICE_UNAVAILABLE)
             elif stream.status == Status.OK and not self.closed.done():

@@ -506,7 +506,7 @@ async def test_rapid_reset_gets_goaway_enhance_your_calm(
     """CONNECT + immediate RST_STREAM, over and over (CVE-2023-44487): each reset stream leaves the
     stream limit at once, but its handler (authorization, a connection to the app) would still run.
     A stream reset before its handler started is not handled at all, and more than
-    `MAX_PENDING_RESETS` unanswered resets at once end the connection with GOAWAY ENHANCE_YOUR_CALM."""
+    `MAX_PENDING_RESETS` such resets at once end the connection with GOAWAY ENHANCE_YOUR_CALM."""
     dialled = 0
 
     async def slow_dial(peer: SpiffeId, target: ConnectTarget, stream: ServerStream) -> int | None:
@@ -537,6 +537,31 @@ async def test_resets_below_the_limit_keep_the_connection(
         await stream.write(b"still here")
         assert await stream.read() == b"still here"
         stream.close()
+    assert client.usable and srv.server.abuse == {}
+    await client.close()
+
+
+async def test_cancelling_many_connects_stuck_in_a_slow_dial_is_not_rapid_reset(
+    running: Callable[[Handler], Running], client_svid: Svid
+) -> None:
+    """An overloaded app: CONNECTs wait in their handler's dial and the client gives up on 40 of them
+    at once. Those resets came after the handlers started: no GOAWAY, and the connection's other
+    stream keeps working."""
+
+    async def slow_app(peer: SpiffeId, target: ConnectTarget, stream: ServerStream) -> int | None:
+        if target.port == 7:
+            await asyncio.sleep(1.0)  # the app does not accept in time
+        return await echo(peer, target, stream)
+
+    srv = running(slow_app)
+    client = await HboneClient.connect(srv.addr, client_ctx(client_svid), SERVER_ID)
+    busy = await client.open_stream(("127.0.0.1", 8))
+    stuck = [client.start_stream(("127.0.0.1", 7)) for _ in range(2 * MAX_PENDING_RESETS)]
+    await assert_eventually(lambda: len(srv.seen) == 1 + len(stuck))  # every handler is dialling
+    for stream in stuck:
+        stream.close()  # RST_STREAM CANCEL
+    await busy.write(b"still here")
+    assert await busy.read() == b"still here"
     assert client.usable and srv.server.abuse == {}
     await client.close()
 
