@@ -51,6 +51,7 @@ HBONE_STATS: Final = (
     "cut_off_rapid_reset",
     "cut_off_control_flood",
     "handshake_overload",  # accepted sockets closed at once: too many handshakes pending (HandshakeBudget)
+    "streams_abandoned",  # handlers stopped before their answer: the stream was reset or the peer left
 )
 
 
@@ -148,6 +149,8 @@ class Inbound:
             return None
         finally:
             core.tracker.release()
+            if stream.abandoned:  # counted now: a pooled connection may live for days
+                self.hbone_stats["streams_abandoned"] += 1
 
     # -- 15006 --
     async def plaintext(self, ep: EnrolledPod, client: SocketEnd) -> None:

@@ -223,6 +223,21 @@ class ServerStream(Stream):
     """An inbound CONNECT stream: answer it with `respond(status)` before piping bytes."""
 
     handling = False  # its handler task started
+    abandoned = False  # its handler was cancelled: the peer went away before the answer
+    task: asyncio.Task[None] | None = None  # its handler
+
+    def _abandon(self) -> bool:
+        """The peer reset this stream, or the connection went away, before the handler answered:
+        cancel the handler (authorization, the dial to the app), which nobody waits for any more.
+        Without it a peer could reset 100 streams at a time once their handlers dial a slow app, and
+        keep any number of dials (each holding a connection slot) running. After the answer the
+        copying task sees the reset and ends on its own."""
+        task = self.task
+        if not self.handling or self.status is not None or task is None or task.done():
+            return False
+        self.abandoned = True
+        task.cancel()
+        return True
 
     def respond(self, status: int) -> None:
         if self.status is not None:
@@ -655,10 +670,20 @@ class _ServerProtocol(_H2Protocol):
         self._reset_unhandled: set[int] = set()  # reset by the peer before their handler started
 
     def _peer_reset(self, stream: Stream) -> None:
-        if isinstance(stream, ServerStream) and not stream.handling:
-            self._reset_unhandled.add(stream.stream_id)
-            if len(self._reset_unhandled) > MAX_PENDING_RESETS:
-                self._cut_off("rapid_reset", goaway=True)
+        if not isinstance(stream, ServerStream):
+            return
+        if stream.handling:
+            stream._abandon()
+            return
+        self._reset_unhandled.add(stream.stream_id)
+        if len(self._reset_unhandled) > MAX_PENDING_RESETS:
+            self._cut_off("rapid_reset", goaway=True)
+
+    def _shutdown(self, err: BaseException) -> None:
+        streams = [s for s in self.streams.values() if isinstance(s, ServerStream)]
+        super()._shutdown(err)
+        for stream in streams:
+            stream._abandon()
 
     def _check_peer(self, ssl_object: ssl.SSLObject) -> SpiffeId:
         return peer_spiffe_id(ssl_object, self.server.trust_domain)
@@ -682,6 +707,7 @@ class _ServerProtocol(_H2Protocol):
         if event.stream_ended:
             stream._feed_eof()
         task = asyncio.get_running_loop().create_task(self._handle(stream, decision))
+        stream.task = task
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
 
@@ -693,6 +719,12 @@ class _ServerProtocol(_H2Protocol):
             if stream._error is not None:  # reset (or the connection gone) before it was handled
                 return
             status = await self.server.on_stream(self.peer, target, stream)
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if not stream.abandoned or (task is not None and task.uncancel() > 0):
+                raise  # cancelled from outside as well (shutdown): not ours to swallow
+            self.server.abandoned += 1
+            log.debug("event=hbone_stream_abandoned peer=%s target=%s", self.peer, target.authority)
         except TunnelError as exc:  # the peer reset the stream or the connection went away
             log.info(
                 "event=hbone_stream_aborted peer=%s target=%s error=%r", self.peer, target.authority, exc
@@ -736,6 +768,7 @@ class HboneServer:
         self.handshake_failures = 0
         self.rejected = 0
         self.abuse: dict[str, int] = {}  # connections cut off, by reason (_H2Protocol._cut_off)
+        self.abandoned = 0  # handlers cancelled: their stream was reset (or the connection lost) first
         self._conns: set[_ServerProtocol] = set()
 
     async def serve(self, sock: socket.socket, established: Callable[[], bool] | None = None) -> None:

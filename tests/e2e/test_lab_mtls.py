@@ -15,6 +15,7 @@ import os
 import re
 import select
 import signal
+import socket
 import ssl
 import subprocess
 import sys
@@ -46,6 +47,7 @@ from meshlab import (
     wait_new_flow,
 )
 
+from agent.datapath.netns import in_netns
 from agent.proxy.conns import MAX_PENDING_HANDSHAKES_PER_IP
 from controller.ca import CertificateAuthority
 
@@ -389,6 +391,57 @@ def test_rapid_reset_gets_goaway_and_the_agent_keeps_serving(
     wait_for(lambda: said in lab.log("agent-node2"), 5, said)  # a worker's lines may come later
     body = request_ok(lab, "client", f"http://{v2.ip}:8000/after-rapid-reset")
     assert body["pod"] == "httpbin-v2"
+
+
+STUCK_PORT = 9099  # an app port in httpbin-v2 whose accept queue the test fills
+
+
+def test_connects_reset_while_they_dial_a_stuck_app_are_cancelled(
+    lab: LabHandle, lab_ca: CertificateAuthority, tmp_path: Path
+) -> None:
+    """Rapid reset with a pause: 100 CONNECTs to an app that does not accept (its accept queue is
+    full, so each dial would wait for the 5 s connect timeout), reset once their handlers dial, three
+    times on one connection. node2's agent cancels those 300 dials at once instead of letting them
+    hold connection slots until they time out, and the connection goes on serving."""
+    v2 = lab.plan.pod("httpbin-v2")
+    with in_netns(v2.netns_path):
+        stuck = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    with stuck:
+        stuck.bind((v2.ip, STUCK_PORT))
+        stuck.listen(0)  # room for one connection, never accepted
+        filler = connect_from(v2.netns_path, (v2.ip, STUCK_PORT))  # SYNs to it are dropped from now on
+        stats = ("streams_abandoned", "upstream_error")
+        before = {stat: proxy_stat(lab, "node2", stat) for stat in stats}
+        ctx = client_tls(bundle(lab), issue(lab_ca, spiffe("default", "client")), tmp_path)
+        tls, _ = tls_to_hbone(lab, ctx, v2.ip)
+        with filler, tls:
+            h2c = H2Tunnel(tls)
+            for _ in range(3):
+                sids = []
+                for _ in range(100):
+                    sid = h2c.conn.get_next_available_stream_id()
+                    h2c.conn.send_headers(
+                        sid, [(":method", "CONNECT"), (":authority", f"{v2.ip}:{STUCK_PORT}")]
+                    )
+                    sids.append(sid)
+                h2c._flush()
+                time.sleep(0.5)  # their handlers authorize and dial
+                for sid in sids:
+                    h2c.conn.reset_stream(sid, h2.errors.ErrorCodes.CANCEL)
+                h2c._flush()
+            wait_for(
+                lambda: proxy_stat(lab, "node2", "streams_abandoned") - before["streams_abandoned"] == 300,
+                3,
+                "node2 cancelling the 300 dials",
+            )
+            sid, status = h2c.connect(f"{v2.ip}:8000")
+            assert status == 200
+            line, body = h2c.http11(
+                sid, b"GET /after-reset-dials HTTP/1.1\r\nHost: httpbin\r\nConnection: close\r\n\r\n"
+            )
+            assert line.startswith("HTTP/1.1 200") and body["pod"] == "httpbin-v2"
+    time.sleep(6.0)  # past the connect timeout: a dial left running would fail now
+    assert proxy_stat(lab, "node2", "upstream_error") == before["upstream_error"]
 
 
 def test_idle_sockets_on_15008_are_capped_per_source_ip_and_lock_nobody_out(lab: LabHandle) -> None:

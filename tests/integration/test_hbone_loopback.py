@@ -21,6 +21,7 @@ from h2client import h2_connect
 
 from agent.proxy import tls, tls_transport
 from agent.proxy.hbone import (
+    MAX_STREAMS_PER_CONNECTION,
     STREAM_WINDOW,
     ConnectTarget,
     HboneError,
@@ -564,6 +565,77 @@ async def test_cancelling_many_connects_stuck_in_a_slow_dial_is_not_rapid_reset(
     assert await busy.read() == b"still here"
     assert client.usable and srv.server.abuse == {}
     await client.close()
+
+
+class StuckDials:
+    """A handler whose app never accepts (port 7): counts the dials in progress."""
+
+    def __init__(self) -> None:
+        self.running = 0
+        self.started = 0
+
+    async def __call__(self, peer: SpiffeId, target: ConnectTarget, stream: ServerStream) -> int | None:
+        if target.port != 7:
+            return await echo(peer, target, stream)
+        self.started += 1
+        self.running += 1
+        try:
+            await asyncio.sleep(60)  # far beyond the test: only a cancel ends it
+        finally:
+            self.running -= 1
+        return None
+
+    async def wait_started(self, n: int) -> None:
+        """Until `n` handlers in all have started dialling."""
+        await assert_eventually(lambda: self.started == n)
+
+
+async def test_streams_reset_while_their_handler_dials_stop_the_dial(
+    running: Callable[[Handler], Running], client_svid: Svid
+) -> None:
+    """Rapid reset that waits for each handler to start, so the resets are not counted as rapid:
+    100 CONNECTs to an app that does not accept, RST_STREAM for all once their handlers dial, ten
+    times. A reset stream's handler is cancelled, so the dials still running never exceed the
+    stream limit (before: 1,000 dials, each holding a connection slot for the connect timeout)."""
+    dials = StuckDials()
+    srv = running(dials)
+    client = await HboneClient.connect(srv.addr, client_ctx(client_svid), SERVER_ID)
+    peak = 0
+    for round_ in range(1, 11):
+        stuck = [client.start_stream(("127.0.0.1", 7)) for _ in range(MAX_STREAMS_PER_CONNECTION)]
+        await dials.wait_started(round_ * MAX_STREAMS_PER_CONNECTION)
+        peak = max(peak, dials.running)
+        for stream in stuck:
+            stream.close()  # RST_STREAM CANCEL
+    await assert_eventually(lambda: dials.running == 0)
+    assert peak <= MAX_STREAMS_PER_CONNECTION, f"{peak} dials at once"
+    assert srv.server.abandoned == 10 * MAX_STREAMS_PER_CONNECTION
+    assert client.usable and srv.server.abuse == {}
+    busy = await client.open_stream(("127.0.0.1", 8))
+    await busy.write(b"still here")
+    assert await busy.read() == b"still here"
+    await client.close()
+
+
+async def test_a_connection_that_goes_away_stops_its_streams_dials(
+    running: Callable[[Handler], Running], client_svid: Svid
+) -> None:
+    """The same with the TCP connection dropped instead of each stream reset: nobody is left to
+    answer, so the handlers still dialling are cancelled."""
+    dials = StuckDials()
+    srv = running(dials)
+    for round_ in range(1, 4):
+        client = await HboneClient.connect(srv.addr, client_ctx(client_svid), SERVER_ID)
+        for _ in range(50):
+            client.start_stream(("127.0.0.1", 7))
+        await dials.wait_started(round_ * 50)
+        transport = client._proto.transport
+        assert transport is not None
+        transport.abort()  # gone without GOAWAY
+        await assert_eventually(lambda: dials.running == 0)
+        await client.close()
+    assert srv.server.abandoned == 150 and srv.server.abuse == {}
+    await assert_still_serving(srv, client_svid)
 
 
 def _resets_then_echo(
