@@ -164,6 +164,11 @@ class ConnTracker:
     def release(self) -> None:
         self.in_use -= 1
 
+    def gauges(self) -> dict[str, int]:
+        """How full the admission cap is: slots taken (open connections and those still being set
+        up: authorizing, dialling) and slots in all."""
+        return {"connection_slots_in_use": self.in_use, "connection_slots": self.max_connections}
+
     # -- lifecycle --
     def _record(self, t: Tracked, event: FlowEvent, verdict: Verdict, **extra: object) -> FlowRecord:
         src, dst = t.src_workload, t.dst_workload

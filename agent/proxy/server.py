@@ -286,6 +286,7 @@ class NodeProxy:
     def stats(self) -> dict[str, int]:
         return {
             **self.tracker.stats,
+            **self.tracker.gauges(),
             **self.inbound.hbone_stats,
             "active": len(self.tracker.open),
             "pods": len(self._served),

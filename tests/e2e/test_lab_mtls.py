@@ -402,7 +402,8 @@ def test_connects_reset_while_they_dial_a_stuck_app_are_cancelled(
     """Rapid reset with a pause: 100 CONNECTs to an app that does not accept (its accept queue is
     full, so each dial would wait for the 5 s connect timeout), reset once their handlers dial, three
     times on one connection. node2's agent cancels those 300 dials at once instead of letting them
-    hold connection slots until they time out, and the connection goes on serving."""
+    hold connection slots until they time out (`connection_slots_in_use`), and the connection goes
+    on serving."""
     v2 = lab.plan.pod("httpbin-v2")
     with in_netns(v2.netns_path):
         stuck = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
@@ -410,7 +411,7 @@ def test_connects_reset_while_they_dial_a_stuck_app_are_cancelled(
         stuck.bind((v2.ip, STUCK_PORT))
         stuck.listen(0)  # room for one connection, never accepted
         filler = connect_from(v2.netns_path, (v2.ip, STUCK_PORT))  # SYNs to it are dropped from now on
-        stats = ("streams_abandoned", "upstream_error")
+        stats = ("streams_abandoned", "upstream_error", "connection_slots_in_use")
         before = {stat: proxy_stat(lab, "node2", stat) for stat in stats}
         ctx = client_tls(bundle(lab), issue(lab_ca, spiffe("default", "client")), tmp_path)
         tls, _ = tls_to_hbone(lab, ctx, v2.ip)
@@ -434,6 +435,9 @@ def test_connects_reset_while_they_dial_a_stuck_app_are_cancelled(
                 3,
                 "node2 cancelling the 300 dials",
             )
+            # their slots are free again: what this test still holds is its HBONE connection
+            slots = proxy_stat(lab, "node2", "connection_slots_in_use") - before["connection_slots_in_use"]
+            assert slots <= 1
             sid, status = h2c.connect(f"{v2.ip}:8000")
             assert status == 200
             line, body = h2c.http11(

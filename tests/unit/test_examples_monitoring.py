@@ -32,7 +32,8 @@ def test_alert_rules_name_only_what_the_agent_exports() -> None:
     rules = [rule for group in doc["groups"] for rule in group["rules"]]
     assert rules and all({"alert", "expr"} <= rule.keys() for rule in rules)
     exported = _exported_names()
-    stats = set(ConnTracker(FlowLog()).stats) | set(HBONE_STATS)  # NodeProxy.stats() has both
+    tracker = ConnTracker(FlowLog())
+    stats = set(tracker.stats) | set(tracker.gauges()) | set(HBONE_STATS)  # NodeProxy.stats() has these
     for rule in rules:
         names = _METRIC.findall(rule["expr"])
         assert names, rule["expr"]
