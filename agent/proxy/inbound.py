@@ -16,6 +16,7 @@ then bytes both ways. They differ in what they know about the peer:
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import socket
 import ssl
@@ -40,6 +41,9 @@ Addr = tuple[str, int]
 
 REASON_STRICT = "STRICT_MTLS_PLAINTEXT"
 REASON_UNKNOWN_DST = "UNKNOWN_DESTINATION_WORKLOAD"
+# given up before the app answered: the HBONE stream was reset or its connection went away (or the
+# agent is stopping), so the dial was cancelled (docs/hbone.md "Abusive peers")
+REASON_ABANDONED = "ABANDONED_BEFORE_ESTABLISHED"
 
 
 # 15008 counters in NodeProxy.stats(); cut_off_*: connections ended for abusing HTTP/2
@@ -247,6 +251,9 @@ class Inbound:
             # from the peer's IP (the app sees who called); a pod calling itself already does
             source_ip = src[0] if ep.source_ip and src[0] != ep.pod.ip else None
             app = await core.dial(ep.pod.netns_path, dst, source_ip)
+        except asyncio.CancelledError:
+            core.tracker.denied(t, REASON_ABANDONED)  # the record a dial that ran out would have left
+            raise
         except ProxyError as exc:
             core.tracker.stats["upstream_error"] += 1
             log.warning(

@@ -49,6 +49,7 @@ from meshlab import (
 
 from agent.datapath.netns import in_netns
 from agent.proxy.conns import MAX_PENDING_HANDSHAKES_PER_IP
+from agent.proxy.inbound import REASON_ABANDONED
 from controller.ca import CertificateAuthority
 
 HTTPBIN_ID = "spiffe://cluster.local/ns/default/sa/httpbin"
@@ -446,6 +447,10 @@ def test_connects_reset_while_they_dial_a_stuck_app_are_cancelled(
             assert line.startswith("HTTP/1.1 200") and body["pod"] == "httpbin-v2"
     time.sleep(6.0)  # past the connect timeout: a dial left running would fail now
     assert proxy_stat(lab, "node2", "upstream_error") == before["upstream_error"]
+    # each left a record of what happened to it
+    denied = flows(lab, "node2", event="deny", dst=f"{v2.ip}:{STUCK_PORT}")
+    assert [r["reason"] for r in denied] == [REASON_ABANDONED] * 300
+    assert {r["src_identity"] for r in denied} == {CLIENT_ID}
 
 
 def test_idle_sockets_on_15008_are_capped_per_source_ip_and_lock_nobody_out(lab: LabHandle) -> None:
