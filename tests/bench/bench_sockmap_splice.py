@@ -113,10 +113,10 @@ print(sent, got[0], time.monotonic() - t0, error, sep="\t")
 """
 
 
-def machine_jiffies() -> tuple[int, int]:
-    """(busy, total) jiffies of the whole machine."""
+def machine_busy_jiffies() -> int:
+    """Jiffies the whole machine spent busy (all but idle and iowait) since boot."""
     fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-    return sum(fields) - fields[3] - fields[4], sum(fields)
+    return sum(fields) - fields[3] - fields[4]
 
 
 class Sandbox:
@@ -182,7 +182,7 @@ def bulk(box: Sandbox, seconds: float) -> dict[str, float]:
     server = subprocess.Popen(box.argv(f"iperf3 -s -1 -J -B 127.0.0.1 -p {PORT}"), stdout=subprocess.PIPE)
     try:
         time.sleep(0.5)
-        busy0, _ = machine_jiffies()
+        busy0 = machine_busy_jiffies()
         client = subprocess.run(
             box.argv(f"iperf3 -c 127.0.0.1 -p {PORT} -t {seconds} -l 128K"),
             capture_output=True, text=True, timeout=seconds + 30,
@@ -192,7 +192,7 @@ def bulk(box: Sandbox, seconds: float) -> dict[str, float]:
         if server.poll() is None:
             server.kill()
             server.wait()
-    busy1, _ = machine_jiffies()
+    busy1 = machine_busy_jiffies()
     report = json.loads(out)
     if client.returncode != 0 or "error" in report:
         raise RuntimeError(f"iperf3 failed: {report.get('error') or client.stderr.strip()}")
