@@ -20,9 +20,9 @@ from agent.proxy.inbound import Inbound
 from agent.proxy.index import Route, RouteKind
 from agent.proxy.metrics import TcpPeers
 from agent.proxy.pipe import SocketEnd, StreamEnd
-from agent.proxy.pool import HbonePool, PoolKey
+from agent.proxy.pool import ANSWER_TIMEOUT, HbonePool, PoolKey
 from agent.proxy.tls import PeerIdentityError
-from agent.proxy.tunnel import HboneClient, TunnelError
+from agent.proxy.tunnel import AnswerTimeout, HboneClient, TunnelError
 from api.resources import Workload
 
 log = logging.getLogger(__name__)
@@ -34,6 +34,7 @@ HBONE_KEEPALIVE_TIMEOUT = 20.0  # an unanswered PING closes the connection after
 REASON_NO_ORIGINAL_DST = "NO_ORIGINAL_DESTINATION"
 REASON_NO_ENDPOINT = "NO_HEALTHY_UPSTREAM"
 REASON_UNKNOWN_SOURCE = "UNKNOWN_SOURCE_WORKLOAD"
+REASON_ANSWER_TIMEOUT = "HBONE_ANSWER_TIMEOUT"
 
 
 class Outbound:
@@ -63,7 +64,10 @@ class Outbound:
             async def dial(key: PoolKey) -> HboneClient:
                 return await self.dial(key, netns, src_ip)
 
-            pool = self.pools[ep.pod.uid] = HbonePool(dial)
+            # the peer node answers a CONNECT within its dial timeout (as ours, unless configured
+            # otherwise); twice that leaves room, and only a stuck or hostile peer runs into it
+            answer = max(ANSWER_TIMEOUT, 2 * self.core.connect_timeout)
+            pool = self.pools[ep.pod.uid] = HbonePool(dial, answer_timeout=answer)
         return pool
 
     async def close_pool(self, uid: str | None) -> None:
@@ -205,7 +209,12 @@ class Outbound:
             client.close()
             return
         except (ProxyError, TunnelError, PeerIdentityError, OSError, TimeoutError) as exc:
-            reason = exc.reason if isinstance(exc, ProxyError) else "HBONE_CONNECT_FAILED"
+            if isinstance(exc, ProxyError):
+                reason = exc.reason
+            elif isinstance(exc, AnswerTimeout):
+                reason = REASON_ANSWER_TIMEOUT
+            else:
+                reason = "HBONE_CONNECT_FAILED"
             core.tracker.stats["upstream_error"] += 1
             log.warning(
                 "event=outbound_hbone_failed conn=%s pod=%s dst=%s:%d reason=%s error=%r",

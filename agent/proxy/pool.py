@@ -21,6 +21,10 @@ from api.spiffe import SpiffeId
 log = logging.getLogger(__name__)
 
 IDLE_TIMEOUT = 300.0
+# how long a CONNECT may wait for its answer: twice the server's default dial timeout to the app
+# (agent.proxy.core.CONNECT_TIMEOUT, after which it answers 503), so only a stuck or hostile server
+# runs into it
+ANSWER_TIMEOUT = 10.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,10 +55,16 @@ class HbonePool:
     """Shares HBONE connections between streams; `open_stream` is the only call the proxy needs."""
 
     def __init__(
-        self, dial: Dialer, *, idle_timeout: float = IDLE_TIMEOUT, clock: Callable[[], float] = time.monotonic
+        self,
+        dial: Dialer,
+        *,
+        idle_timeout: float = IDLE_TIMEOUT,
+        answer_timeout: float = ANSWER_TIMEOUT,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._dial = dial
         self._idle_timeout = idle_timeout
+        self._answer_timeout = answer_timeout
         self._clock = clock
         self._slots: dict[PoolKey, _Slot] = {}
 
@@ -83,7 +93,7 @@ class HbonePool:
             # taken synchronously, under the lock: the next waiter sees this slot as used
             stream = entry.client.start_stream(target, source, traceparent=traceparent)
             entry.idle_since = None
-        await accepted(stream)
+        await accepted(stream, self._answer_timeout)
         return stream
 
     @staticmethod

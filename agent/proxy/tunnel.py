@@ -650,9 +650,26 @@ class HboneClient:
         await asyncio.shield(self._proto.closed)
 
 
-async def accepted(stream: Stream) -> None:
-    """Wait for the server's answer to a CONNECT; raise HboneError unless it is 200."""
-    status = await stream._response
+class AnswerTimeout(TunnelError):
+    """The HBONE server did not answer a CONNECT in time; the stream was reset."""
+
+
+async def accepted(stream: Stream, timeout: float | None = None) -> None:
+    """Wait for the server's answer to a CONNECT; raise HboneError unless it is 200.
+
+    `timeout`: give up after that many seconds, reset the stream (RST_STREAM CANCEL, so the server
+    stops working on it) and raise AnswerTimeout. A server answers within its own dial timeout
+    (503 when the app does not accept), so only a peer that is stuck or hostile runs into it."""
+    if timeout is None:
+        status = await stream._response
+    else:
+        try:
+            async with asyncio.timeout(timeout):
+                status = await stream._response
+        except TimeoutError:
+            stream.close()
+            sid = stream.stream_id
+            raise AnswerTimeout(f"no answer to CONNECT on stream {sid} in {timeout:g} s") from None
     if status != Status.OK:
         raise HboneError(status, "refused by the HBONE server")
 

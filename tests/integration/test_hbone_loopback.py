@@ -34,6 +34,7 @@ from agent.proxy.pool import HbonePool, PoolKey
 from agent.proxy.tunnel import (
     MAX_OWED_WHILE_PAUSED,
     MAX_PENDING_RESETS,
+    AnswerTimeout,
     HboneClient,
     HboneServer,
     ServerStream,
@@ -636,6 +637,34 @@ async def test_a_connection_that_goes_away_stops_its_streams_dials(
         await client.close()
     assert srv.server.abandoned == 150 and srv.server.abuse == {}
     await assert_still_serving(srv, client_svid)
+
+
+async def test_a_connect_the_server_never_answers_times_out_and_is_reset(
+    running: Callable[[Handler], Running], client_svid: Svid
+) -> None:
+    """A peer node whose handler hangs (stuck, or hostile) must not hold the caller for ever: after
+    the pool's answer timeout the CONNECT fails with AnswerTimeout and its stream is reset, which
+    cancels the server's handler; the connection serves the next stream."""
+    dials = StuckDials()
+    srv = running(dials)
+    ctx = client_ctx(client_svid)
+
+    async def dial(key: PoolKey) -> HboneClient:
+        return await HboneClient.connect(key.dst_addr, ctx, key.dst_identity)
+
+    pool = HbonePool(dial, answer_timeout=0.3)
+    key = PoolKey(CLIENT_ID, SERVER_ID, srv.addr)
+    started = time.monotonic()
+    with pytest.raises(AnswerTimeout):
+        await pool.open_stream(key, ("127.0.0.1", 7))
+    assert 0.3 <= time.monotonic() - started < 2.0
+    await assert_eventually(lambda: srv.server.abandoned == 1 and dials.running == 0)
+    stream = await pool.open_stream(key, ("127.0.0.1", 8))
+    await stream.write(b"next")
+    assert await stream.read() == b"next"
+    assert pool.connection_count(key) == 1
+    stream.close()
+    await pool.close()
 
 
 def _resets_then_echo(
