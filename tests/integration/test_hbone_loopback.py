@@ -159,10 +159,16 @@ def client_ctx(svid: Svid) -> ssl.SSLContext:
 async def assert_still_serving(srv: Running, client_svid: Svid) -> None:
     """A well-behaved client still gets its bytes echoed (after a bad peer was dealt with)."""
     client = await HboneClient.connect(srv.addr, client_ctx(client_svid), SERVER_ID)
-    stream = await client.open_stream(("127.0.0.1", 1))
-    await stream.write(b"ok")
-    assert await stream.read() == b"ok"
+    await assert_echoes(client)
     await client.close()
+
+
+async def assert_echoes(client: HboneClient, data: bytes = b"ok") -> None:
+    """A new stream on `client` (to port 1: the echo handler's) gets `data` back."""
+    stream = await client.open_stream(("127.0.0.1", 1))
+    await stream.write(data)
+    assert await stream.read() == data
+    stream.close()
 
 
 async def test_echo_one_mebibyte_with_marker(
@@ -612,9 +618,7 @@ async def test_streams_reset_while_their_handler_dials_stop_the_dial(
     assert peak <= MAX_STREAMS_PER_CONNECTION, f"{peak} dials at once"
     assert srv.server.abandoned == 10 * MAX_STREAMS_PER_CONNECTION
     assert client.usable and srv.server.abuse == {}
-    busy = await client.open_stream(("127.0.0.1", 8))
-    await busy.write(b"still here")
-    assert await busy.read() == b"still here"
+    await assert_echoes(client, b"still here")
     await client.close()
 
 
