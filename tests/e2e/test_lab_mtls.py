@@ -415,8 +415,7 @@ def test_connects_reset_while_they_dial_a_stuck_app_are_cancelled(
         stats = ("streams_abandoned", "upstream_error", "connection_slots_in_use")
         before = {stat: proxy_stat(lab, "node2", stat) for stat in stats}
         ctx = client_tls(bundle(lab), issue(lab_ca, spiffe("default", "client")), tmp_path)
-        tls, _ = tls_to_hbone(lab, ctx, v2.ip)
-        with filler, tls:
+        with filler, tls_to_hbone(lab, ctx, v2.ip)[0] as tls:
             h2c = H2Tunnel(tls)
             for _ in range(3):
                 sids = []
