@@ -226,18 +226,17 @@ class ServerStream(Stream):
     abandoned = False  # its handler was cancelled: the peer went away before the answer
     task: asyncio.Task[None] | None = None  # its handler
 
-    def _abandon(self) -> bool:
+    def _abandon(self) -> None:
         """The peer reset this stream, or the connection went away, before the handler answered:
         cancel the handler (authorization, the dial to the app), which nobody waits for any more.
         Without it a peer could reset 100 streams at a time once their handlers dial a slow app, and
         keep any number of dials (each holding a connection slot) running. After the answer the
-        copying task sees the reset and ends on its own."""
+        copying task sees the reset and ends on its own. The handler's owner counts it
+        (`abandoned`)."""
         task = self.task
-        if not self.handling or self.status is not None or task is None or task.done():
-            return False
-        self.abandoned = True
-        task.cancel()
-        return True
+        if self.handling and self.status is None and task is not None and not task.done():
+            self.abandoned = True
+            task.cancel()
 
     def respond(self, status: int) -> None:
         if self.status is not None:
@@ -740,7 +739,6 @@ class _ServerProtocol(_H2Protocol):
             task = asyncio.current_task()
             if not stream.abandoned or (task is not None and task.uncancel() > 0):
                 raise  # cancelled from outside as well (shutdown): not ours to swallow
-            self.server.abandoned += 1
             log.debug("event=hbone_stream_abandoned peer=%s target=%s", self.peer, target.authority)
         except TunnelError as exc:  # the peer reset the stream or the connection went away
             log.info(
@@ -785,7 +783,6 @@ class HboneServer:
         self.handshake_failures = 0
         self.rejected = 0
         self.abuse: dict[str, int] = {}  # connections cut off, by reason (_H2Protocol._cut_off)
-        self.abandoned = 0  # handlers cancelled: their stream was reset (or the connection lost) first
         self._conns: set[_ServerProtocol] = set()
 
     async def serve(self, sock: socket.socket, established: Callable[[], bool] | None = None) -> None:
