@@ -26,10 +26,11 @@ import ctypes
 import json
 import os
 import secrets
-import shlex
+import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -37,7 +38,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-from nodemesh.lab.system import cgroup2_root  # noqa: E402
+from nodemesh.lab import system  # noqa: E402
 
 PORT = 5201
 BPF_F_ALLOW_MULTI = 2
@@ -120,30 +121,33 @@ def machine_busy_jiffies() -> int:
 
 
 class Sandbox:
-    """A netns with lo up and a cgroup; commands run inside both."""
+    """A netns with lo up and a cgroup of its own (`nodemesh.lab.system`); removed with whatever
+    still runs in them."""
 
     def __init__(self) -> None:
         tag = secrets.token_hex(3)
         self.netns = f"nm-splice-{tag}"
-        self.cgroup = cgroup2_root() / f"nodemesh-splice-{tag}"
+        self.cgroup = system.cgroup2_root() / f"nodemesh-splice-{tag}"
+        self.tmp = Path(tempfile.mkdtemp(prefix="nm-splice-"))
 
     def __enter__(self) -> Sandbox:
         self.cgroup.mkdir()
-        subprocess.run(["ip", "netns", "add", self.netns], check=True)
-        subprocess.run(["ip", "-n", self.netns, "link", "set", "lo", "up"], check=True)
+        system.run("ip", "netns", "add", self.netns)
+        system.ip_batch(["link set lo up"], netns=self.netns)
         return self
 
     def __exit__(self, *exc: object) -> None:
-        subprocess.run(["ip", "netns", "del", self.netns], check=False)
-        for _ in range(50):  # the processes of the last run may still be leaving the cgroup
-            try:
-                self.cgroup.rmdir()
-                break
-            except OSError:
-                time.sleep(0.1)
+        try:
+            system.remove_cgroup_tree(self.cgroup)
+        finally:
+            system.run("ip", "netns", "del", self.netns, check=False)
+            shutil.rmtree(self.tmp, ignore_errors=True)
 
-    def argv(self, cmd: str) -> list[str]:
-        return ["sh", "-c", f"echo $$ > {self.cgroup}/cgroup.procs && exec ip netns exec {self.netns} {cmd}"]
+    def spawn(self, argv: list[str]) -> subprocess.Popen[bytes]:
+        return system.spawn(argv, netns=self.netns, cgroup=self.cgroup)
+
+    def run(self, argv: list[str], timeout: float) -> subprocess.CompletedProcess[bytes]:
+        return system.run_in(argv, netns=self.netns, cgroup=self.cgroup, timeout=timeout)
 
 
 class Splice:
@@ -179,23 +183,25 @@ class Splice:
 
 
 def bulk(box: Sandbox, seconds: float) -> dict[str, float]:
-    server = subprocess.Popen(box.argv(f"iperf3 -s -1 -J -B 127.0.0.1 -p {PORT}"), stdout=subprocess.PIPE)
+    report_file = box.tmp / "iperf3-server.json"
+    report_file.unlink(missing_ok=True)
+    server = box.spawn(
+        ["iperf3", "-s", "-1", "-J", "--logfile", str(report_file), "-B", "127.0.0.1", "-p", str(PORT)]
+    )
     try:
         time.sleep(0.5)
         busy0 = machine_busy_jiffies()
-        client = subprocess.run(
-            box.argv(f"iperf3 -c 127.0.0.1 -p {PORT} -t {seconds} -l 128K"),
-            capture_output=True, text=True, timeout=seconds + 30,
-        )  # fmt: skip
-        out, _ = server.communicate(timeout=30)
+        argv = ["iperf3", "-c", "127.0.0.1", "-p", str(PORT), "-t", str(seconds), "-l", "128K"]
+        client = box.run(argv, timeout=seconds + 30)
+        server.wait(timeout=30)
     finally:
         if server.poll() is None:
             server.kill()
             server.wait()
     busy1 = machine_busy_jiffies()
-    report = json.loads(out)
+    report = json.loads(report_file.read_text())
     if client.returncode != 0 or "error" in report:
-        raise RuntimeError(f"iperf3 failed: {report.get('error') or client.stderr.strip()}")
+        raise RuntimeError(f"iperf3 failed: {report.get('error') or client.stderr.decode().strip()}")
     received = report["end"]["sum_received"]
     gb = received["bytes"] / 1e9
     hz = os.sysconf("SC_CLK_TCK")
@@ -203,11 +209,10 @@ def bulk(box: Sandbox, seconds: float) -> dict[str, float]:
 
 
 def slow_reader(box: Sandbox, limit_mib: int) -> dict[str, Any]:
-    cmd = shlex.join([sys.executable, "-c", SLOW_READER, str(limit_mib), str(PORT)])
-    done = subprocess.run(box.argv(cmd), capture_output=True, text=True, timeout=60)
+    done = box.run([sys.executable, "-c", SLOW_READER, str(limit_mib), str(PORT)], timeout=60)
     if done.returncode != 0:
-        raise RuntimeError(f"slow reader failed: {done.stderr.strip()[-500:]}")
-    sent, got, seconds, error = done.stdout.strip("\n").split("\t")
+        raise RuntimeError(f"slow reader failed: {done.stderr.decode().strip()[-500:]}")
+    sent, got, seconds, error = done.stdout.decode().strip("\n").split("\t")
     return {
         "sent_mib": int(sent) / 2**20,
         "read_mib": int(got) / 2**20,
