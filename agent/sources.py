@@ -101,6 +101,8 @@ class AgentSources:
                 active_connections=stats.get("active", 0),
                 pods=stats.get("pods", 0),
                 source_ip_pods=stats.get("pods_source_ip", 0),
+                slots_in_use=stats.get("connection_slots_in_use", 0),
+                slots=stats.get("connection_slots", 0),
             ),
             datapath=DatapathStatus(
                 backend="bcc", programs=PROGRAMS, maps=(), counters=counters, pin_dir=self._pin_dir

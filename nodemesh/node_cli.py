@@ -293,10 +293,14 @@ def status_command(node: NodeOpt = None, sock: SocketOpt = None, output: OutputO
     grid.add_column()
     grid.add_row("Node", f"{doc['node']}  (agent {doc['version']}, up {fmt_duration(doc['uptime'])}, "
                          f"{doc['enrolled_pods']} pods enrolled)")
+    in_use, slots = proxy.get("connection_slots_in_use"), proxy.get("connection_slots")
     proxy_line = (f"{proxy['state']}, {proxy['listeners']} listeners, "
-                  f"{proxy['active_connections']} connections, "
-                  f"callers' IPs kept in {proxy['source_ip_pods']}/{proxy['pods']} pods")
-    grid.add_row("Proxy", proxy_line + (f" ({proxy['detail']})" if proxy["detail"] else ""))
+                  f"{proxy['active_connections']} connections"
+                  + (f" ({in_use:,} of {slots:,} slots in use)" if slots else "")
+                  + f", callers' IPs kept in {proxy['source_ip_pods']}/{proxy['pods']} pods"
+                  + (f" ({proxy['detail']})" if proxy["detail"] else ""))
+    # yellow from 80% of max_connections on, where examples/monitoring's alert fires
+    grid.add_row("Proxy", Text(proxy_line, style="yellow" if slots and in_use >= 0.8 * slots else ""))
     workers = doc.get("workers") or []
     if workers:
         line, healthy = workers_line(workers)

@@ -36,6 +36,8 @@ class ProxyStatus:
     detail: str = ""
     pods: int = 0  # pods served
     source_ip_pods: int = 0  # of which apps see their callers' IPs (source-IP preservation set up)
+    slots_in_use: int = 0  # of `max_connections`: open connections and those still being set up
+    slots: int = 0  # `max_connections`
 
 
 @dataclass(frozen=True, slots=True)
@@ -194,6 +196,8 @@ class ProxyCounts:
 
     connections: int
     listeners: int
+    slots_in_use: int = 0
+    slots: int = 0
 
 
 Workers = Callable[[], Sequence[ProxyWorker]]  # the supervisor's `workers()`: their state now

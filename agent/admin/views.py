@@ -99,6 +99,9 @@ def status_dict(
             "state": str(st.proxy.state),
             "listeners": st.proxy.listeners + sum(c.listeners for c in answered),
             "active_connections": st.proxy.active_connections + sum(c.connections for c in answered),
+            # of `max_connections`, which each process has on its own: summed as the metric is
+            "connection_slots_in_use": st.proxy.slots_in_use + sum(c.slots_in_use for c in answered),
+            "connection_slots": st.proxy.slots + sum(c.slots for c in answered),
             "detail": st.proxy.detail,
             "pods": st.proxy.pods,
             "source_ip_pods": st.proxy.source_ip_pods,

@@ -304,7 +304,12 @@ def test_conns_shows_a_long_lived_connection_with_growing_bytes(lab: LabHandle, 
         row = ["default/client", "default/httpbin-v2", f"{v2}:8000", "hbone"]
         assert any(ln.split()[skip:skip + 4] == row for ln in table.splitlines()), table
         status = cli_json("node1", "status")
-        assert status["proxy"]["active_connections"] >= 1
+        proxy = status["proxy"]
+        assert proxy["active_connections"] >= 1
+        # each open connection holds a slot of max_connections (10,000 per proxy process)
+        assert proxy["connection_slots"] == 10_000 * (1 + len(status["workers"])), proxy
+        assert proxy["connection_slots_in_use"] >= proxy["active_connections"], proxy
+        assert "slots in use)" in node_cli("status", "--node", "node1").stdout
     finally:
         proc.terminate()
         proc.wait(timeout=10)

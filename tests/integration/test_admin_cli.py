@@ -211,7 +211,8 @@ class DemoSources:
             version="0.1.0",
             started_at=self.started,
             proxy=ProxyStatus(
-                ProxyState.RUNNING, listeners=3, active_connections=len(self.conns_), pods=1, source_ip_pods=1
+                ProxyState.RUNNING, listeners=3, active_connections=len(self.conns_), pods=1,
+                source_ip_pods=1, slots_in_use=len(self.conns_), slots=10_000,
             ),
             datapath=DatapathStatus(
                 backend="bcc",
@@ -398,7 +399,7 @@ def test_other_users_cannot_connect(agent: AgentThread) -> None:
             ["status"],
             [
                 "demo",
-                "running, 3 listeners, 2 connections, callers' IPs kept in 1/1 pods",
+                "running, 3 listeners, 2 connections (2 of 10,000 slots in use), callers' IPs kept in 1/1",
                 "cgroup/connect4 nodemesh_connect4",
                 "connected to 10.0.0.1:15012",
                 "1 (1 valid",

@@ -73,7 +73,8 @@ class ProcessSources:
             node=NODE,
             version="0.1.0",
             started_at=time.time() - 60,
-            proxy=ProxyStatus(ProxyState.RUNNING, listeners=3, active_connections=len(self.conns), pods=1),
+            proxy=ProxyStatus(ProxyState.RUNNING, listeners=3, active_connections=len(self.conns), pods=1,
+                              slots_in_use=len(self.conns) + 1, slots=100),
             datapath=DatapathStatus(backend="fake"),
             controller=ControllerLink("10.0.0.1:15012", True),
         )
@@ -217,6 +218,8 @@ async def test_status_lists_the_workers_and_counts_their_connections(run_dir: Pa
         doc = await client.get_json(sock(run_dir, 0), "/v1/status", timeout=5)
         alone = await client.get_json(sock(run_dir, 1), "/v1/status", timeout=5)
     assert doc["proxy"]["active_connections"] == 3
+    # each process has its own cap: the node's is the sum of those that answered (worker 2 is down)
+    assert (doc["proxy"]["connection_slots_in_use"], doc["proxy"]["connection_slots"]) == (2 + 3, 200)
     w = doc["workers"]
     assert [(x["index"], x["pid"], x["up"], x["restarts"], x["last_exit"], x["connections"]) for x in w] == [
         (1, 4241, True, 1, "signal 9", 2),
@@ -224,6 +227,25 @@ async def test_status_lists_the_workers_and_counts_their_connections(run_dir: Pa
     ]
     assert w[0]["started_at"] == workers[0].started_at
     assert alone["workers"] == [] and alone["proxy"]["active_connections"] == 2
+
+
+@pytest.mark.parametrize(
+    ("slots", "counted"),
+    [
+        ({}, (0, 0)),  # an agent from before the slot counts: only its connections are summed
+        ({"connection_slots_in_use": 4, "connection_slots": 10_000}, (4, 10_000)),
+        ({"connection_slots_in_use": "4", "connection_slots": 10_000}, None),
+        ({"connection_slots_in_use": 4, "connection_slots": -1}, None),
+        ({"connection_slots_in_use": True, "connection_slots": 10_000}, None),
+    ],
+)
+def test_a_workers_slot_counts_are_checked_like_its_connections(
+    slots: dict[str, Any], counted: tuple[int, int] | None
+) -> None:
+    from agent.admin.peers import _proxy_counts
+
+    got = _proxy_counts({"proxy": {"active_connections": 2, "listeners": 3, **slots}})
+    assert (None if got is None else (got.slots_in_use, got.slots)) == counted
 
 
 # --- flows ------------------------------------------------------------------------------------------

@@ -311,3 +311,16 @@ def test_status_has_a_workers_line_only_with_workers(
     found = [x.strip() for x in out.splitlines() if "proxy workers" in x]
     assert found == ([line] if line else [])
     assert "running, 3 listeners, 5 connections" in out
+
+
+def test_status_shows_how_full_the_connection_cap_is(fake: FakeClient) -> None:
+    from agent.admin.sources import AgentStatus, ControllerLink, DatapathStatus, ProxyState, ProxyStatus
+
+    proxy = ProxyStatus(ProxyState.RUNNING, 3, 5, pods=1, slots_in_use=8_123, slots=10_000)
+    st = AgentStatus("node1", "0.1.0", 1_700_000_000.0, proxy, DatapathStatus("bcc"),
+                     ControllerLink("10.0.0.1:15012", False))
+    doc = views.status_dict(st, [], FlowRing(), 1_700_000_060.0)
+    assert (doc["proxy"]["connection_slots_in_use"], doc["proxy"]["connection_slots"]) == (8_123, 10_000)
+    fake.docs["/v1/status"] = doc
+    out = invoke("status").output
+    assert "running, 3 listeners, 5 connections (8,123 of 10,000 slots in use), callers'" in out
