@@ -19,7 +19,7 @@ from agent.admin.sources import ConnectionInfo, ConnPath
 from agent.proxy.flows import FlowEvent, FlowLog, FlowRecord, Verdict
 from agent.proxy.index import MeshIndex
 from agent.proxy.metrics import TcpSeries
-from api.authz import Connection, Decision
+from api.authz import Connection, Decision, MtlsMode
 from api.resources import Service, Workload
 
 log = logging.getLogger(__name__)
@@ -29,6 +29,9 @@ DEFAULT_MAX_CONNECTIONS = 10_000
 # accepted 15008 sockets still in their TLS handshake (unauthenticated): node-wide and per source IP
 MAX_PENDING_HANDSHAKES = 1024
 MAX_PENDING_HANDSHAKES_PER_IP = 256
+
+# flow-record reasons of the inbound side
+REASON_STRICT = "STRICT_MTLS_PLAINTEXT"  # plaintext to a port under PeerAuthentication STRICT
 
 _ids = itertools.count(1)
 _id_prefix = "c"
@@ -96,6 +99,24 @@ class Tracked:
             self.close_reason = reason
         if self.closer is not None:
             self.closer()
+
+
+def refusal(index: MeshIndex, t: Tracked) -> str | None:
+    """Why an inbound connection (open, or admitted and still dialling the app) is refused under
+    `index`, a push newer than the one that admitted it; None while it is still admitted. As ztunnel
+    (where istiod turns STRICT into an authorization rule), both the AuthorizationPolicies and a
+    plaintext connection's PeerAuthentication count; a policy refusal updates `t.deciding`."""
+    conn = t.authz
+    if conn is None:  # not an inbound connection
+        return None
+    plaintext = t.path is ConnPath.PLAINTEXT_INBOUND
+    if plaintext and index.peer_auth(index.current(conn.dst_workload), conn.dst_port) is MtlsMode.STRICT:
+        return REASON_STRICT
+    decision = index.recheck(conn)
+    if decision.allowed:
+        return None
+    t.deciding = decision
+    return str(decision.reason)
 
 
 class HandshakeBudget:
@@ -245,21 +266,20 @@ class ConnTracker:
         """Re-decide every open inbound connection; close (and report) those now denied."""
         killed: list[Tracked] = []
         for t in list(self.open.values()):
-            if t.authz is None:
+            if t.close_reason:  # already being closed (an earlier push, its pod gone): reported then
                 continue
-            decision = index.recheck(t.authz)
-            if decision.allowed:
+            reason = refusal(index, t)
+            if reason is None:
                 continue
-            t.deciding = decision
             self.stats["policy_closed"] += 1
-            self.flows.add(self._record(t, FlowEvent.DENY, Verdict.DENIED, reason=str(decision.reason)))
+            self.flows.add(self._record(t, FlowEvent.DENY, Verdict.DENIED, reason=reason))
             log.info(
                 "event=connection_closed_by_policy conn=%s policy=%s reason=%s",
                 t.id,
-                decision.policy,
-                decision.reason,
+                t.deciding.policy if t.deciding is not None else None,
+                reason,
             )
-            t.kill(f"policy_changed:{decision.reason}")
+            t.kill(f"policy_changed:{reason}")
             killed.append(t)
         return killed
 

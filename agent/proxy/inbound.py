@@ -25,7 +25,7 @@ from typing import Final
 
 from agent.admin.sources import ConnPath
 from agent.datapath.interface import EnrolledPod
-from agent.proxy.conns import Tracked, new_connection_id
+from agent.proxy.conns import REASON_STRICT, Tracked, new_connection_id, refusal
 from agent.proxy.core import ProxyCore, ProxyError
 from agent.proxy.hbone import ConnectTarget, IpAddress, Status, canonical_ip
 from agent.proxy.metrics import TcpPeers
@@ -39,8 +39,9 @@ log = logging.getLogger(__name__)
 
 Addr = tuple[str, int]
 
-REASON_STRICT = "STRICT_MTLS_PLAINTEXT"
 REASON_UNKNOWN_DST = "UNKNOWN_DESTINATION_WORKLOAD"
+# the destination pod stopped being served (removed, opted out) while its app was being dialled
+REASON_POD_STOPPED = "DESTINATION_POD_STOPPED"
 # given up before the app answered: the HBONE stream was reset or its connection went away (or the
 # agent is stopping), so the dial was cancelled (docs/hbone.md "Abusive peers")
 REASON_ABANDONED = "ABANDONED_BEFORE_ESTABLISHED"
@@ -239,7 +240,8 @@ class Inbound:
             src_identity=str(src_identity) if src_identity is not None else "",
             service=service,
         )
-        authz, decision = core.index.authorize(
+        index = core.index
+        authz, decision = index.authorize(
             dst_workload=dst_workload, src_ip=src[0], src_identity=src_identity, dst_ip=dst[0], dst_port=port
         )
         t.authz, t.deciding = authz, decision
@@ -266,6 +268,21 @@ class Inbound:
             )
             core.tracker.denied(t, exc.reason)
             answer(Status.SERVICE_UNAVAILABLE)
+            return
+        # The dial can take up to the connect timeout, and the connection is not open yet, so a push
+        # or a pod stop in the meantime could not reach it (`tracker.recheck`, `kill_pods`): it
+        # must not open on what no longer holds.
+        reason: str | None
+        if core.served.get(ep.pod.ip) is not ep:
+            reason, status = REASON_POD_STOPPED, Status.SERVICE_UNAVAILABLE
+        elif core.index is not index:
+            reason, status = refusal(core.index, t), Status.UNAUTHORIZED
+        else:
+            reason = None
+        if reason is not None:
+            app.close()
+            core.tracker.denied(t, reason)
+            answer(status)
             return
         answer(Status.OK)
         dst_principal = str(core.index.identity(dst_workload))

@@ -208,7 +208,7 @@ class MeshIndex:
 
         The destination workload is looked up again by uid so that label changes count.
         """
-        workload = self._by_uid.get(conn.dst_workload.uid, conn.dst_workload)
+        workload = self.current(conn.dst_workload)
         if workload is not conn.dst_workload:
             conn = Connection(
                 src_ip=conn.src_ip,
@@ -218,6 +218,11 @@ class MeshIndex:
                 dst_workload=workload,
             )
         return evaluate(self.authz, conn)
+
+    def current(self, workload: Workload) -> Workload:
+        """`workload` as this index has it (looked up by uid: labels may have changed), or itself
+        when the index no longer has it."""
+        return self._by_uid.get(workload.uid, workload)
 
     def peer_auth(self, workload: Workload, port: int) -> MtlsMode:
         """The effective PeerAuthentication mode of `port` of `workload`."""

@@ -17,7 +17,7 @@ import random
 import socket
 import ssl
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
@@ -581,6 +581,74 @@ async def test_policy_update_closes_a_now_denied_open_connection(mesh: Mesh) -> 
     w2.close()
 
 
+
+DENY_A = {"action": "DENY", "rules": [{"from": [{"source": {"principals": [_A_PRINCIPAL]}}]}]}
+
+
+def hold_dials(mesh: Mesh, node: str) -> tuple[asyncio.Event, asyncio.Event]:
+    """Make `node`'s dials to apps wait for `go` after setting `started`: an app slow to accept."""
+    core = mesh.proxies[node].core
+    real: Callable[..., Awaitable[Any]] = core.dial
+    started, go = asyncio.Event(), asyncio.Event()
+
+    async def slow_dial(*args: Any, **kwargs: Any) -> Any:
+        started.set()
+        await go.wait()
+        return await real(*args, **kwargs)
+
+    core.dial = slow_dial  # type: ignore[method-assign]
+    return started, go
+
+
+async def test_a_policy_pushed_while_the_app_is_dialled_applies_to_that_connection(mesh: Mesh) -> None:
+    """Authorized, then a DENY arrives while the proxy still dials the app (not open yet, so the
+    push's re-check cannot see it): the connection must not open on the old decision."""
+    b = mesh.pods["b"]
+    started, go = hold_dials(mesh, "node2")
+    r, w = await mesh.connect("a", (b.ip, APP_PORT))
+    await asyncio.wait_for(started.wait(), 5)
+    mesh.set_policies(policy("no-a", "back", DENY_A))
+    go.set()
+    assert await refused(r, w)
+    deny = [f for f in mesh.flows("node2") if f.event is FlowEvent.DENY]
+    assert [(f.policy, f.reason) for f in deny] == [("back/no-a", "DENIED_BY_POLICY")]
+    assert not [f for f in mesh.flows("node2") if f.event is FlowEvent.OPEN]
+    assert not mesh.proxies["node2"].tracker.open
+    w.close()
+
+
+async def test_two_quick_pushes_report_a_closed_connection_once(mesh: Mesh) -> None:
+    """A connection killed by one push is closing, not closed, when the next push re-checks: one
+    `deny` record, one `policy_closed`."""
+    b = mesh.pods["b"]
+    r, w = await mesh.connect("a", (b.ip, APP_PORT))
+    assert await exchange(r, w, b"one", 5) == b"b:one"
+    mesh.set_policies(policy("no-a", "back", DENY_A))
+    mesh.set_policies(policy("no-a", "back", DENY_A), policy("other", "front", DENY_A))
+    assert await asyncio.wait_for(r.read(100), 5) == b""
+    await assert_eventually(lambda: not mesh.proxies["node2"].tracker.open)
+    deny = [f for f in mesh.flows("node2") if f.event is FlowEvent.DENY]
+    assert len(deny) == 1, [(f.connection_id, f.reason) for f in deny]
+    assert mesh.proxies["node2"].stats()["policy_closed"] == 1
+    w.close()
+
+
+async def test_a_pod_stopped_while_its_app_is_dialled_gets_no_connection(mesh: Mesh) -> None:
+    """stop(uid) closes the pod's open connections; one still dialling must not open afterwards
+    (nothing would close it with the pod)."""
+    b = mesh.pods["b"]
+    proxy = mesh.proxies["node2"]
+    started, go = hold_dials(mesh, "node2")
+    r, w = await mesh.connect("a", (b.ip, APP_PORT))
+    await asyncio.wait_for(started.wait(), 5)
+    await proxy.stop("b")
+    go.set()
+    assert await refused(r, w)
+    assert not [t for t in proxy.tracker.open.values() if "b" in t.pod_uids]
+    deny = [f for f in mesh.flows("node2") if f.event is FlowEvent.DENY]
+    assert [f.reason for f in deny] == ["DESTINATION_POD_STOPPED"]
+    w.close()
+
 # --- plaintext inbound (15006) ------------------------------------------------------------------
 
 
@@ -619,6 +687,34 @@ async def test_strict_refuses_plaintext(mesh: Mesh) -> None:
     r2, w2 = await mesh.connect("a", (mesh.pods["b"].ip, APP_PORT))
     assert await exchange(r2, w2, b"m", 3) == b"b:m"
     w2.close()
+
+
+async def test_strict_pushed_closes_open_plaintext_connections(mesh: Mesh) -> None:
+    """Istio applies STRICT as an authorization rule (istiod hands it to ztunnel as one), so a push
+    re-checks open plaintext connections against it as against AuthorizationPolicies."""
+    r, w = await plaintext_to(mesh, "b")
+    assert await exchange(r, w, b"plain", 7) == b"b:plain"
+    r2, w2 = await mesh.connect("a", (mesh.pods["b"].ip, APP_PORT))  # mTLS: stays
+    assert await exchange(r2, w2, b"m", 3) == b"b:m"
+    mesh.set_policies(peer_authentication("strict", "back", "STRICT"))
+    assert await asyncio.wait_for(r.read(100), 5) == b""
+    assert await exchange(r2, w2, b"n", 1) == b"n"
+    deny = [f for f in mesh.flows("node2") if f.event is FlowEvent.DENY]
+    assert [(f.reason, f.src_identity) for f in deny] == [("STRICT_MTLS_PLAINTEXT", "")]
+    assert mesh.proxies["node2"].stats()["policy_closed"] == 1
+    w.close()
+    w2.close()
+
+
+async def test_strict_pushed_while_a_plaintext_connection_dials_refuses_it(mesh: Mesh) -> None:
+    started, go = hold_dials(mesh, "node2")
+    r, w = await plaintext_to(mesh, "b")
+    await asyncio.wait_for(started.wait(), 5)
+    mesh.set_policies(peer_authentication("strict", "back", "STRICT"))
+    go.set()
+    assert await refused(r, w)
+    assert [f.reason for f in mesh.flows("node2") if f.event is FlowEvent.DENY] == ["STRICT_MTLS_PLAINTEXT"]
+    w.close()
 
 
 async def test_permissive_plaintext_cannot_match_an_allow_on_principals(mesh: Mesh) -> None:
