@@ -169,7 +169,7 @@ try:
         head, _, buf = buf.partition(b"\r\n\r\n")
         length = int(head.lower().split(b"content-length:")[1].split(b"\r\n")[0])
         fill(lambda: len(buf) >= length)
-        assert b'"pod": "httpbin-v2"' in buf[:length], buf[:length]
+        assert b'"pod": "%s"' % sys.argv[4].encode() in buf[:length], buf[:length]
         buf, n = buf[length:], n + 1
         print("ok", n, time.time(), flush=True)
         time.sleep(0.1)
@@ -184,7 +184,7 @@ def test_a_policy_change_closes_an_open_connection_it_now_denies(
 ) -> None:
     v2 = lab.plan.pod("httpbin-v2")
     out = tmp_path / "keepalive.log"
-    proc = lab.lab.popen("client", ["python3", "-c", KEEPALIVE, v2.ip, "8000", "40"], log=out)
+    proc = lab.lab.popen("client", ["python3", "-c", KEEPALIVE, v2.ip, "8000", "40", "httpbin-v2"], log=out)
 
     def lines(kind: str) -> list[list[str]]:
         return [ln.split() for ln in out.read_text().splitlines() if ln.startswith(kind + " ")]
@@ -223,3 +223,34 @@ def test_a_policy_change_closes_an_open_connection_it_now_denies(
     assert_denied(lab, "client", "httpbin-v2", reason="DENIED_BY_POLICY", policy=name)
     policies.remove("deny-client-live.yaml")
     assert request_ok(lab, "client", f"http://{v2.ip}:8000/after")["pod"] == "httpbin-v2"
+
+
+def test_strict_closes_an_open_plaintext_connection(
+    lab: LabHandle, policies: Policies, tmp_path: Path
+) -> None:
+    """The outsider (not in the mesh) keeps a plaintext connection to httpbin-v1 under PERMISSIVE;
+    STRICT applied for the namespace closes it, as Istio (STRICT is an authorization rule there)."""
+    v1 = lab.plan.pod("httpbin-v1")
+    out = tmp_path / "plaintext.log"
+    proc = lab.lab.popen("outsider", ["python3", "-c", KEEPALIVE, v1.ip, "8000", "40", "httpbin-v1"], log=out)
+
+    def lines(kind: str) -> list[list[str]]:
+        return [ln.split() for ln in out.read_text().splitlines() if ln.startswith(kind + " ")]
+
+    try:
+        wait_for(lambda: len(lines("ok")) >= 5, 10, "5 answers on the plaintext connection")
+        t0 = time.time()
+        policies.apply("PeerAuthentication", "strict-live", {"mtls": {"mode": "STRICT"}}, namespace="default")
+        closed = wait_for(lambda: lines("closed"), 5, "the plaintext connection to be closed")[0]
+        print(f"STRICT applied → plaintext connection closed: {float(closed[2]) - t0:.2f} s")
+        proc.wait(5)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(5)
+    deny = wait_for(lambda: flows(lab, "node1", event="deny", reason="STRICT_MTLS_PLAINTEXT",
+                                  dst=f"{v1.ip}:8000"), 5)
+    assert len(deny) == 1 and "src_identity" not in deny[0], deny
+    (close,) = wait_for(lambda: flows(lab, "node1", event="close", conn=deny[0]["conn"]), 5)
+    assert close["reason"] == "policy_changed:STRICT_MTLS_PLAINTEXT" and int(close["bytes_received"]) > 0
