@@ -35,6 +35,7 @@ import hyperframe.frame
 
 if TYPE_CHECKING:
     from h2._typing import Buffer  # the buffer-protocol type FrameBuffer.add_data is declared with
+    from hpack.struct import HeaderWeaklyTyped
 
 HBONE_PORT = 15008
 ALPN_H2 = "h2"
@@ -523,7 +524,56 @@ class _FrameBuffer(h2.frame_buffer.FrameBuffer):
                 return new_frame
 
 
-class HboneConnection(h2.connection.H2Connection):
+class DrainingH2Connection(h2.connection.H2Connection):
+    """`H2Connection` that drains on a graceful GOAWAY (NO_ERROR) instead of stopping dead.
+
+    RFC 9113 §6.8: the streams up to the GOAWAY's last stream ID may still complete; ztunnel and other
+    Rust h2 peers shut down this way (GOAWAY, then the last bytes of the streams they keep). h2 4.4
+    moves the connection to CLOSED on any received GOAWAY and drops what waits to be sent, so the next
+    frame of such a stream would be answered with GOAWAY PROTOCOL_ERROR. Here a graceful GOAWAY only
+    forbids new streams (`send_headers` on a new stream raises ProtocolError); which streams to fail
+    is the caller's choice (`ConnectionTerminated.last_stream_id`, as h2 reports it). A GOAWAY with an
+    error code is h2's. Kept apart from the fast path so tests/unit/test_hbone_fastpath.py can use it
+    as its plain-h2 oracle."""
+
+    # the last stream ID of the peer's graceful GOAWAY (None: none received); it may only go down
+    peer_last_stream_id: int | None = None
+
+    def _receive_goaway_frame(
+        self, frame: hyperframe.frame.GoAwayFrame
+    ) -> tuple[list[hyperframe.frame.Frame], list[h2.events.Event]]:
+        state = self.state_machine.state
+        if frame.error_code != h2.errors.ErrorCodes.NO_ERROR or (
+            state is not _CLIENT_OPEN and state is not _SERVER_OPEN
+        ):
+            return super()._receive_goaway_frame(frame)
+        last = frame.last_stream_id
+        if self.peer_last_stream_id is not None:
+            last = min(last, self.peer_last_stream_id)
+        self.peer_last_stream_id = last
+        event = h2.events.ConnectionTerminated()  # as h2 reports it, without the state change
+        event.error_code = h2.errors.ErrorCodes.NO_ERROR
+        event.last_stream_id = frame.last_stream_id
+        event.additional_data = frame.additional_data or None
+        return [], [event]
+
+    def send_headers(
+        self,
+        stream_id: int,
+        headers: Iterable[HeaderWeaklyTyped],
+        end_stream: bool = False,
+        priority_weight: int | None = None,
+        priority_depends_on: int | None = None,
+        priority_exclusive: bool | None = None,
+    ) -> None:
+        if self.peer_last_stream_id is not None and stream_id not in self.streams:
+            raise h2.exceptions.ProtocolError("the peer sent GOAWAY: no new streams on this connection")
+        super().send_headers(
+            stream_id, headers, end_stream, priority_weight, priority_depends_on, priority_exclusive
+        )
+
+
+class HboneConnection(DrainingH2Connection):
     """`H2Connection` with a fast path for plain DATA frames, whose larger payloads leave it by
     reference.
 

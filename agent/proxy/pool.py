@@ -15,7 +15,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 from agent.proxy.hbone import IpAddress
-from agent.proxy.tunnel import HboneClient, Stream, accepted
+from agent.proxy.tunnel import HboneClient, Stream, TunnelError, accepted
 from api.spiffe import SpiffeId
 
 log = logging.getLogger(__name__)
@@ -67,6 +67,7 @@ class HbonePool:
         self._answer_timeout = answer_timeout
         self._clock = clock
         self._slots: dict[PoolKey, _Slot] = {}
+        self._closed = False
 
     def connection_count(self, key: PoolKey) -> int:
         slot = self._slots.get(key)
@@ -80,13 +81,23 @@ class HbonePool:
         *,
         traceparent: str | None = None,
     ) -> Stream:
-        """A CONNECT stream to `target` over a pooled connection; HboneError unless answered 200."""
+        """A CONNECT stream to `target` over a pooled connection; HboneError unless answered 200,
+        TunnelError when the pool is (or gets) closed."""
+        if self._closed:
+            raise TunnelError("pool closed")
         slot = self._slots.setdefault(key, _Slot())
         async with slot.lock:
+            if self._closed:  # closed while this waited for the lock
+                raise TunnelError("pool closed")
             self._prune(slot)
             entry = next((e for e in slot.entries if e.client.available_streams > 0), None)
             if entry is None:
                 client = await self._dial(key)
+                if self._closed or self._slots.get(key) is not slot:
+                    # the pool closed during the dial: nothing would ever close this connection
+                    # (its keepalive would keep it open for ever)
+                    await client.close()
+                    raise TunnelError("pool closed")
                 entry = _Entry(client)
                 slot.entries.append(entry)
                 log.info("event=hbone_pool_connect key=%s connections=%d", key, len(slot.entries))
@@ -103,7 +114,9 @@ class HbonePool:
     async def reap(self) -> int:
         """Close connections idle for `idle_timeout` and forget dead ones; returns how many were closed."""
         now = self._clock()
-        closed = 0
+        idle: list[_Entry] = []
+        # slots are updated before any await: a connection open_stream adds while an idle one is
+        # being closed stays in its slot, and the slot stays in the pool
         for key, slot in list(self._slots.items()):
             keep: list[_Entry] = []
             for entry in slot.entries:
@@ -114,14 +127,15 @@ class HbonePool:
                 elif entry.idle_since is None:
                     entry.idle_since = now
                 elif now - entry.idle_since >= self._idle_timeout:
-                    await entry.client.close()
-                    closed += 1
+                    idle.append(entry)
                     continue
                 keep.append(entry)
             slot.entries = keep
             if not keep and not slot.lock.locked():
                 del self._slots[key]
-        return closed
+        for entry in idle:
+            await entry.client.close()
+        return len(idle)
 
     async def run_reaper(self, interval: float = 30.0) -> None:
         """Reap forever (run as a task; cancel to stop)."""
@@ -130,7 +144,12 @@ class HbonePool:
             await self.reap()
 
     async def close(self) -> None:
-        for slot in self._slots.values():
-            for entry in slot.entries:
+        """Close every pooled connection; later (and in-flight) `open_stream` calls fail."""
+        self._closed = True
+        # detached before any await: a reap (or open_stream) running meanwhile cannot change what
+        # is iterated, and a dial in flight sees its slot gone
+        slots, self._slots = list(self._slots.values()), {}
+        for slot in slots:
+            entries, slot.entries = slot.entries, []
+            for entry in entries:
                 await entry.client.close()
-        self._slots.clear()

@@ -94,6 +94,21 @@ class _Signal:
                     self._waiters.remove(fut)
 
 
+async def _wait_either(a: _Signal, b: _Signal) -> None:
+    """Until `a` or `b` is set: one future parked in both (`_Signal.set` skips a done future)."""
+    if a._flag or b._flag:
+        return
+    fut = a._loop.create_future()
+    a._waiters.append(fut)
+    b._waiters.append(fut)
+    try:
+        await fut
+    finally:
+        for signal in (a, b):
+            with contextlib.suppress(ValueError):
+                signal._waiters.remove(fut)
+
+
 class Stream:
     """One CONNECT stream: `read()` / `write()` / `write_eof()` / `close()`, flow controlled both ways."""
 
@@ -192,7 +207,9 @@ class Stream:
                 raise TunnelError(f"stream {self.stream_id} is closed") from exc
             if sent:
                 offset += sent
-                await self._proto._drain()
+                await self._proto._drain(self)
+                if self._error is not None:  # failed while parked: what was written is lost
+                    raise TunnelError(str(self._error)) from self._error
             else:
                 self._writable.clear()
                 await self._writable.wait()
@@ -360,10 +377,12 @@ class _H2Protocol(asyncio.Protocol):
             if (stream := self.streams.pop(event.stream_id, None)) is not None:
                 stream._fail(TunnelError(f"stream {event.stream_id} reset by peer code={event.error_code}"))
                 self._peer_reset(stream)
+                self._close_if_drained()
         elif isinstance(event, h2.events.ConnectionTerminated):
             self.goaway = True
             # last_stream_id names streams *we* initiated that the peer processed (RFC 9113 §6.8);
-            # only a client initiates streams here.
+            # only a client initiates streams here. After a graceful GOAWAY (NO_ERROR) those keep
+            # going (hbone.DrainingH2Connection) and the connection closes with the last of them.
             last = event.last_stream_id or 0
             for sid, stream in list(self.streams.items()):
                 if self.conn.config.client_side and sid > last:
@@ -390,13 +409,17 @@ class _H2Protocol(asyncio.Protocol):
             stream._fail(err)
         self.streams.clear()
         self.goaway = True
+        # the failed streams woke their own writers; this also wakes anyone else parked in _drain
+        # (the failed transport never calls resume_writing) and keeps later writes from parking
+        self._can_write.set()
         if self.transport is not None:
             self.transport.close()
         if not self.closed.done():
             self.closed.set_result(None)
 
     def pause_writing(self) -> None:
-        self._can_write.clear()
+        if not self.closed.done():  # after _shutdown nobody may wait for a resume
+            self._can_write.clear()
 
     def resume_writing(self) -> None:
         self._owed = 0
@@ -411,9 +434,13 @@ class _H2Protocol(asyncio.Protocol):
             else:
                 self.transport.writelines(buffers)
 
-    async def _drain(self) -> None:
-        if not self._can_write.is_set():
-            await self._can_write.wait()
+    async def _drain(self, stream: Stream) -> None:
+        """Wait until the transport takes more (resume_writing), or until `stream` fails: its close,
+        a reset or the connection's end (a failed transport never resumes writing) must not leave
+        its writer parked. `_writable` also wakes on window updates, hence the loop."""
+        while not self._can_write._flag and stream._error is None:
+            stream._writable.clear()  # write() tries to send before it waits on it: nothing is lost
+            await _wait_either(self._can_write, stream._writable)
 
     def _consumed(self, stream_id: int, n: int, *, flush: bool = True) -> None:
         if n and self.transport is not None and not self.transport.is_closing():
@@ -449,8 +476,10 @@ class _H2Protocol(asyncio.Protocol):
         try:
             self.conn.reset_stream(stream_id, h2.errors.ErrorCodes.CANCEL)
         except (h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError):
-            return
-        self._flush()
+            pass
+        else:
+            self._flush()
+        self._close_if_drained()
 
     def _respond(self, stream_id: int, status: int, *, end_stream: bool) -> None:
         try:
@@ -458,15 +487,28 @@ class _H2Protocol(asyncio.Protocol):
         except (h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError) as exc:
             log.info("event=hbone_respond_failed stream=%d status=%d error=%r", stream_id, status, exc)
             self.streams.pop(stream_id, None)
+            self._close_if_drained()
             return
         self._flush()
         if end_stream:
             self.streams.pop(stream_id, None)
+            self._close_if_drained()
 
     def _forget_if_done(self, stream_id: int) -> None:
         stream = self.streams.get(stream_id)
         if stream is not None and stream._eof and stream._local_closed:
             del self.streams[stream_id]
+            self._close_if_drained()
+
+    def _close_if_drained(self) -> None:
+        """After a GOAWAY the connection takes no new streams: it ends with its last one."""
+        if (
+            self.goaway
+            and not self.streams
+            and self.transport is not None
+            and not self.transport.is_closing()
+        ):
+            self.transport.close()
 
     async def ping(self, timeout: float) -> None:
         """An HTTP/2 PING round trip (RFC 9113 §6.7); TimeoutError when unanswered in `timeout`."""
@@ -481,6 +523,8 @@ class _H2Protocol(asyncio.Protocol):
             self._pings.pop(opaque, None)
 
     def close(self) -> None:
+        # draining from now on, not from connection_lost: a pool must not hand it out meanwhile
+        self.goaway = True
         if self.transport is not None and not self.transport.is_closing():
             self.conn.close_connection()
             self._flush()
@@ -605,9 +649,14 @@ class HboneClient:
             raise StreamLimitReached(f"{self.active_streams} streams open to {self.dst[0]}:{self.dst[1]}")
         conn = self._proto.conn
         stream_id = conn.get_next_available_stream_id()
+        try:
+            conn.send_headers(stream_id, hbone.connect_headers(target, source, traceparent=traceparent))
+        except h2.exceptions.ProtocolError as exc:  # the connection is closing (h2 state machine)
+            dst = f"{self.dst[0]}:{self.dst[1]}"
+            raise TunnelError(f"HBONE connection to {dst} cannot open a stream: {exc!r}") from exc
+        # registered once the CONNECT is out: a failed one must not hold a stream slot
         stream = Stream(self._proto, stream_id)
         self._proto.streams[stream_id] = stream
-        conn.send_headers(stream_id, hbone.connect_headers(target, source, traceparent=traceparent))
         self._proto._flush()
         return stream
 
@@ -630,9 +679,11 @@ class HboneClient:
             self._keepalive = asyncio.get_running_loop().create_task(self._run_keepalive(interval, timeout))
 
     async def _run_keepalive(self, interval: float, timeout: float) -> None:
-        while self.usable:
+        # until closed, not only while usable: a draining connection (GOAWAY received) still
+        # carries streams, and a peer gone silent must not leave them hanging
+        while not self._proto.closed.done():
             await asyncio.sleep(interval)
-            if not self.usable:
+            if self._proto.closed.done():
                 return
             try:
                 await self._proto.ping(timeout)
@@ -706,6 +757,10 @@ class _ServerProtocol(_H2Protocol):
 
     def _dispatch_side(self, event: h2.events.Event) -> None:
         if not isinstance(event, h2.events.RequestReceived):
+            return
+        if self.goaway:  # the client sent GOAWAY (draining): it gets no new streams either
+            with contextlib.suppress(h2.exceptions.ProtocolError):
+                self.conn.reset_stream(event.stream_id, h2.errors.ErrorCodes.REFUSED_STREAM)
             return
         decision = hbone.validate_connect(event.headers or [], self.local_ip)
         if isinstance(decision, HboneError):

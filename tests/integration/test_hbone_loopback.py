@@ -7,7 +7,7 @@ import socket
 import ssl
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import h2.config
@@ -30,6 +30,7 @@ from agent.proxy.hbone import (
     canonical_ip,
     connect_headers,
 )
+from agent.proxy.pipe import SocketEnd, StreamEnd, splice
 from agent.proxy.pool import HbonePool, PoolKey
 from agent.proxy.tunnel import (
     MAX_OWED_WHILE_PAUSED,
@@ -38,6 +39,7 @@ from agent.proxy.tunnel import (
     HboneClient,
     HboneServer,
     ServerStream,
+    Stream,
     TunnelError,
 )
 from api.csr import new_workload_csr
@@ -97,7 +99,7 @@ class Running:
 
 
 Handler = Callable[[SpiffeId, ConnectTarget, ServerStream], Awaitable[int | None]]
-Start = Callable[..., Running]  # start(handler, sndbuf=0)
+Start = Callable[..., Running]  # start(handler, sndbuf=0, rcvbuf=0)
 
 
 @pytest.fixture
@@ -106,7 +108,7 @@ async def running(server_svid: Svid) -> AsyncIterator[Start]:
     tasks: set[asyncio.Task[None]] = set()
     context = tls.server_context(server_svid.chain, server_svid.key, server_svid.bundle)
 
-    def start(handler: Handler, sndbuf: int = 0) -> Running:
+    def start(handler: Handler, sndbuf: int = 0, rcvbuf: int = 0) -> Running:
         seen: list[tuple[SpiffeId, ConnectTarget]] = []
 
         async def recording(peer: SpiffeId, target: ConnectTarget, stream: ServerStream) -> int | None:
@@ -120,6 +122,8 @@ async def running(server_svid: Svid) -> AsyncIterator[Start]:
         lsock = socket.socket()
         if sndbuf:  # accepted sockets inherit it
             lsock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, sndbuf)
+        if rcvbuf:
+            lsock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
         lsock.bind(("127.0.0.1", 0))
         lsock.listen(256)
         lsock.setblocking(False)
@@ -752,6 +756,297 @@ async def test_a_server_flooding_pings_at_a_client_that_it_does_not_read_is_cut_
         assert client._proto.abuse == "control_flood"
         transport = client._proto.transport
         assert transport is not None and transport.is_closing()
+        await client.close()
+    finally:
+        server.close()
+        await server.wait_closed()
+
+
+# -- a writer parked on a paused transport (the peer does not read) ---------------------------------
+
+SMALL_BUF = 64 * 1024
+
+
+def small_buffers() -> socket.socket:
+    """Small kernel buffers: a peer that stops reading pauses the TLS transport after little data."""
+    s = socket.socket()
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SMALL_BUF)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, SMALL_BUF)
+    return s
+
+
+@dataclass
+class Freezer:
+    """A handler that answers 200, then stops reading its socket (a frozen peer node: no PING is
+    answered either) until `thaw`."""
+
+    thawed: asyncio.Event = field(default_factory=asyncio.Event)
+    transports: list[asyncio.Transport] = field(default_factory=list)
+
+    async def __call__(self, peer: SpiffeId, target: ConnectTarget, stream: ServerStream) -> None:
+        stream.respond(Status.OK)
+        assert stream._proto.transport is not None
+        stream._proto.transport.pause_reading()
+        self.transports.append(stream._proto.transport)
+        await self.thawed.wait()
+
+    async def hang_up(self, client: HboneClient) -> None:
+        """End the test's connection on both sides without leaving a socket open."""
+        if client._proto.transport is not None:  # its close would wait CLOSE_LINGER to flush
+            client._proto.transport.abort()
+        await client.close()
+        for transport in self.transports:  # read again: see the client gone
+            if not transport.is_closing():
+                transport.resume_reading()
+        self.thawed.set()
+        await assert_eventually(lambda: all(t.is_closing() for t in self.transports))
+        await asyncio.sleep(0)  # the server's connection_lost
+
+
+async def frozen_stream(running: Start, client_svid: Svid) -> tuple[Freezer, HboneClient, Stream]:
+    freezer = Freezer()
+    srv = running(freezer, rcvbuf=SMALL_BUF)
+    client = await HboneClient.connect(
+        srv.addr, client_ctx(client_svid), SERVER_ID, sock_factory=small_buffers
+    )
+    return freezer, client, await client.open_stream(("127.0.0.1", 9))
+
+
+async def test_a_writer_parked_on_a_paused_transport_fails_when_the_keepalive_drops_the_connection(
+    running: Start, client_svid: Svid
+) -> None:
+    """The TLS transport of a connection that failed never calls resume_writing: a write parked for
+    it must fail with the connection, or its pipe (and the connection slot) would never end."""
+    freezer, client, stream = await frozen_stream(running, client_svid)
+    writer = asyncio.create_task(stream.write(b"x" * (3 * 1024 * 1024)))  # within the stream window
+    try:
+        await assert_eventually(lambda: not client._proto._can_write.is_set())  # parked in _drain
+        client.start_keepalive(interval=0.05, timeout=0.3)
+        await assert_eventually(lambda: client.closed.done())
+        with pytest.raises(TunnelError):
+            await asyncio.wait_for(writer, 2)
+    finally:
+        writer.cancel()
+        await freezer.hang_up(client)
+
+
+async def test_closing_a_stream_wakes_its_writer_parked_on_a_paused_transport(
+    running: Start, client_svid: Svid
+) -> None:
+    """Stream.close() (pipe's other side ended) while the connection, shared with other streams,
+    stays paused: the writer ends now, the connection stays."""
+    freezer, client, stream = await frozen_stream(running, client_svid)
+    writer = asyncio.create_task(stream.write(b"x" * (3 * 1024 * 1024)))
+    try:
+        await assert_eventually(lambda: not client._proto._can_write.is_set())
+        stream.close()
+        with pytest.raises(TunnelError):
+            await asyncio.wait_for(writer, 2)
+        assert not client.closed.done()
+    finally:
+        writer.cancel()
+        await freezer.hang_up(client)
+
+
+async def test_the_pipe_of_a_stream_parked_on_a_lost_connection_ends(
+    running: Start, client_svid: Svid
+) -> None:
+    """The same through pipe.splice as ProxyCore.pipe runs it (app socket <-> HBONE stream): the
+    splice returns, so the flow is closed and its slot given back."""
+    freezer, client, stream = await frozen_stream(running, client_svid)
+    app, proxy_side = socket.socketpair()
+    app.setblocking(False)
+    proxy_side.setblocking(False)
+    loop = asyncio.get_running_loop()
+    _, end = await loop.create_connection(SocketEnd, sock=proxy_side)
+    spliced = asyncio.create_task(splice(end, StreamEnd(stream), lambda n: None, lambda n: None))
+    sender = asyncio.create_task(loop.sock_sendall(app, b"z" * (3 * 1024 * 1024)))
+    try:
+        await assert_eventually(lambda: not client._proto._can_write.is_set())
+        client.start_keepalive(interval=0.05, timeout=0.3)
+        await assert_eventually(lambda: client.closed.done())
+        assert await asyncio.wait_for(asyncio.shield(spliced), 2) != ""  # ended, with a reason
+    finally:
+        spliced.cancel()
+        sender.cancel()
+        await asyncio.gather(spliced, sender, return_exceptions=True)
+        app.close()
+        await freezer.hang_up(client)
+
+
+async def test_a_handler_parked_on_a_client_that_went_away_ends_and_serve_returns(
+    running: Start, client_svid: Svid
+) -> None:
+    """The same on the serving side: a handler writing to a client that stopped reading, then the
+    client's connection is reset. The handler's write fails and HboneServer.serve returns (it
+    holds one of NodeProxy's connection slots)."""
+    ended: list[BaseException | None] = []
+
+    async def blast(peer: SpiffeId, target: ConnectTarget, stream: ServerStream) -> None:
+        stream.respond(Status.OK)
+        try:
+            await stream.write(b"y" * (3 * 1024 * 1024))
+            ended.append(None)
+        except TunnelError as exc:
+            ended.append(exc)
+
+    srv = running(blast, sndbuf=SMALL_BUF)
+    client = await HboneClient.connect(
+        srv.addr, client_ctx(client_svid), SERVER_ID, sock_factory=small_buffers
+    )
+    await client.open_stream(("127.0.0.1", 9))
+    assert client._proto.transport is not None
+    client._proto.transport.pause_reading()  # the client stops reading
+    await assert_eventually(lambda: len(srv.server._conns) == 1)
+    server_proto = next(iter(srv.server._conns))
+    await assert_eventually(lambda: not server_proto._can_write.is_set())  # the handler is parked
+    client._proto.transport.abort()  # RST: the client is gone
+    await assert_eventually(lambda: not srv.server._conns, timeout=2)  # serve returned
+    assert len(ended) == 1 and isinstance(ended[0], TunnelError)
+    await client.close()
+
+
+# -- the pool and connections it closes itself -----------------------------------------------------
+
+
+def pool_dialling(client_svid: Svid, made: list[HboneClient]) -> Callable[[PoolKey], Awaitable[HboneClient]]:
+    ctx = client_ctx(client_svid)
+
+    async def dial(key: PoolKey) -> HboneClient:
+        client = await HboneClient.connect(key.dst_addr, ctx, key.dst_identity)
+        made.append(client)
+        return client
+
+    return dial
+
+
+async def test_a_connection_the_reaper_is_closing_is_not_handed_out(
+    running: Start, client_svid: Svid
+) -> None:
+    """A stream asked for while the reaper closes the idle connection of its key gets a new
+    connection, not the closing one (whose CONNECT h2 would refuse with a ProtocolError)."""
+    srv = running(echo)
+    made: list[HboneClient] = []
+    now = [0.0]
+    pool = HbonePool(pool_dialling(client_svid, made), idle_timeout=300, clock=lambda: now[0])
+    key = PoolKey(CLIENT_ID, SERVER_ID, srv.addr)
+    (await pool.open_stream(key, ("127.0.0.1", 1))).close()
+    assert await pool.reap() == 0  # the idle clock starts
+    now[0] = 300
+    reaper = asyncio.create_task(pool.reap())
+    try:
+        await asyncio.sleep(0)  # the reaper is in the idle connection's close()
+        transport = made[0]._proto.transport
+        assert transport is not None and transport.is_closing()
+        assert not made[0].usable  # draining from close(), not only from connection_lost
+        with pytest.raises(TunnelError):
+            made[0].start_stream(("127.0.0.1", 1))
+        assert made[0].active_streams == 0  # the refused CONNECT holds no stream slot
+        stream = await pool.open_stream(key, ("127.0.0.1", 2))
+        await stream.write(b"hello")
+        assert await asyncio.wait_for(stream.read(), 5) == b"hello"
+        stream.close()
+        assert await reaper == 1
+        assert len(made) == 2 and pool.connection_count(key) == 1
+    finally:
+        await asyncio.gather(reaper, return_exceptions=True)
+        await pool.close()
+
+
+async def test_closing_the_pool_while_the_reaper_closes_a_connection_closes_them_all(
+    running: Start, client_svid: Svid
+) -> None:
+    """A pod removed (Outbound.close_pool) while the reaper closes one of its idle connections: the
+    pool's close does not trip over the reaper's changes and closes every connection."""
+    srv = running(echo)
+    made: list[HboneClient] = []
+    now = [0.0]
+    pool = HbonePool(pool_dialling(client_svid, made), idle_timeout=300, clock=lambda: now[0])
+    idle = PoolKey(CLIENT_ID, SERVER_ID, srv.addr)
+    busy = PoolKey(SpiffeId.for_workload(TD, "default", "client2"), SERVER_ID, srv.addr)
+    (await pool.open_stream(idle, ("127.0.0.1", 1))).close()
+    carried = await pool.open_stream(busy, ("127.0.0.1", 2))  # still carrying a stream
+    assert await pool.reap() == 0
+    now[0] = 300
+    reaper = asyncio.create_task(pool.reap())
+    try:
+        await asyncio.sleep(0)  # the reaper is in the idle connection's close()
+        await pool.close()
+        assert len(made) == 2 and not any(c.usable for c in made)
+        with pytest.raises(TunnelError):
+            await carried.read()  # its connection was closed under it
+        assert await reaper == 1
+    finally:
+        await asyncio.gather(reaper, return_exceptions=True)
+        for c in made:
+            await c.close()
+
+
+# -- a graceful GOAWAY from the peer (RFC 9113 §6.8) ----------------------------------------------
+
+
+class DrainingServer(asyncio.Protocol):
+    """Plain h2: answers a CONNECT with 200, then drains as ztunnel (Rust h2) does: GOAWAY NO_ERROR
+    naming that stream as processed, then the stream's last bytes and END_STREAM, and it still
+    takes the stream's bytes (the GOAWAY is written as a raw frame: h2 would stop receiving)."""
+
+    def __init__(self) -> None:
+        self.received: list[h2.events.Event] = []
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        self.conn = h2.connection.H2Connection(
+            h2.config.H2Configuration(client_side=False, header_encoding=None)
+        )
+        self.conn.initiate_connection()
+        transport.write(self.conn.data_to_send())
+
+    def data_received(self, data: bytes) -> None:
+        events = self.conn.receive_data(data)
+        self.received += events
+        for event in events:
+            if isinstance(event, h2.events.RequestReceived):
+                self.conn.send_headers(event.stream_id, [(b":status", b"200")])
+                asyncio.get_running_loop().call_later(0.05, self.drain, event.stream_id)
+        self.transport.write(self.conn.data_to_send())
+
+    def drain(self, sid: int) -> None:
+        self.transport.write(hyperframe.frame.GoAwayFrame(0, last_stream_id=sid, error_code=0).serialize())
+        self.conn.send_data(sid, b"last bytes", end_stream=True)
+        self.transport.write(self.conn.data_to_send())
+
+
+async def test_a_stream_a_graceful_goaway_spares_completes_then_the_connection_closes(
+    server_svid: Svid, client_svid: Svid
+) -> None:
+    servers: list[DrainingServer] = []
+
+    def make() -> DrainingServer:
+        servers.append(DrainingServer())
+        return servers[-1]
+
+    context = tls.server_context(server_svid.chain, server_svid.key, server_svid.bundle)
+    server = await asyncio.get_running_loop().create_server(make, "127.0.0.1", 0, ssl=context)
+    try:
+        client = await HboneClient.connect(
+            server.sockets[0].getsockname()[:2], client_ctx(client_svid), SERVER_ID
+        )
+        stream = await client.open_stream(("127.0.0.1", 9))
+        async with asyncio.timeout(2):
+            assert await stream.read() == b"last bytes"
+            assert await stream.read() == b""
+        assert not client.usable and not client.closed.done()  # draining: no new stream
+        with pytest.raises(TunnelError):
+            client.start_stream(("127.0.0.1", 10))
+        await stream.write(b"our last bytes")  # the spared stream still sends
+        stream.write_eof()  # its last stream ended: the connection closes
+        await asyncio.wait_for(asyncio.shield(client.closed), 2)
+        terminated = [e for e in servers[0].received if isinstance(e, h2.events.ConnectionTerminated)]
+        assert all(e.error_code == h2.errors.ErrorCodes.NO_ERROR for e in terminated)  # no PROTOCOL_ERROR
+        assert any(
+            isinstance(e, h2.events.DataReceived) and e.data == b"our last bytes" for e in servers[0].received
+        )
         await client.close()
     finally:
         server.close()

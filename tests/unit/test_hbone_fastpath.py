@@ -4,6 +4,11 @@ Two worlds run the same random exchange: a client and a server that are `HboneCo
 client and a server that are h2's own `H2Connection` with the same settings. After every step both
 worlds must have put the same bytes on the wire, raised the same exceptions and produced the same
 events (payloads compared as bytes, whether they came as bytes or as views).
+
+One deliberate difference from h2 is not the fast path's: a graceful GOAWAY received leaves the
+connection draining, not closed (`hbone.DrainingH2Connection`, tested against plain h2 at the end
+of this file). The plain world has that rule too (h2's generic path plus only that override), so
+the random exchanges can include a peer's GOAWAY and still compare the fast path with h2's path.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ import h2.errors
 import h2.events
 import h2.exceptions
 import hpack
+import hyperframe.frame
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -32,10 +38,11 @@ TRACE = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
 def _make(fast: bool, client_side: bool) -> Conn:
     if fast:
         conn: Conn = hbone.new_h2_connection(client_side=client_side)
-    else:
-        conn = h2.connection.H2Connection(
+    else:  # h2's own paths, with only the deliberate GOAWAY difference (see the module docstring)
+        conn = hbone.DrainingH2Connection(
             h2.config.H2Configuration(client_side=client_side, header_encoding=None)
         )
+        assert not isinstance(conn, hbone.HboneConnection)
         hbone.apply_settings(conn)
     hbone.start(conn)
     return conn
@@ -202,6 +209,14 @@ def _step(world: World, op: tuple[Any, ...]) -> tuple[Any, ...]:
             world.ends[op[1]].ping(b"12345678")
             world.collect()
             return ("pinged",)
+        if kind == "goaway":
+            # as a draining Rust h2 peer sends it: the frame only, the sender keeps going
+            _, side, code, last = op
+            world.collect()
+            world.in_flight[side] += hyperframe.frame.GoAwayFrame(
+                0, last_stream_id=last, error_code=code
+            ).serialize()
+            return ("goaway",)
     except (h2.exceptions.ProtocolError, h2.exceptions.StreamClosedError, ValueError, KeyError) as exc:
         world.collect()
         return ("raised", type(exc).__name__)
@@ -224,6 +239,12 @@ ops = st.one_of(
     st.tuples(st.just("end"), sides, st.integers(0, 7)),
     st.tuples(st.just("reset"), sides, st.integers(0, 7)),
     st.tuples(st.just("ping"), sides),
+    st.tuples(
+        st.just("goaway"),
+        sides,
+        st.sampled_from([h2.errors.ErrorCodes.NO_ERROR, h2.errors.ErrorCodes.PROTOCOL_ERROR]),
+        st.sampled_from([0, 1, 3, 2**31 - 1]),
+    ),
 )
 
 
@@ -348,3 +369,98 @@ def test_data_inside_a_header_block_is_a_protocol_error(fast: bool) -> None:
     assert server.receive_data(open_block) == []  # stream 3's block is not complete yet
     with pytest.raises(h2.exceptions.ProtocolError):
         server.receive_data(data)  # a separate read: the fast path sees this DATA first
+
+
+# -- the deliberate difference: a graceful GOAWAY received drains (RFC 9113 §6.8) -------------------
+
+
+def _goaway(code: int, last: int) -> bytes:
+    return hyperframe.frame.GoAwayFrame(0, last_stream_id=last, error_code=code).serialize()
+
+
+def _data(sid: int, payload: bytes, end: bool = False) -> bytes:
+    return hyperframe.frame.DataFrame(sid, data=payload, flags=["END_STREAM"] if end else []).serialize()
+
+
+def _opened(fast: bool) -> tuple[Conn, Conn, int]:
+    """A client and a server of that world with stream 1 open and answered."""
+    client, server = _make(fast, True), _make(fast, False)
+    for _ in range(3):
+        server.receive_data(client.data_to_send())
+        client.receive_data(server.data_to_send())
+    client.send_headers(1, hbone.connect_headers(("10.1.0.5", 8080)))
+    server.receive_data(client.data_to_send())
+    server.send_headers(1, hbone.response_headers(200))
+    client.receive_data(server.data_to_send())
+    return client, server, 1
+
+
+def _plain_h2_client() -> tuple[Conn, int]:
+    """The same exchange with h2's own H2Connection (no drain rule): the reference."""
+    client = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True, header_encoding=None))
+    hbone.apply_settings(client)
+    hbone.start(client)
+    server = _make(False, False)
+    for _ in range(3):
+        server.receive_data(client.data_to_send())
+        client.receive_data(server.data_to_send())
+    client.send_headers(1, hbone.connect_headers(("10.1.0.5", 8080)))
+    server.receive_data(client.data_to_send())
+    server.send_headers(1, hbone.response_headers(200))
+    client.receive_data(server.data_to_send())
+    return client, 1
+
+
+@pytest.mark.parametrize("fast", [True, False])
+def test_a_graceful_goaway_leaves_the_streams_it_spares_going(fast: bool) -> None:
+    client, _, sid = _opened(fast)
+    reference, _ = _plain_h2_client()
+    client.send_data(sid, b"queued before the GOAWAY arrived")
+    reference.send_data(sid, b"queued before the GOAWAY arrived")
+    (event,) = client.receive_data(_goaway(h2.errors.ErrorCodes.NO_ERROR, sid))
+    (h2_event,) = reference.receive_data(_goaway(h2.errors.ErrorCodes.NO_ERROR, sid))
+    assert _events([event]) == _events([h2_event])  # reported as h2 does
+    # h2 stops dead: closed, what was queued dropped, the next DATA a connection error
+    assert reference.state_machine.state is h2.connection.ConnectionState.CLOSED
+    assert reference.data_to_send() == b""
+    with pytest.raises(h2.exceptions.ProtocolError):
+        reference.receive_data(_data(sid, b"last bytes", end=True))
+    # draining: still open, what was queued is sent, the spared stream gets its bytes and its end
+    assert client.state_machine.state is h2.connection.ConnectionState.CLIENT_OPEN
+    assert b"queued before the GOAWAY arrived" in client.data_to_send()
+    events = client.receive_data(_data(sid, b"last bytes", end=True))
+    assert [type(e).__name__ for e in events] == ["DataReceived", "StreamEnded"]
+    client.send_data(sid, b"ours", end_stream=True)
+    assert client.data_to_send().endswith(b"ours")
+    # but no new stream, and a later GOAWAY cannot raise the last stream ID again
+    with pytest.raises(h2.exceptions.ProtocolError):
+        client.send_headers(client.get_next_available_stream_id(), hbone.connect_headers(("10.1.0.5", 1)))
+    assert isinstance(client, hbone.DrainingH2Connection) and client.peer_last_stream_id == sid
+    client.receive_data(_goaway(h2.errors.ErrorCodes.NO_ERROR, 2**31 - 1))
+    assert client.peer_last_stream_id == sid
+
+
+@pytest.mark.parametrize("fast", [True, False])
+def test_a_goaway_with_an_error_code_is_h2s(fast: bool) -> None:
+    client, _, sid = _opened(fast)
+    reference, _ = _plain_h2_client()
+    for conn in (client, reference):
+        conn.send_data(sid, b"dropped")
+    seen = [
+        _events(conn.receive_data(_goaway(h2.errors.ErrorCodes.INTERNAL_ERROR, sid)))
+        for conn in (client, reference)
+    ]
+    assert seen[0] == seen[1]
+    for conn in (client, reference):
+        assert conn.state_machine.state is h2.connection.ConnectionState.CLOSED
+        assert conn.data_to_send() == b""
+        with pytest.raises(h2.exceptions.ProtocolError):
+            conn.receive_data(_data(sid, b"late"))
+
+
+@pytest.mark.parametrize("fast", [True, False])
+def test_an_error_goaway_after_a_graceful_one_closes_as_h2(fast: bool) -> None:
+    client, _, sid = _opened(fast)
+    client.receive_data(_goaway(h2.errors.ErrorCodes.NO_ERROR, sid))
+    client.receive_data(_goaway(h2.errors.ErrorCodes.PROTOCOL_ERROR, sid))
+    assert client.state_machine.state is h2.connection.ConnectionState.CLOSED

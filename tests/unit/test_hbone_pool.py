@@ -9,7 +9,7 @@ from typing import Any, cast
 import pytest
 
 from agent.proxy.pool import HbonePool, PoolKey
-from agent.proxy.tunnel import HboneClient, StreamLimitReached
+from agent.proxy.tunnel import HboneClient, StreamLimitReached, TunnelError
 from api.spiffe import SpiffeId
 
 KEY = PoolKey(
@@ -30,6 +30,7 @@ class FakeClient:
     streams: list[FakeStream] = field(default_factory=list)
     usable: bool = True
     closed_calls: int = 0
+    close_gate: asyncio.Event | None = None  # close() waits for it (GOAWAY flushed, TLS shut down)
 
     @property
     def active_streams(self) -> int:
@@ -50,17 +51,23 @@ class FakeClient:
 
     async def close(self) -> None:
         self.closed_calls += 1
-        self.usable = False
+        self.usable = False  # as HboneClient: draining from the start of close()
+        if self.close_gate is not None:
+            await self.close_gate.wait()
 
 
 @dataclass
 class Dialer:
     limit: int = 3
     made: list[FakeClient] = field(default_factory=list)
+    gate: asyncio.Event | None = None  # a dial waits for it (a handshake under way)
+    close_gate: asyncio.Event | None = None  # given to the clients it makes
 
     async def __call__(self, key: PoolKey) -> HboneClient:
         await asyncio.sleep(0)  # let concurrent callers pile up on the pool's lock
-        client = FakeClient(self.limit)
+        if self.gate is not None:
+            await self.gate.wait()
+        client = FakeClient(self.limit, close_gate=self.close_gate)
         self.made.append(client)
         return cast(HboneClient, client)
 
@@ -109,3 +116,69 @@ async def test_keys_do_not_share_connections(keys: int) -> None:
             PoolKey(KEY.src_identity, KEY.dst_identity, (f"10.0.0.{i + 1}", 15008)), ("x", 1)
         )
     assert len(dial.made) == keys
+
+
+async def idle_for_reaping(pool: HbonePool, dial: Dialer, now: list[float]) -> FakeClient:
+    """One connection for KEY, idle for the pool's whole idle timeout (300 s) at the next reap."""
+    await pool.open_stream(KEY, ("10.0.0.2", 80))
+    client = dial.made[-1]
+    client.streams.clear()
+    assert await pool.reap() == 0  # the idle clock starts
+    now[0] += 300
+    return client
+
+
+async def test_a_connection_added_while_the_reaper_closes_an_idle_one_stays_pooled() -> None:
+    now = [0.0]
+    dial = Dialer(limit=10, close_gate=asyncio.Event())
+    pool = HbonePool(dial, idle_timeout=300, clock=lambda: now[0])
+    idle = await idle_for_reaping(pool, dial, now)
+    reaper = asyncio.create_task(pool.reap())
+    await asyncio.sleep(0)  # the reaper waits in the idle connection's close()
+    assert idle.closed_calls == 1
+    await pool.open_stream(KEY, ("10.0.0.2", 81))  # a new connection meanwhile
+    assert dial.close_gate is not None
+    dial.close_gate.set()
+    assert await reaper == 1
+    assert pool.connection_count(KEY) == 1  # the new one is still pooled, and reused:
+    await pool.open_stream(KEY, ("10.0.0.2", 82))
+    assert len(dial.made) == 2 and dial.made[1].active_streams == 2
+
+
+async def test_closing_the_pool_while_the_reaper_closes_a_connection_closes_every_other() -> None:
+    """close() must not iterate the pool's slots across awaits: the reaper removes emptied ones."""
+    now = [0.0]
+    dial = Dialer(limit=10, close_gate=asyncio.Event())
+    pool = HbonePool(dial, idle_timeout=300, clock=lambda: now[0])
+    other = PoolKey(SpiffeId.for_workload("td", "a", "src2"), KEY.dst_identity, KEY.dst_addr)
+    await pool.open_stream(other, ("10.0.0.2", 80))
+    busy = dial.made[-1]  # still carrying its stream
+    await idle_for_reaping(pool, dial, now)
+    reaper = asyncio.create_task(pool.reap())
+    await asyncio.sleep(0)  # the reaper waits in the idle connection's close()
+    closing = asyncio.create_task(pool.close())
+    await asyncio.sleep(0)
+    assert dial.close_gate is not None
+    dial.close_gate.set()
+    await asyncio.wait_for(asyncio.gather(reaper, closing), 1)
+    assert busy.closed_calls == 1
+    assert all(not c.usable for c in dial.made)
+
+
+async def test_a_connection_dialled_while_the_pool_closes_is_closed_too() -> None:
+    """Outbound.close_pool (the pod was removed) while a handler of the pod is still dialling (TLS
+    handshake, source certificate): the new connection, with its keepalive, would be out of every
+    pool and never closed. It is closed and the stream fails with TunnelError (a deny record)."""
+    dial = Dialer(gate=asyncio.Event())
+    pool = HbonePool(dial)
+    opener = asyncio.create_task(pool.open_stream(KEY, ("10.0.0.2", 80)))
+    await asyncio.sleep(0)
+    await pool.close()  # the pod goes away
+    assert dial.gate is not None
+    dial.gate.set()
+    with pytest.raises(TunnelError, match="pool closed"):
+        await opener
+    assert len(dial.made) == 1 and dial.made[0].closed_calls == 1
+    with pytest.raises(TunnelError, match="pool closed"):
+        await pool.open_stream(KEY, ("10.0.0.2", 80))  # a later one does not dial at all
+    assert len(dial.made) == 1
