@@ -3,7 +3,9 @@
 `ConfigClient.run()` keeps a stream open, sends the versions it holds, hands each push to
 `on_update` and ACKs it (or NACKs when `on_update` returns an error string or raises). After a
 disconnect it reconnects with capped exponential backoff (10 ms → 15 s) and resends its versions,
-so the controller sends only the difference. No datapath imports here.
+so the controller sends only the difference. Sign calls have a deadline and the channel sends
+HTTP/2 keepalive pings, so a hung controller or a half-open connection ends in an error (and a
+retry) instead of a wait without end. No datapath imports here.
 """
 
 from __future__ import annotations
@@ -25,6 +27,16 @@ log = logging.getLogger("nodemesh.agent.config")
 
 BACKOFF_MIN = 0.01
 BACKOFF_MAX = 15.0
+# The gRPC deadline of one Sign call; below agent.identity.SIGN_TIMEOUT so that the call is cancelled
+# on both ends (DEADLINE_EXCEEDED) before the certificate manager gives up on it.
+SIGN_TIMEOUT = 20.0
+# Keepalive pings notice a dead connection (a half-open TCP connection would hold the Config stream
+# for hours). The controller's gRPC server keeps gRPC's default ping policy: a ping less than 5
+# minutes after the previous one while no data flows is a strike, and the third strike closes the
+# connection (GOAWAY too_many_pings). So ping less often than that, and only while a call is open
+# (the Config stream always is; pings without calls would be strikes too).
+KEEPALIVE_TIME = 330.0
+KEEPALIVE_TIMEOUT = 20.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,13 +65,31 @@ class ConfigClient:
         *,
         known_versions: dict[str, str] | None = None,
         server_name: str | None = None,
+        keepalive: tuple[float, float] | None = (KEEPALIVE_TIME, KEEPALIVE_TIMEOUT),
+        sign_timeout: float = SIGN_TIMEOUT,
     ) -> None:
+        """`keepalive`: (seconds between pings, seconds to wait for the answer), None for none."""
         self.address = address
         self.known_versions: dict[str, str] = dict(known_versions or {})
         self.connected = asyncio.Event()
         self._token = token
         self._on_update = on_update
-        options = [("grpc.ssl_target_name_override", server_name)] if server_name else []
+        self._sign_timeout = sign_timeout
+        options: list[tuple[str, str | int]] = []
+        if server_name:
+            options.append(("grpc.ssl_target_name_override", server_name))
+        if keepalive is not None:
+            interval, timeout = keepalive
+            options += [
+                ("grpc.keepalive_time_ms", int(interval * 1000)),
+                ("grpc.keepalive_timeout_ms", int(timeout * 1000)),
+                # what gRPC core (1.85) actually waits for a ping's answer: 1 minute unless set
+                ("grpc.http2.ping_timeout_ms", int(timeout * 1000)),
+                ("grpc.keepalive_permit_without_calls", 0),
+                # by default a client stops pinging after 2 pings without data: an idle stream
+                # (no config change for hours) would lose its dead-connection detection
+                ("grpc.http2.max_pings_without_data", 0),
+            ]
         self._channel = grpc.aio.secure_channel(
             address, grpc.ssl_channel_credentials(root_certificates=ca_bundle_pem), options=options
         )
@@ -75,7 +105,9 @@ class ConfigClient:
         stub = pb_grpc.CertificatesStub(self._channel)
         ttl_seconds = int(ttl.total_seconds()) if ttl else 0
         response = await stub.Sign(
-            pb.SignRequest(csr_pem=csr_pem.decode(), ttl_seconds=ttl_seconds), metadata=self._metadata
+            pb.SignRequest(csr_pem=csr_pem.decode(), ttl_seconds=ttl_seconds),
+            metadata=self._metadata,
+            timeout=self._sign_timeout,
         )
         return [c.encode() for c in response.cert_chain_pem]
 

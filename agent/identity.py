@@ -4,7 +4,9 @@ For every identity that has a pod on this node (`ensure`/`release`, reference co
 and CSR (`api.csr`), has the controller sign it, checks the returned chain against the trust bundle
 (`check_issued_chain`), and renews at half-life (not_before + TTL/2). When signing fails it keeps the
 still-valid certificate and retries with capped exponential backoff (1 s doubling to 150 s), like
-ztunnel's `src/identity/manager.rs`. The key never leaves memory; the last `release` drops it.
+ztunnel's `src/identity/manager.rs`. Each Sign attempt has a deadline (`SIGN_TIMEOUT`): a controller
+that takes the call and never answers is a failure like any other, retried with the same backoff.
+The key never leaves memory; the last `release` drops it.
 """
 
 from __future__ import annotations
@@ -26,6 +28,9 @@ log = logging.getLogger(__name__)
 DEFAULT_TTL = 24 * 3600
 INITIAL_BACKOFF = 1.0
 MAX_BACKOFF = 150.0
+# Per Sign attempt. Without one, a call that is never answered (a hung controller, a half-open TCP
+# connection) would stop the renewal of that identity for good: the certificate runs out.
+SIGN_TIMEOUT = 30.0
 
 Signer = Callable[[bytes, int], Awaitable[list[bytes]]]
 BundleProvider = Callable[[], bytes]
@@ -177,7 +182,14 @@ class CertificateManager:
     # -- the per-identity loop --
     async def _issue(self, identity: SpiffeId) -> WorkloadCertificate:
         key, csr_pem = await self._run_blocking(new_workload_csr, identity)
-        chain = await self._sign(csr_pem, self._ttl)
+        deadline = asyncio.timeout(SIGN_TIMEOUT)  # the module value at call time: tests shorten it
+        try:
+            async with deadline:
+                chain = await self._sign(csr_pem, self._ttl)
+        except TimeoutError:
+            if not deadline.expired():  # the signer's own timeout: keep its message
+                raise
+            raise TimeoutError(f"no answer to Sign within {SIGN_TIMEOUT:g}s") from None
         leaf: x509.Certificate = await self._run_blocking(
             check_issued_chain, chain, key, identity, self._bundle(), now=self._clock
         )

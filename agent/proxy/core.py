@@ -25,7 +25,7 @@ from agent.proxy.metrics import ProxyMetrics
 from agent.proxy.netns_sockets import NetnsSockets, connect
 from agent.proxy.pipe import End, SocketEnd, splice
 from api.resources import Workload
-from api.spiffe import SpiffeId
+from api.spiffe import SpiffeId, SpiffeIdError
 
 log = logging.getLogger(__name__)
 
@@ -97,10 +97,22 @@ class ProxyCore:
                 return ep
         return None
 
+    def workload_of(self, ep: EnrolledPod) -> Workload | None:
+        """The workload a served pod was enrolled for, None (connections fail closed) when it is
+        gone or has no valid identity: another workload with the pod's IP is never taken for it."""
+        wl = self.index.pod_workload(ep.pod.uid, ep.pod.ip)
+        if wl is None:
+            return None
+        try:
+            self.index.identity(wl)  # cached once valid
+        except SpiffeIdError:  # no identity, no certificate: nothing may be served as it
+            return None
+        return wl
+
     def local_workload(self, ip: str) -> tuple[EnrolledPod, Workload] | None:
         """The served pod owning `ip` and its workload (None when either is unknown)."""
         ep = self.served.get(ip)
-        wl = self.index.workload_by_ip(ip) if ep is not None else None
+        wl = self.workload_of(ep) if ep is not None else None
         return None if ep is None or wl is None else (ep, wl)
 
     # -- TLS --
@@ -161,7 +173,14 @@ class ProxyCore:
 
     # -- sockets in a pod netns --
     async def new_socket(self, netns_path: str) -> socket.socket:
-        """A new non-blocking TCP socket (TCP_NODELAY) of the pod netns, from `sockets`' stock."""
+        """A new non-blocking TCP socket (TCP_NODELAY) of the pod netns, from `sockets`' stock.
+
+        Only for a pod still served: a connection whose pod was removed while it waited (for its
+        certificate, say) would otherwise start a new stock there that nothing drops, and the
+        sockets would keep the pod's netns alive."""
+        # a scan of the pods served (a hundred or so: microseconds, next to a connection's setup)
+        if not any(ep.pod.netns_path == netns_path for ep in self.served.values()):
+            raise ProxyError("POD_NETNS_UNAVAILABLE", f"{netns_path}: pod no longer served")
         try:
             return await self.sockets.take(netns_path)
         except Exception as exc:  # DatapathError (netns vanished), OSError, pod removed meanwhile

@@ -170,7 +170,7 @@ class Inbound:
             client.close()
             return
         try:
-            dst_wl = core.index.workload_by_ip(ep.pod.ip)
+            dst_wl = core.workload_of(ep)  # its own workload, never another one with its IP
             t = Tracked(
                 new_connection_id(),
                 ConnPath.PLAINTEXT_INBOUND,

@@ -19,6 +19,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from enum import StrEnum
 
+from agent.node import pod_key
 from api.authz import (
     DEFAULT_ROOT_NAMESPACE,
     Connection,
@@ -119,6 +120,13 @@ class MeshIndex:
             for ip in w.ips:
                 self._by_ip.setdefault(ip, w)
         self._by_uid = {w.uid: w for w in self.workloads}
+        # This node's workloads by the key their pod is enrolled under (`agent.node.desired_pods`,
+        # same order, so the same workload wins a key). A served pod's workload is looked up here,
+        # never by IP: a finished pod may still report the IP a new pod now has.
+        self._by_pod_key: dict[str, Workload] = {}
+        for w in sorted(self.workloads, key=lambda w: w.uid):
+            if w.node == node:
+                self._by_pod_key.setdefault(pod_key(w.uid), w)
         self._vips: dict[Addr, tuple[Service, int]] = {}
         for svc in sorted(self.services, key=lambda s: s.uid):
             for p in svc.ports:
@@ -152,7 +160,16 @@ class MeshIndex:
     def workload_by_ip(self, ip: str) -> Workload | None:
         return self._by_ip.get(ip)
 
+    def pod_workload(self, pod_uid: str, ip: str) -> Workload | None:
+        """The workload of the served pod enrolled as `pod_uid` with `ip` (its `PodRef`), or None:
+        never another workload that claims the same IP (the caller fails closed)."""
+        workload = self._by_pod_key.get(pod_uid)
+        # a pod whose workload no longer has this IP is about to be re-enrolled: not served meanwhile
+        return workload if workload is not None and ip in workload.ips else None
+
     def identity(self, workload: Workload) -> SpiffeId:
+        """The workload's SPIFFE ID; SpiffeIdError when its namespace or service account cannot
+        form one (the controller refuses such pods, a stale or foreign one may not)."""
         return workload_identity(workload, self.trust_domain)
 
     def service_at(self, dst: Addr) -> tuple[Service, int] | None:

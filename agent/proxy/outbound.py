@@ -110,7 +110,7 @@ class Outbound:
         except Exception as exc:
             log.warning("event=outbound_lookup_error pod=%s peer=%s:%d error=%r", ep.pod.uid, *peer, exc)
             orig = None
-        src_wl = core.index.workload_by_ip(ep.pod.ip)
+        src_wl = core.workload_of(ep)  # its own workload, never another one with its IP
         if orig is None:
             core.tracker.stats["fail_closed"] += 1
             t = Tracked(

@@ -130,9 +130,14 @@ class NodeProxy:
             return
         wanted: dict[str, SpiffeId] = {}
         for uid, served in self._served.items():
-            wl = self.core.index.workload_by_ip(served.ep.pod.ip)
-            if wl is not None:
+            # by the pod's own key, not its IP, which a finished pod may still claim
+            wl = self.core.index.pod_workload(uid, served.ep.pod.ip)
+            if wl is None:
+                continue
+            try:
                 wanted[uid] = self.core.index.identity(wl)
+            except ValueError as exc:  # SpiffeIdError: one bad pod must not stop the push for the others
+                log.error("event=identity_invalid pod=%s workload=%s error=%r", uid, wl.uid, exc)
         for uid, identity in list(self._identities.items()):
             if wanted.get(uid) != identity:
                 del self._identities[uid]

@@ -33,6 +33,7 @@ from api.resources import (
     Workload,
     resource_key,
 )
+from api.spiffe import SpiffeId, SpiffeIdError
 from controller.registry.errors import ConfigError, PathPart
 
 log = logging.getLogger("nodemesh.controller.registry")
@@ -47,6 +48,10 @@ ROOT_NAMESPACE = DEFAULT_ROOT_NAMESPACE  # Istio's root namespace: its policies 
 _INBOUND_POLICY_KINDS = frozenset({"AuthorizationPolicy", "PeerAuthentication"})
 _CLUSTER_SCOPED = frozenset({"Namespace"})
 _MIN_TOKEN_LENGTH = 16
+# Pods that stopped for good. Kubernetes keeps their status.podIP while the node gives the address
+# to a new pod: as workloads they would claim the new pod's IP (istiod skips them as well).
+_TERMINAL_PHASES = frozenset({"Succeeded", "Failed"})
+_MAX_NAME_LENGTH = 253  # a Kubernetes object name (DNS subdomain)
 
 __all__ = [
     "DATAPLANE_MODE_LABEL",
@@ -119,6 +124,8 @@ def parse_config_object(
     errors: list[ConfigError] = []
     if isinstance(model, Secret) and model.type == NODE_TOKEN_SECRET_TYPE:
         errors.extend(err(message, path) for path, message in _node_token_problems(model))
+    if isinstance(model, Pod):
+        errors.extend(err(message, path) for path, message in _pod_identity_problems(model))
     if isinstance(model, ServiceObject) and ENDPOINTS_ANNOTATION in model.metadata.annotations:
         try:
             _explicit_endpoint_ips(model)
@@ -253,6 +260,35 @@ def _service(service: ServiceObject, workloads: Iterable[Workload], by_ip: Mappi
 # --- pods ----------------------------------------------------------------------------------------
 
 
+def _pod_identity_problems(pod: Pod) -> list[tuple[tuple[PathPart, ...], str]]:
+    """A pod runs as spiffe://<trust domain>/ns/<namespace>/sa/<service account>: each must be one
+    valid SPIFFE path segment. Kubernetes never admits other names; the YAML mode must refuse them
+    too, or every agent would meet an identity it cannot form (docs/controller.md)."""
+    problems: list[tuple[tuple[PathPart, ...], str]] = []
+    fields: tuple[tuple[tuple[PathPart, ...], str], ...] = (
+        (("metadata", "namespace"), pod.metadata.namespace),
+        (("spec", "serviceAccountName"), pod.spec.service_account_name or "default"),
+    )
+    for path, value in fields:
+        problem = _segment_problem(value)
+        if problem is None and len(value) > _MAX_NAME_LENGTH:
+            problem = f"is longer than {_MAX_NAME_LENGTH} characters"
+        if problem is not None:
+            problems.append((path, f"{value!r} cannot be part of the pod's SPIFFE ID: {problem}"))
+    return problems
+
+
+def _segment_problem(value: str) -> str | None:
+    """Why `value` is not one valid SPIFFE ID path segment (None when it is one)."""
+    if "/" in value:
+        return "contains '/'"
+    try:
+        SpiffeId("example.org", f"/{value}")  # the trust domain plays no part in the path rules
+    except SpiffeIdError as exc:
+        return str(exc)
+    return None
+
+
 def _workload(pod: Pod) -> Workload | None:
     meta = pod.metadata
     uid = f"{meta.namespace}/{meta.name}"
@@ -343,6 +379,15 @@ def build_state(objects: Iterable[ConfigObject], trust_domain: str) -> MeshState
     for obj in seen.values():
         model = obj.model
         if isinstance(model, Pod):
+            phase = _pod_phase(obj.body)
+            if phase in _TERMINAL_PHASES:  # no workload, and no identity to sign for either
+                log.info(
+                    "registry.pod_skipped pod=%s/%s reason=terminated detail=%r",
+                    obj.namespace,
+                    obj.name,
+                    f"status.phase {phase}",
+                )
+                continue
             if model.spec.node_name:
                 identities.add(
                     (model.spec.node_name, obj.namespace, model.spec.service_account_name or "default")
@@ -382,6 +427,13 @@ def build_state(objects: Iterable[ConfigObject], trust_domain: str) -> MeshState
         node_tokens=tokens,
         identities=frozenset(identities),
     )
+
+
+def _pod_phase(body: Mapping[str, Any]) -> str:
+    """`status.phase` as written ("" when absent): read from the body, as the Pod model omits it."""
+    status = body.get("status")
+    phase = status.get("phase") if isinstance(status, dict) else None
+    return phase if isinstance(phase, str) else ""
 
 
 def node_view(state: MeshState, node: str) -> dict[str, Resource]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -10,7 +11,7 @@ import grpc
 import pytest
 from controller_fixtures import MemoryModel, assert_eventually, pod, policy
 
-from agent.config_client import ConfigClient, ConfigUpdate
+from agent.config_client import KEEPALIVE_TIME, ConfigClient, ConfigUpdate
 from api.csr import new_workload_csr
 from api.spiffe import SpiffeId
 from api.v1 import nodemesh_pb2 as pb
@@ -161,6 +162,104 @@ async def test_sign_only_identities_on_the_callers_node(server: tuple[Controller
         assert srv.metrics.certificates_issued._value.get() == 1
     finally:
         await client.close()
+
+
+class Freezer:
+    """A TCP forwarder whose open connections can be frozen: bytes stop both ways and nothing is
+    closed, as with a hung controller or a half-open connection. Later connections flow."""
+
+    def __init__(self, target: str) -> None:
+        host, port = target.rsplit(":", 1)
+        self.target = (host, int(port))
+        self.connections = 0
+        self._gates: list[asyncio.Event] = []
+        self._writers: list[asyncio.StreamWriter] = []
+
+    @contextlib.asynccontextmanager
+    async def running(self) -> AsyncIterator[str]:
+        server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
+        try:
+            yield f"127.0.0.1:{server.sockets[0].getsockname()[1]}"
+        finally:
+            server.close()
+            for w in self._writers:
+                w.close()
+
+    def freeze(self) -> None:
+        for gate in self._gates:
+            gate.clear()
+
+    async def _handle(self, r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        ur, uw = await asyncio.open_connection(*self.target)
+        self._writers += [w, uw]
+        gate = asyncio.Event()
+        gate.set()
+        self._gates.append(gate)
+
+        async def pump(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+            with contextlib.suppress(ConnectionError):
+                while data := await src.read(65536):
+                    await gate.wait()
+                    dst.write(data)
+                    await dst.drain()
+            dst.close()
+
+        await asyncio.gather(pump(r, uw), pump(ur, w))
+
+
+async def test_a_sign_call_the_controller_never_answers_ends_at_its_deadline(
+    server: tuple[ControllerServer, str, bytes],
+) -> None:
+    _, address, bundle = server
+    freezer = Freezer(address)
+    async with freezer.running() as via:
+        client = ConfigClient(via, "tok1", bundle, Recorder(), keepalive=None, sign_timeout=0.5)
+        try:
+            _, csr = new_workload_csr(SpiffeId.for_workload("cluster.local", "shop", "web"))
+            assert await client.sign(csr)
+            freezer.freeze()
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await asyncio.wait_for(client.sign(csr), 5)
+            assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        finally:
+            await client.close()
+
+
+async def test_keepalive_notices_a_frozen_connection_and_the_stream_reconnects(
+    server: tuple[ControllerServer, str, bytes],
+) -> None:
+    _, address, bundle = server
+    freezer = Freezer(address)
+    async with freezer.running() as via:
+        rec = Recorder()
+        # pings this frequent are for the test only: the controller strikes them on an idle stream
+        client = ConfigClient(via, "tok1", bundle, rec, keepalive=(0.2, 0.3))
+        task = asyncio.create_task(client.run())
+        try:
+            await assert_eventually(client.connected.is_set, what="first push")
+            freezer.freeze()
+            await assert_eventually(lambda: not client.connected.is_set(), what="frozen stream dropped")
+            await assert_eventually(lambda: freezer.connections >= 2, what="reconnect")
+        finally:
+            await stop_client(client, task)
+
+
+async def test_the_controller_refuses_frequent_pings_so_the_default_keepalive_is_slower(
+    server: tuple[ControllerServer, str, bytes],
+) -> None:
+    # gRPC's default server ping policy: pings less than 5 minutes apart on an idle stream are
+    # strikes, the third one ends the connection (GOAWAY too_many_pings)
+    assert KEEPALIVE_TIME > 300
+    _, address, bundle = server
+    freezer = Freezer(address)
+    async with freezer.running() as via:
+        client = ConfigClient(via, "tok1", bundle, Recorder(), keepalive=(0.2, 5))
+        task = asyncio.create_task(client.run())
+        try:
+            await assert_eventually(lambda: freezer.connections >= 2, 10, what="GOAWAY too_many_pings")
+        finally:
+            await stop_client(client, task)
 
 
 async def test_bad_tokens_are_unauthenticated(server: tuple[ControllerServer, str, bytes]) -> None:

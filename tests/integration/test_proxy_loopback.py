@@ -30,6 +30,7 @@ from agent.admin.flows import FlowEvent, FlowRecord, Verdict
 from agent.datapath.interface import EnrolledPod, PodRef
 from agent.identity import CertificateManager
 from agent.proxy import tls
+from agent.proxy.core import ProxyError
 from agent.proxy.server import NodeProxy
 from api.csr import new_workload_csr
 from api.resources import Endpoint, PolicyObject, Service, ServicePort, TunnelProtocol, Workload
@@ -116,7 +117,7 @@ class Pod:
     @property
     def workload(self) -> Workload:
         return Workload(
-            uid=f"{self.namespace}/{self.name}",
+            uid=self.name,  # opaque, as Kubernetes pod uids: the pod's key (`pod_key`) is the same
             name=self.name,
             namespace=self.namespace,
             service_account=self.sa,
@@ -586,17 +587,19 @@ DENY_A = {"action": "DENY", "rules": [{"from": [{"source": {"principals": [_A_PR
 
 
 def hold_dials(mesh: Mesh, node: str) -> tuple[asyncio.Event, asyncio.Event]:
-    """Make `node`'s dials to apps wait for `go` after setting `started`: an app slow to accept."""
+    """Make `node`'s dials wait for `go` once they have their socket, after setting `started`: an
+    app slow to accept."""
     core = mesh.proxies[node].core
-    real: Callable[..., Awaitable[Any]] = core.dial
+    real: Callable[..., Awaitable[socket.socket]] = core.new_socket
     started, go = asyncio.Event(), asyncio.Event()
 
-    async def slow_dial(*args: Any, **kwargs: Any) -> Any:
+    async def slow_dial(*args: Any, **kwargs: Any) -> socket.socket:
+        sock = await real(*args, **kwargs)
         started.set()
         await go.wait()
-        return await real(*args, **kwargs)
+        return sock
 
-    core.dial = slow_dial  # type: ignore[method-assign]
+    core.new_socket = slow_dial  # type: ignore[method-assign]
     return started, go
 
 
@@ -766,7 +769,7 @@ async def test_service_vip_round_robins_over_endpoints_with_target_port(mesh: Me
             "back",
             "10.96.0.10",
             (ServicePort(80, APP_PORT),),
-            (Endpoint("back/b", b.ip), Endpoint("front/c", c.ip)),
+            (Endpoint("b", b.ip), Endpoint("c", c.ip)),
         )
     ]
     mesh.push()
@@ -833,6 +836,17 @@ async def test_vanished_destination_netns_gives_503_and_no_crash(mesh: Mesh) -> 
     r, w = await mesh.connect("a", (mesh.pods["c"].ip, APP_PORT))
     assert await exchange(r, w, b"ok", 4) == b"c:ok"
     w.close()
+
+
+async def test_no_socket_is_made_in_the_netns_of_a_pod_no_longer_served(mesh: Mesh) -> None:
+    """A connection that outlived its pod's removal (it waited for a certificate, say) gets no
+    socket there: a new stock would be dropped by nothing and keep the netns alive."""
+    proxy = mesh.proxies["node1"]
+    for name in ("a", "c"):  # node1's pods (all test pods share this process's netns path)
+        await proxy.stop(name)
+    with pytest.raises(ProxyError, match=r"^POD_NETNS_UNAVAILABLE: .*no longer served"):
+        await proxy.core.new_socket(OWN_NETNS)
+    assert proxy.core.sockets.idle() == 0
 
 
 async def test_connection_cap_refuses_beyond_the_limit(mesh: Mesh) -> None:

@@ -46,6 +46,7 @@ class Steps:
 class Signer:
     ca: CertificateAuthority
     fail: bool = False
+    hang: bool = False  # the controller takes the call and never answers
     calls: int = 0
     ttls: list[int] = field(default_factory=list)
 
@@ -54,6 +55,8 @@ class Signer:
         self.ttls.append(ttl)
         if self.fail:
             raise ConnectionError("controller unreachable")
+        if self.hang:
+            await asyncio.Event().wait()
         return self.ca.sign(self.ca.validate_csr(csr_pem), timedelta(seconds=ttl)).chain_pem
 
 
@@ -127,6 +130,28 @@ async def test_backoff_doubles_to_the_cap_and_keeps_the_valid_cert(
     renewed = mgr.certificate(ALICE)
     assert renewed is not None and renewed != first
     assert mgr.status()[0]["failures"] == 0
+
+
+async def test_a_sign_call_that_never_answers_is_given_up_and_retried(
+    env: tuple[CertificateManager, Steps, Signer], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("agent.identity.SIGN_TIMEOUT", 0.05)
+    mgr, steps, signer = env
+    mgr.ensure(ALICE)
+    first = await mgr.wait_ready(ALICE)
+    renew_in, fut = await steps.next_sleep()
+    signer.hang = True
+    steps.wake(renew_in, fut)
+    retry, fut = await steps.next_sleep()  # not stuck in the call: the first backoff
+    assert retry == 1
+    status = mgr.status()[0]
+    assert status["failures"] == 1 and "no answer to Sign within 0.05s" in str(status["last_error"])
+    assert mgr.certificate(ALICE) == first  # still valid: still served
+    signer.hang = False
+    steps.wake(retry, fut)
+    await steps.next_sleep()
+    renewed = mgr.certificate(ALICE)
+    assert signer.calls == 3 and renewed is not None and renewed != first
 
 
 async def test_expired_certificate_is_not_served_while_the_controller_is_away(

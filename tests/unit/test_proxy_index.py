@@ -1,12 +1,21 @@
-"""MeshIndex without sockets: where an outbound connection goes, and the authorization plumbing."""
+"""MeshIndex without sockets: where an outbound connection goes, and the authorization plumbing;
+NodeProxy without listeners: which workload (and identity) a served pod is across config pushes."""
 
 from __future__ import annotations
 
-from typing import Any
+import logging
+from dataclasses import replace
+from typing import Any, cast
 
 import pytest
 
+from agent.admin.sources import ConnPath
+from agent.datapath.interface import Datapath, EnrolledPod, PodRef
+from agent.identity import CertificateManager
+from agent.node import pod_key
+from agent.proxy.conns import Tracked
 from agent.proxy.index import MeshIndex, RouteKind
+from agent.proxy.server import NodeProxy, _Served
 from api.authz import MtlsMode, Reason
 from api.resources import Endpoint, PolicyObject, Service, ServicePort, TunnelProtocol, Workload
 from api.spiffe import SpiffeId
@@ -166,3 +175,96 @@ def test_recheck_sees_new_labels_of_the_destination() -> None:
 )
 def test_peer_auth(objects: tuple[PolicyObject, ...], port: int, mode: MtlsMode) -> None:
     assert index(objects).peer_auth(B, port) is mode
+
+
+# --- NodeProxy: the workload of a served pod ---------------------------------------------------------
+
+
+class FakeCerts:
+    """What NodeProxy asks of the certificate manager: which identities it ensures."""
+
+    trust_domain = TD
+
+    def __init__(self) -> None:
+        self.ensured: list[SpiffeId] = []
+
+    def ensure(self, identity: SpiffeId) -> None:
+        self.ensured.append(identity)
+
+    def release(self, identity: SpiffeId) -> None:
+        self.ensured.remove(identity)
+
+    def certificate(self, identity: SpiffeId) -> None:
+        return None
+
+
+def serving(*workloads: Workload) -> tuple[NodeProxy, FakeCerts, list[EnrolledPod]]:
+    """A NodeProxy on n1 serving pods enrolled as the agent enrolls them (key `pod_key(uid)`),
+    recorded as `serve()` records them but without listeners."""
+    certs = FakeCerts()
+    proxy = NodeProxy(
+        cast(Datapath, None), cast(CertificateManager, certs), TD, node="n1", bundle=lambda: b""
+    )
+    eps = []
+    for w in workloads:
+        ep = EnrolledPod(PodRef(pod_key(w.uid), "/proc/self/ns/net", w.ips[0]), netns_cookie=1, pod_index=0)
+        proxy._served[ep.pod.uid] = _Served(ep)
+        proxy.core.add_pod(ep)
+        eps.append(ep)
+    return proxy, certs, eps
+
+
+# A finished Job pod (its uid sorts first) still reports the IP the node gave to a new pod since.
+JOB = wl("batch-1", "front", "10.1.0.7")
+WEB = wl("web", "front", "10.1.0.7")
+
+
+def test_a_served_pod_is_looked_up_by_its_key_never_by_its_ip() -> None:
+    idx = MeshIndex(node="n1", trust_domain=TD, workloads=(JOB, WEB, B))
+    assert idx.workload_by_ip("10.1.0.7") is JOB  # by IP, the finished pod shadows the running one
+    assert idx.pod_workload(pod_key(WEB.uid), "10.1.0.7") is WEB
+    assert idx.pod_workload(pod_key(JOB.uid), "10.1.0.7") is JOB
+    # no fallback to whoever else has the IP: the pod's workload left, or moved to another IP
+    assert idx.pod_workload(pod_key("front/gone"), "10.1.0.7") is None
+    assert idx.pod_workload(pod_key(WEB.uid), "10.1.0.8") is None
+    assert idx.pod_workload(pod_key(B.uid), "10.2.0.1") is None  # not a workload of this node
+
+
+async def test_a_served_pod_keeps_its_identity_when_another_workload_claims_its_ip() -> None:
+    proxy, certs, _ = serving(WEB)
+    proxy.update([JOB, WEB], [], [])
+    hit = proxy.core.local_workload("10.1.0.7")  # 15008 picks the certificate with this, inbound authz too
+    assert hit is not None and hit[1] is proxy.index.pod_workload(pod_key(WEB.uid), "10.1.0.7")
+    assert hit[1].uid == WEB.uid
+    assert certs.ensured == [SpiffeId.for_workload(TD, "front", "web")]
+    proxy.update([JOB], [], [])  # the pod's own workload is gone: it fails closed, not as the job
+    assert proxy.core.local_workload("10.1.0.7") is None
+    assert certs.ensured == []
+
+
+async def test_a_workload_without_a_valid_identity_is_skipped_and_the_push_still_applies(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    bad = replace(wl("odd", "back", "10.1.0.8"), service_account="web app")  # not a SPIFFE path segment
+    good = wl("web", "back", "10.1.0.9")
+    proxy, certs, (bad_ep, _) = serving(bad, good)
+    proxy.core.index = proxy.index.rebuilt([bad, good], [], [])
+    client = SpiffeId.for_workload(TD, "front", "client")
+    authz, decision = proxy.index.authorize(
+        dst_workload=good, src_ip="10.2.0.1", src_identity=client, dst_ip="10.1.0.9", dst_port=8080
+    )
+    assert decision.allowed  # no policy yet
+    killed: list[bool] = []
+    t = Tracked("c1", ConnPath.HBONE, (pod_key(good.uid),), ("10.2.0.1", 1234), ("10.1.0.9", 8080),
+                dst_workload=good, src_identity=str(client), authz=authz, deciding=decision,
+                closer=lambda: killed.append(True))  # fmt: skip
+    proxy.tracker.opened(t)
+    deny_all = policy("deny-all", "back", {"action": "DENY", "rules": [{}]})
+    with caplog.at_level(logging.ERROR, logger="agent.proxy.server"):
+        proxy.update([bad, good], [], [deny_all])
+    assert killed, "the push was not applied: the now-denied connection stays open"
+    assert certs.ensured == [SpiffeId.for_workload(TD, "back", "web")]
+    assert f"event=identity_invalid pod={bad_ep.pod.uid}" in caplog.text
+    # the bad pod is served as nothing: its connections fail closed (no workload, no certificate)
+    assert proxy.core.workload_of(bad_ep) is None
+    assert proxy.core.local_workload("10.1.0.8") is None

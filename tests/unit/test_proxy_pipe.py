@@ -9,6 +9,7 @@ from typing import Any, cast
 
 from agent.datapath.interface import EnrolledPod, PodRef
 from agent.identity import CertificateManager
+from agent.node import pod_key
 from agent.proxy.conns import ConnTracker
 from agent.proxy.core import ProxyCore
 from agent.proxy.flows import FlowLog
@@ -135,7 +136,7 @@ def core_with(certs: Certs, cert_wait: float = 5.0) -> tuple[ProxyCore, list[tup
         hbone_port=15008,
         cert_wait=cert_wait,
     )
-    core.add_pod(EnrolledPod(PodRef("b", "/nonexistent", "10.2.0.1"), 1, 0))
+    core.add_pod(EnrolledPod(PodRef(pod_key(B.uid), "/nonexistent", "10.2.0.1"), 1, 0))  # as enrolled
 
     def fake_context(identity: SpiffeId, cert: Any) -> Any:
         made.append((identity, cert))

@@ -138,6 +138,41 @@ def test_unscheduled_or_addressless_pods_are_skipped_with_a_reason(caplog: pytes
     assert identity_on_node(state, "node1", "shop", "web")
 
 
+def test_terminated_pods_are_not_workloads(caplog: pytest.LogCaptureFixture) -> None:
+    # Kubernetes keeps status.podIP on a finished pod while the node gives the address to a new one
+    caplog.set_level("INFO", logger="nodemesh.controller.registry")
+    done, failed, running = pod("job-1", sa="batch"), pod("job-2", ip="10.1.0.3", sa="batch"), pod("web")
+    done["status"]["phase"] = "Succeeded"
+    failed["status"]["phase"] = "Failed"
+    running["status"]["phase"] = "Running"
+    state = state_of(done, failed, running)
+    assert list(state.workloads) == ["Workload/shop/web"]
+    assert "pod=shop/job-1 reason=terminated" in caplog.text
+    assert "pod=shop/job-2 reason=terminated" in caplog.text
+    assert "registry.duplicate_ip" not in caplog.text  # the IP is the running pod's alone
+    assert not identity_on_node(state, "node1", "shop", "batch")  # nothing to sign for a finished pod
+    assert identity_on_node(state, "node1", "shop", "web")
+
+
+@pytest.mark.parametrize(
+    ("body", "field", "value"),
+    [
+        (pod("odd", sa="web app"), "spec.serviceAccountName", "'web app'"),
+        (pod("odd", sa="a/sa/b"), "spec.serviceAccountName", "'a/sa/b'"),
+        (pod("odd", sa=".."), "spec.serviceAccountName", "'..'"),
+        (pod("odd", sa="x" * 254), "spec.serviceAccountName", "longer than 253"),
+        (pod("odd", ns="shop lab"), "metadata.namespace", "'shop lab'"),
+    ],
+)
+def test_pods_whose_identity_cannot_be_formed_are_errors(
+    body: dict[str, Any], field: str, value: str
+) -> None:
+    parsed, errors = parse_config_object(body, file="f.yaml", line=3)
+    assert parsed is None
+    assert [(e.obj, e.field) for e in errors] == [(f"Pod {body['metadata']['namespace']}/odd", field)]
+    assert value in errors[0].message and "cannot be part of the pod's SPIFFE ID" in errors[0].message
+
+
 def test_service_endpoints_follow_the_selector_in_the_same_namespace() -> None:
     state = state_of(
         pod("web-1", labels={"app": "web", "v": "1"}),

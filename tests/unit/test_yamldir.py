@@ -85,6 +85,14 @@ def test_error_points_at_the_field_line() -> None:
     ]
 
 
+def test_a_pod_whose_identity_cannot_be_formed_is_an_error_at_its_line() -> None:
+    parsed = parse_text(pod().replace("serviceAccountName: web", "serviceAccountName: web app"), "odd.yaml")
+    assert parsed.objects == ()
+    assert [str(e).split(" cannot")[0] for e in parsed.errors] == [
+        "odd.yaml:9: Pod shop/web-1: spec.serviceAccountName: 'web app'"
+    ]
+
+
 def test_yaml_syntax_error_has_line_and_column() -> None:
     parsed = parse_text(pod() + "---\nkind: [unclosed\n", "bad.yaml")
     assert parsed.objects == ()
