@@ -152,9 +152,12 @@ def svid_spiffe_id(cert: x509.Certificate) -> SpiffeId:
     if isinstance(bc, x509.BasicConstraints) and bc.ca:
         raise SpiffeIdError(f"X.509-SVID leaf for {spiffe_id} is a CA certificate (basicConstraints CA=true)")
     try:
-        ku = extensions.get_extension_for_class(x509.KeyUsage).value
+        ku_ext = extensions.get_extension_for_class(x509.KeyUsage)
     except x509.ExtensionNotFound:
         raise SpiffeIdError(f"X.509-SVID leaf for {spiffe_id} has no keyUsage extension") from None
+    if not ku_ext.critical:  # X509-SVID §4.3
+        raise SpiffeIdError(f"X.509-SVID leaf for {spiffe_id} has a keyUsage extension not marked critical")
+    ku = ku_ext.value
     if not ku.digital_signature:
         raise SpiffeIdError(f"X.509-SVID leaf for {spiffe_id} lacks keyUsage digitalSignature")
     if ku.key_cert_sign or ku.crl_sign:

@@ -15,12 +15,14 @@ from api.convert import to_proto
 from api.resources import Resource
 from api.v1 import nodemesh_pb2 as pb
 from api.v1 import nodemesh_pb2_grpc as pb_grpc
-from controller.ca import CertificateAuthority, CsrRejected
+from controller.ca import CaError, CertificateAuthority, CsrRejected
 from controller.server.delta import StreamState
 from controller.server.metrics import ControllerMetrics
 from controller.server.model import MeshModel
 
 log = logging.getLogger("nodemesh.controller.server")
+
+MAX_REQUESTED_TTL = 100 * 365 * 24 * 3600  # seconds: a Sign request's ttl_seconds is clamped to it
 
 
 def bearer_token(context: grpc.aio.ServicerContext[object, object]) -> str | None:
@@ -67,8 +69,14 @@ class CertificatesService(pb_grpc.CertificatesServicer):
             )
         if request.ttl_seconds < 0:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "ttl_seconds must be >= 0")
-        ttl = timedelta(seconds=request.ttl_seconds) if request.ttl_seconds else None
-        issued = self._ca.sign(validated, ttl)
+        # an int64 can be more than a timedelta holds; the CA caps the TTL to its max_ttl anyway
+        ttl = timedelta(seconds=min(request.ttl_seconds, MAX_REQUESTED_TTL)) if request.ttl_seconds else None
+        try:
+            issued = self._ca.sign(validated, ttl)
+        except CaError as exc:  # the CA cannot sign at all (its certificate expired): say so, no traceback
+            self._metrics.certificates_refused.labels(reason="ca_error").inc()
+            log.error("sign.failed node=%s identity=%s error=%s", node, validated.spiffe_id, exc)
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"the CA cannot sign: {exc}")
         self._metrics.certificates_issued.inc()
         log.info("sign.issued node=%s identity=%s serial=%x", node, validated.spiffe_id, issued.serial)
         return pb.SignResponse(
