@@ -159,19 +159,26 @@ def _compile_entry(
         # Istio validation: "`from.source` must not be empty" / "`to.operation` must not be empty".
         raise _InvalidValue(f"{path}.{key}", "must be a non-empty object")
     fields: list[FieldMatch] = []
+    constrained = False
     for name, value in body.items():
         fpath = f"{path}.{key}.{name}"
+        if name not in http_fields and name not in l4_fields:
+            raise _InvalidValue(fpath, "unknown field")
+        if value is None:  # as Kubernetes (pruned) and protojson (unset) read an explicit null
+            continue
+        values = _string_list(value, fpath)
+        if not values:  # an empty list is unset too (Istio compares len() == 0)
+            continue
+        constrained = True
         if name in http_fields:
-            _string_list(value, fpath)
             l7_found.append(name)
             continue
-        spec = l4_fields.get(name)
-        if spec is None:
-            raise _InvalidValue(fpath, "unknown field")
-        attr, kind, negated = spec
-        values = _string_list(value, fpath)
-        if values:
-            fields.append(_field_match(name, attr, kind, negated, values, fpath, policy_ns))
+        attr, kind, negated = l4_fields[name]
+        fields.append(_field_match(name, attr, kind, negated, values, fpath, policy_ns))
+    if not constrained:
+        # Istio's webhook refuses it ("`from.source` must not be empty"), and ztunnel skips an empty
+        # match, so the clause holds for nobody: never "matches everyone".
+        raise _InvalidValue(f"{path}.{key}", "must not be empty (every field in it is empty)")
     return Match(tuple(fields))
 
 
@@ -183,8 +190,9 @@ def _compile_condition(cond: object, path: str, l7_found: list[str]) -> Match | 
     unknown = set(cond) - {"key", "values", "notValues"}
     if unknown:
         raise _InvalidValue(path, f"unknown field(s) {sorted(unknown)}")
-    values = _string_list(cond.get("values", []), f"{path}.values")
-    not_values = _string_list(cond.get("notValues", []), f"{path}.notValues")
+    raw_values, raw_not = cond.get("values"), cond.get("notValues")  # null: unset, as an absent one
+    values = () if raw_values is None else _string_list(raw_values, f"{path}.values")
+    not_values = () if raw_not is None else _string_list(raw_not, f"{path}.notValues")
     if not values and not not_values:
         raise _InvalidValue(path, f"condition {key!r} needs `values` or `notValues`")
     spec = _WHEN_L4_KEYS.get(key)

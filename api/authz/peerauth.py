@@ -129,9 +129,9 @@ def _created(body: dict[str, Any], obj: PolicyObject) -> datetime | None:
         try:
             parsed = datetime.fromisoformat(str(raw).replace("Z", "+00:00"))
         except ValueError:
-            raise PolicyCompileError(
-                KIND, obj.namespace, obj.name, "metadata.creationTimestamp", f"{raw!r} is not RFC 3339"
-            ) from None
+            # Only the order among policies of one level depends on it: taken as unknown (ordered
+            # after dated ones), not as a reason to leave the policy, and its STRICT, out.
+            return None
     # Compare as naive UTC; a timestamp without an offset is taken as UTC, as Kubernetes writes them.
     if parsed.tzinfo is not None:
         parsed = parsed.astimezone(UTC).replace(tzinfo=None)

@@ -111,8 +111,9 @@ class Source(PolicyModel):
         has_sa = self.service_accounts is not None or self.not_service_accounts is not None
         if has_sa and any(v is not None for v in identities):
             raise ValueError("Cannot set serviceAccounts with namespaces or principals")
-        # Istio webhook: "`from.source` must not be empty" (an empty source would match everyone).
-        if all(getattr(self, name) is None for name in type(self).model_fields):
+        # Istio webhook: "`from.source` must not be empty" (an empty source would match everyone);
+        # it compares len() == 0, so a field written as [] is as empty as an absent one.
+        if all(not getattr(self, name) for name in type(self).model_fields):
             raise ValueError("`from.source` must not be empty")
         return self
 
@@ -137,8 +138,8 @@ class Operation(PolicyModel):
 
     @model_validator(mode="after")
     def _check(self) -> Operation:
-        # Istio webhook: "`to.operation` must not be empty".
-        if all(getattr(self, name) is None for name in type(self).model_fields):
+        # Istio webhook: "`to.operation` must not be empty" (len() == 0 for every field).
+        if all(not getattr(self, name) for name in type(self).model_fields):
             raise ValueError("`to.operation` must not be empty")
         return self
 
@@ -166,6 +167,15 @@ class Rule(PolicyModel):
     from_: tuple[From, ...] | None = Field(default=None, alias="from", max_length=_MAX_RULES)
     to: tuple[To, ...] | None = None
     when: tuple[Condition, ...] | None = None
+
+    @model_validator(mode="after")
+    def _check(self) -> Rule:
+        # Istio webhook: "`from` must not be empty" / "`to` must not be empty" for a list given as []
+        if self.from_ is not None and not self.from_:
+            raise ValueError("`from` must not be empty")
+        if self.to is not None and not self.to:
+            raise ValueError("`to` must not be empty")
+        return self
 
 
 class AuthorizationPolicySpec(PolicyModel):
@@ -213,6 +223,22 @@ class PeerAuthenticationSpec(PolicyModel):
     selector: WorkloadSelector | None = None
     mtls: PeerAuthenticationMutualTLS | None = None
     port_level_mtls: dict[int, PeerAuthenticationMutualTLS] | None = None
+
+    @field_validator("port_level_mtls", mode="before")
+    @classmethod
+    def _check_port_keys(cls, raw: object) -> object:
+        # Ports as the agent reads them (api.authz.peerauth): an int, or ASCII digits only; pydantic's
+        # lax int parsing would also take "+8080", " 8080" or "8_080", which the agent then refuses,
+        # leaving the whole PeerAuthentication (and its STRICT) out.
+        if isinstance(raw, dict):
+            if not raw:
+                raise ValueError("portLevelMtls, if defined, must have at least one element")
+            for key in raw:
+                if isinstance(key, bool) or not (
+                    isinstance(key, int) or (isinstance(key, str) and key.isascii() and key.isdigit())
+                ):
+                    raise ValueError(f"port {key!r} is not a number (1-65535)")
+        return raw
 
     @field_validator("port_level_mtls")
     @classmethod

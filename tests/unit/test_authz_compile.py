@@ -190,6 +190,12 @@ def test_l7_attribute_is_recorded_per_action(rule: dict[str, Any], attribute: st
             "spec.rules[0].from[0].source.serviceAccounts[0]",
         ),
         ({"form": []}, "spec.rules[0]"),
+        # every field empty: Istio's webhook refuses it, and ztunnel skips an empty match, so such a
+        # source is nobody (it used to hold for everyone: an ALLOW admitted every peer)
+        ({"from": [{"source": {"principals": []}}]}, "spec.rules[0].from[0].source"),
+        ({"from": [{"source": {"principals": [], "notNamespaces": None}}]}, "spec.rules[0].from[0].source"),
+        ({"to": [{"operation": {"ports": []}}]}, "spec.rules[0].to[0].operation"),
+        ({"to": [{"operation": {"methods": []}}]}, "spec.rules[0].to[0].operation"),
     ],
 )
 def test_invalid_rule_fails_closed_and_says_where(rule: dict[str, Any], where: str) -> None:
@@ -202,13 +208,32 @@ def test_invalid_rule_fails_closed_and_says_where(rule: dict[str, Any], where: s
     assert not allow.rules[1].never_matches
 
 
-def test_empty_field_list_constrains_nothing() -> None:
-    policy = compile_policy(ap("a", {"rules": [{"from": [{"source": {"principals": []}}], "to": []}]}))
+def _first_match(rule: dict[str, Any], identity: str | None) -> int | None:
+    policy = compile_policy(ap("a", {"rules": [rule]}))
     assert policy is not None
     conn = Connection(
-        src_ip="10.1.2.3", src_identity=None, dst_ip="10.0.0.2", dst_port=1, dst_workload=SERVER
+        src_ip="10.1.2.3", src_identity=identity, dst_ip="10.0.0.2", dst_port=8080, dst_workload=SERVER
     )
-    assert policy.first_matching_rule(conn) == 0
+    return policy.first_matching_rule(conn)
+
+
+def test_empty_from_and_to_lists_constrain_nothing() -> None:
+    # as in istiod's translation (no clause); the controller refuses them, as Istio's webhook does
+    assert _first_match({"from": [], "to": []}, None) == 0
+
+
+def test_empty_or_null_fields_next_to_a_set_one_are_unset() -> None:
+    # Istio counts len() == 0 as unset (an HTTP field too: `methods: []` is no HTTP attribute), and
+    # Kubernetes prunes null / protojson reads it as unset
+    bar, other = "cluster.local/ns/bar/sa/client", "cluster.local/ns/other/sa/client"
+    ports_and_no_methods = {"to": [{"operation": {"ports": ["8080"], "methods": []}}]}
+    assert _first_match(ports_and_no_methods, bar) == 0
+    null_principals = {"from": [{"source": {"principals": None, "namespaces": ["bar"]}}]}
+    assert _first_match(null_principals, bar) == 0
+    assert _first_match(null_principals, other) is None
+    null_values = {"when": [{"key": "source.namespace", "values": None, "notValues": ["other"]}]}
+    assert _first_match(null_values, bar) == 0
+    assert _first_match(null_values, other) is None
 
 
 def test_ip_block_with_host_bits_is_accepted_like_go_netip() -> None:

@@ -320,7 +320,7 @@ def test_timestamps_with_offsets_and_datetimes_compare_in_utc() -> None:
         (pa("x", selector=APP, ports={"http": "STRICT"}), "spec.portLevelMtls[http]"),
         (pa("x", selector=APP, ports={"0": "STRICT"}), "spec.portLevelMtls[0]"),
         (pa("x", selector=APP, ports={"80": "LOOSE"}), "spec.portLevelMtls[80].mode"),
-        (pa("x", created="yesterday"), "metadata.creationTimestamp"),
+        (pa("x", selector=APP, ports={"+8080": "STRICT"}), "spec.portLevelMtls[+8080]"),
     ],
 )
 def test_bad_peer_authentication_names_the_field(obj: PolicyObject, field: str) -> None:
@@ -370,3 +370,15 @@ def test_resolver_never_raises_anything_but_policy_compile_error(spec: Any, crea
         return
     decision = PeerAuthIndex([compiled]).resolve(SERVER, 80)
     assert decision.mode is not MtlsMode.UNSET
+
+
+@pytest.mark.parametrize("created", ["", "yesterday"])
+def test_an_unreadable_creation_timestamp_only_loses_the_policys_age(created: str) -> None:
+    """The timestamp only orders policies of one level. A STRICT whose timestamp cannot be read was
+    left out (plaintext then admitted); now it counts, ordered after the dated ones."""
+    older = pa("older", mode="PERMISSIVE", selector=APP, created="2020-01-01T00:00:00Z")
+    index = PeerAuthIndex.build([pa("undated", mode="STRICT", selector=APP, created=created), older])
+    assert index.errors == ()
+    assert index.resolve(SERVER, 5432).policy == PolicyRef("foo", "older")  # the dated one is older
+    alone = PeerAuthIndex.build([pa("undated", mode="STRICT", selector=APP, created=created)])
+    assert alone.resolve(SERVER, 5432).mode is MtlsMode.STRICT

@@ -27,6 +27,9 @@ GOOD = [
     _with(AP, {"action": "CUSTOM", "provider": {"name": "ext"}}),
     _with(PA, {"mtls": {"mode": "STRICT"}}),
     _with(PA, {"selector": {"matchLabels": {"app": "x"}}, "portLevelMtls": {8080: {"mode": "DISABLE"}}}),
+    _with(PA, {"selector": {"matchLabels": {"app": "x"}}, "portLevelMtls": {"8080": {"mode": "DISABLE"}}}),
+    _with(AP, {"rules": [{"from": [{"source": {"principals": None, "namespaces": ["bar"]}}]}]}),
+    _with(AP, {"rules": [{"to": [{"operation": {"ports": ["8080"], "methods": []}}]}]}),
     _with(HR, {"parentRefs": [SVC_REF], "rules": [{"backendRefs": [{**SVC_REF, "weight": 90}]}]}),
 ]
 
@@ -35,6 +38,21 @@ BAD = [
     (_with(AP, {"action": "CUSTOM"}), "spec", "requires a provider"),
     (_with(AP, {"action": "DENY", "provider": {"name": "x"}}), "spec", "cannot have a provider"),
     (_with(AP, {"rules": [{"from": [{"source": {}}]}]}), "spec.rules.0.from.0.source", "must not be empty"),
+    # Istio's webhook compares len() == 0: a list written as [] is empty too
+    (
+        _with(AP, {"rules": [{"from": [{"source": {"principals": []}}]}]}),
+        "spec.rules.0.from.0.source",
+        "must not be empty",
+    ),
+    (_with(AP, {"rules": [{"to": [{"operation": {"ports": []}}]}]}), "to.0.operation", "not be empty"),
+    (_with(AP, {"rules": [{"from": []}]}), "spec.rules.0", "`from` must not be empty"),
+    (_with(AP, {"rules": [{"to": []}]}), "spec.rules.0", "`to` must not be empty"),
+    # ports as the agent reads them: digits only (pydantic alone would take "+8080" or "8_080")
+    (_with(PA, {"selector": {"matchLabels": {"a": "b"}}, "portLevelMtls": {"+8080": {"mode": "STRICT"}}}),
+     "spec.portLevelMtls", "not a number"),
+    (_with(PA, {"selector": {"matchLabels": {"a": "b"}}, "portLevelMtls": {"8_080": {"mode": "STRICT"}}}),
+     "spec.portLevelMtls", "not a number"),
+    (_with(PA, {"selector": {"matchLabels": {"a": "b"}}, "portLevelMtls": {}}), "portLevel", "at least one"),
     (_with(AP, {"rules": [{"to": [{"operation": {"ports": ["0"]}}]}]}), "spec.rules.0.to.0", "between 1"),
     (_with(AP, {"rules": [{"from": [{"source": {"principal": ["a"]}}]}]}), "principal", "Extra inputs"),
     (_with(AP, {"targetRef": {"kind": "Service", "name": "s"}}), "spec", "not supported"),
