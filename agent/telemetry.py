@@ -15,9 +15,11 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from enum import StrEnum
 from wsgiref.simple_server import WSGIServer
 
@@ -139,7 +141,10 @@ def merge_rule(family: str, labels: Mapping[str, str]) -> MergeRule:
     return MergeRule.PER_PROCESS
 
 
-def _series(sample: Sample) -> tuple[str, tuple[tuple[str, str], ...]]:
+SeriesKey = tuple[str, tuple[tuple[str, str], ...]]  # a sample's name and its sorted labels
+
+
+def _series(sample: Sample) -> SeriesKey:
     return sample.name, tuple(sorted(sample.labels.items()))
 
 
@@ -159,7 +164,7 @@ def merge_families(
         if target is None:
             target = merged[family.name] = Metric(family.name, family.documentation, family.type, family.unit)
         target.samples.extend(family.samples)
-    positions: dict[str, dict[tuple[str, tuple[tuple[str, str], ...]], int]] = {}
+    positions: dict[str, dict[SeriesKey, int]] = {}
     conflicts: list[tuple[int, str]] = []
     for index, families in workers:
         worker = str(index)
@@ -195,6 +200,112 @@ def merge_families(
     return list(merged.values()), conflicts
 
 
+# How long a summed counter series that no process reports any more (a removed pod's, a worker's that
+# stays down) is still exported with its held value; then its state is dropped. This bounds the
+# state: series are held only while some process reported them within this time.
+HELD_SERIES_TTL = 600.0
+HELD_PART = -1  # the index `merge_families` is given for the held values (they are no worker's)
+
+
+def _counting_samples(family: Metric) -> Iterator[Sample]:
+    """The samples of `family` that are summed over the processes and only ever grow: counters,
+    and histogram and summary buckets, counts and sums (not gauges, nor a summary's quantiles)."""
+    if family.type not in ("counter", "histogram", "summary"):
+        return
+    for s in family.samples:
+        if family.type == "counter":
+            counting = not s.name.endswith("_created")  # a start time
+        else:
+            counting = s.name.endswith(("_bucket", "_count", "_sum"))
+        if counting and merge_rule(family.name, s.labels) is MergeRule.SUM:
+            yield s
+
+
+@dataclass(slots=True)
+class _Held:
+    """One summed counter series that workers reported: its family, and what its sum rests on."""
+
+    family: str
+    documentation: str
+    type: str
+    base: float = 0.0  # the last values of worker processes that restarted, or of series reset
+    last: dict[int, float] = field(default_factory=dict)  # per worker index: its last value
+    reported: float = 0.0  # monotonic time any process last reported the series
+
+
+class HeldCounters:
+    """Keeps the node's summed counters from going down: Prometheus reads any decrease as a reset to
+    0, and `rate()`/`increase()` then count the whole total again.
+
+    Each worker's last value of each summed counter series is held, and stands in for it while the
+    worker (or the series in it) is missing from a scrape: no answer in time, down, restarting. When
+    a worker restarts (another pid or restart count), or a series of it goes down (a restart its pid
+    did not show), its held values are folded into the series' `base`, which stays in the sum: the
+    node's counter goes on from where it was. Gauges are not held: a missing worker's are left out.
+    The main process's own values are never held (a new main process is a new agent: a real reset).
+
+    Not thread-safe: `WorkerMetrics` calls `held` for one collection at a time.
+    """
+
+    def __init__(self, *, ttl: float = HELD_SERIES_TTL, clock: Callable[[], float] = time.monotonic) -> None:
+        self._ttl = ttl
+        self._clock = clock
+        self._series: dict[SeriesKey, _Held] = {}
+        self._processes: dict[int, tuple[int | None, int]] = {}  # per worker index: (pid, restarts)
+
+    def held(
+        self, own: Sequence[Metric], scraped: Sequence[tuple[ProxyWorker, Sequence[Metric]]]
+    ) -> list[Metric]:
+        """Record the counters of the workers just scraped; return the families to add to the sum
+        besides `own` and `scraped`: the held values of what is missing, and the bases."""
+        now = self._clock()
+        fresh: dict[int, set[SeriesKey]] = {}
+        for w, families in scraped:
+            process = (w.pid, w.restarts)
+            if self._processes.setdefault(w.index, process) != process:
+                self._retire(w.index)  # a new process: its counters started again from 0
+                self._processes[w.index] = process
+            fresh[w.index] = seen = set()
+            for family in families:
+                for s in _counting_samples(family):
+                    key = _series(s)
+                    held = self._series.get(key)
+                    if held is None:
+                        held = self._series[key] = _Held(family.name, family.documentation, family.type)
+                    last = held.last.get(w.index)
+                    if last is not None and s.value < last:
+                        held.base += last
+                    held.last[w.index] = s.value
+                    held.reported = now
+                    seen.add(key)
+        for family in own:
+            for s in _counting_samples(family):
+                if (held := self._series.get(_series(s))) is not None:
+                    held.reported = now
+        out: dict[str, Metric] = {}
+        for key, held in list(self._series.items()):
+            if now - held.reported > self._ttl:
+                del self._series[key]
+                continue
+            missing = [value for index, value in held.last.items() if key not in fresh.get(index, ())]
+            if not missing and not held.base:
+                continue
+            target = out.get(held.family)
+            if target is None:
+                target = out[held.family] = Metric(held.family, held.documentation, held.type)
+            target.samples.append(Sample(key[0], dict(key[1]), held.base + sum(missing)))
+        return list(out.values())
+
+    def __len__(self) -> int:
+        """The series held."""
+        return len(self._series)
+
+    def _retire(self, index: int) -> None:
+        for held in self._series.values():
+            if (last := held.last.pop(index, None)) is not None:
+                held.base += last
+
+
 class WorkerMetrics:
     """The main process's registry `own` merged with every up proxy worker's `/metrics`, collected
     as one exposition; plus the workers' up/down gauge and scrape errors. Register it alone in a
@@ -203,7 +314,8 @@ class WorkerMetrics:
 
     Collecting blocks (each worker has `timeout` seconds, read at once on a few threads): call it on
     a scrape thread or `asyncio.to_thread`, never on the event loop. A worker that does not answer, or
-    answers what does not parse, is left out of that collection, logged and counted.
+    answers what does not parse, is left out of that collection, logged and counted; its summed
+    counters keep their last values (`HeldCounters`), so the node's never go down.
     """
 
     def __init__(
@@ -219,6 +331,9 @@ class WorkerMetrics:
         self._timeout = timeout
         self._fetch = fetch or self._fetch_admin
         self._lock = threading.Lock()  # the :15020 thread and the admin route may collect at once
+        # ... but one at a time: a scrape recorded in `_held` after a newer one would look like a reset
+        self._collecting = threading.Lock()
+        self._held = HeldCounters()
         self.scrape_errors: Counter[int] = Counter()
 
     def _fetch_admin(self, w: ProxyWorker) -> str:
@@ -228,6 +343,24 @@ class WorkerMetrics:
         with self._lock:
             self.scrape_errors[index] += 1
         log.warning("event=proxy_worker_scrape_failed worker=%d error=%r", index, error)
+
+    def _merged(self) -> tuple[list[ProxyWorker], list[ProxyWorker], list[Metric]]:
+        """The workers, those up, and the merged families (own, the up workers' and the held)."""
+        workers = list(self._workers())
+        up = [w for w in workers if w.up]
+        if len(up) > 1:
+            with ThreadPoolExecutor(min(len(up), SCRAPE_THREADS), thread_name_prefix="worker-scrape") as pool:
+                scraped = list(pool.map(self._scrape, up))
+        else:
+            scraped = [self._scrape(w) for w in up]
+        own = list(self._own.collect())
+        answered = [(w, f) for w, f in zip(up, scraped, strict=True) if f is not None]
+        held = self._held.held(own, answered)
+        families, conflicts = merge_families(own, [*((w.index, f) for w, f in answered), (HELD_PART, held)])
+        for index, conflict in conflicts:
+            if index != HELD_PART:  # a held value's conflict was reported when it was scraped
+                self._failed(index, conflict)
+        return workers, up, families
 
     def _scrape(self, w: ProxyWorker) -> list[Metric] | None:
         try:
@@ -239,18 +372,8 @@ class WorkerMetrics:
         return None
 
     def collect(self) -> Iterator[Metric]:
-        workers: Sequence[ProxyWorker] = list(self._workers())
-        up = [w for w in workers if w.up]
-        if len(up) > 1:
-            with ThreadPoolExecutor(min(len(up), SCRAPE_THREADS), thread_name_prefix="worker-scrape") as pool:
-                scraped = list(pool.map(self._scrape, up))
-        else:
-            scraped = [self._scrape(w) for w in up]
-        families, conflicts = merge_families(
-            self._own.collect(), [(w.index, f) for w, f in zip(up, scraped, strict=True) if f is not None]
-        )
-        for index, conflict in conflicts:
-            self._failed(index, conflict)
+        with self._collecting:
+            workers, up, families = self._merged()
         yield from families
         state = GaugeMetricFamily("nodemesh_proxy_workers", "Proxy worker processes by state (the main "
                                   "process not counted)", labels=["state"])

@@ -62,11 +62,19 @@ def worker_id_prefix(index: int) -> str:
 
 
 def die_with_parent() -> bool:
-    """In a worker: get SIGTERM when the main process dies (prctl PR_SET_PDEATHSIG). False when
-    the main process is already gone (this process was re-parented before the call)."""
+    """In a worker: get SIGKILL when the main process dies (prctl PR_SET_PDEATHSIG). False when
+    the main process is already gone (this process was re-parented before the call).
+
+    SIGKILL, not SIGTERM: SIGTERM is acted on by the worker's event loop, and one that is stuck
+    would never act on it, keeping its SO_REUSEPORT listeners (and a share of the pods' new
+    connections) past the next agent's start. Nothing waits for a worker's graceful exit on this
+    path: a main process that stops gracefully stops its workers itself (`WorkerSupervisor.close`:
+    SIGTERM, then SIGKILL). What a killed main process's workers lose is what the main process
+    lost: up to 50 ms of buffered log lines (api/logsink.py) and the close records of the
+    connections they still held, which are reset either way."""
     expected = os.environ.get(PARENT_ENV)
     libc = ctypes.CDLL(None, use_errno=True)
-    if libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0) != 0:
+    if libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
         err = ctypes.get_errno()
         raise OSError(err, f"prctl(PR_SET_PDEATHSIG): {os.strerror(err)}")
     return expected is None or os.getppid() == int(expected)
@@ -128,7 +136,8 @@ class WorkerSupervisor:
     over once a worker has run for `stable_after` seconds) and stops them on `close()`.
 
     Workers inherit stdout/stderr (their log lines say `worker=<index>`) and the main process's
-    cgroup and netns. Each sets PR_SET_PDEATHSIG, so none outlives a main process that is killed.
+    cgroup and netns. Each sets PR_SET_PDEATHSIG (SIGKILL), so none outlives a main process that is
+    killed, even one whose event loop is stuck.
     """
 
     def __init__(

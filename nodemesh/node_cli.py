@@ -108,10 +108,21 @@ class AdminClient:
             conn.close()
             raise CliError(f"cannot talk to the agent at {self.path}: {exc}") from None
         if resp.status != 200:
-            body = resp.read()
-            conn.close()
+            with contextlib.closing(conn), self._reading(timeout):
+                body = resp.read()
             raise CliError(error_message(body, resp.reason))
         return resp
+
+    @contextlib.contextmanager
+    def _reading(self, timeout: float | None) -> Iterator[None]:
+        """A body that stops coming (the agent stopped or hangs mid-answer) as a CliError: `_open`
+        only covers the exchange up to the answer's head."""
+        try:
+            yield
+        except TimeoutError:
+            raise CliError(f"agent for node {self.node} stopped mid-answer (silent {timeout:g}s)") from None
+        except (OSError, http.client.HTTPException) as exc:
+            raise CliError(f"the answer from node {self.node} broke off: {exc}") from None
 
     @staticmethod
     def _target(path: str, params: dict[str, object]) -> str:
@@ -121,15 +132,21 @@ class AdminClient:
     def get_json(self, path: str, **params: object) -> Any:
         resp = self._open(self._target(path, params), self.timeout)
         with contextlib.closing(resp):
+            with self._reading(self.timeout):
+                body = resp.read()
             try:
-                return json.loads(resp.read())
-            except ValueError as exc:
+                return json.loads(body)
+            except (ValueError, RecursionError) as exc:
                 raise CliError(f"the agent sent invalid JSON for {path}: {exc}") from None
 
     def get_text(self, path: str) -> str:
         resp = self._open(path, self.timeout)
-        with contextlib.closing(resp):
-            return resp.read().decode()
+        with contextlib.closing(resp), self._reading(self.timeout):
+            body = resp.read()
+        try:
+            return body.decode()
+        except ValueError as exc:
+            raise CliError(f"the agent sent text that is not UTF-8 for {path}: {exc}") from None
 
     def stream(self, path: str, **params: object) -> Iterator[dict[str, Any]]:
         """Newline-delimited JSON objects until the agent ends the stream."""
@@ -142,8 +159,15 @@ class AdminClient:
                     raise CliError(f"the stream from node {self.node} broke: {exc}") from None
                 if not line:
                     return
-                if line.strip():
-                    yield json.loads(line)
+                if not line.strip():
+                    continue
+                try:
+                    item = json.loads(line)
+                except (ValueError, RecursionError) as exc:  # an agent that stopped mid-line, or a bug
+                    raise CliError(f"the stream from node {self.node} sent invalid JSON: {exc}") from None
+                if not isinstance(item, dict):
+                    raise CliError(f"the stream from node {self.node} sent {line[:80]!r}, not an object")
+                yield item
 
 
 def select_client(node: str | None, sock: Path | None) -> AdminClient:

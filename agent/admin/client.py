@@ -60,6 +60,8 @@ class _Response:
             self._parser.feed_data(data)
         except httptools.HttpParserError as exc:
             raise PeerError(f"bad HTTP answer: {exc}") from None
+        except httptools.HttpParserUpgrade:  # not an HttpParserError: a 101 or an answer to CONNECT
+            raise PeerError("bad HTTP answer: it switches protocols") from None
         if len(self.body) > self.limit:
             raise PeerError(f"answer larger than {self.limit} bytes")
 
@@ -122,7 +124,7 @@ async def get_json(path: Path, target: str, *, timeout: float) -> Any:
     body = await get(path, target, timeout=timeout)
     try:
         return json.loads(body)
-    except ValueError as exc:
+    except (ValueError, RecursionError) as exc:  # RecursionError: nested deeper than the parser goes
         raise PeerError(f"invalid JSON: {exc}") from None
 
 

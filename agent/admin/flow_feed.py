@@ -37,6 +37,10 @@ POLL_INTERVAL = 1.0  # seconds between reads of the supervisor's `workers()`
 CONNECT_TIMEOUT = 1.0  # to connect and get the stream's head
 BACKOFF_MIN = 0.05
 BACKOFF_MAX = 2.0
+# What a line that is not understood raises: json.loads (ValueError; RecursionError when nested too
+# deep), a missing or wrongly typed field (KeyError, TypeError, AttributeError), int() of an
+# infinite float (OverflowError)
+_BAD_LINE = (ValueError, KeyError, TypeError, AttributeError, OverflowError, RecursionError)
 
 
 @dataclass(slots=True)
@@ -174,7 +178,7 @@ class WorkerFlowFeed:
                 self.flows["lost"][index] += count
             else:
                 raise ValueError(f"unexpected line kind {kind!r}")
-        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        except _BAD_LINE as exc:
             self.flows["malformed"][index] += 1
             stream.malformed += 1
             log.log(logging.WARNING if stream.malformed == 1 else logging.DEBUG,
@@ -187,7 +191,7 @@ class WorkerFlowFeed:
                 raise ValueError(f"first line is {item['kind']!r}, not start")
             ring_id = str(item.get("ring_id") or "")
             added, stored = int(item["ring"]["added"]), int(item["ring"]["stored"])
-        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        except _BAD_LINE as exc:
             raise PeerError(f"bad first line of the flow stream: {exc}; {line[:200]!r}") from None
         pos = self._positions.setdefault(index, _Position())
         first = added - stored + 1  # sequence number of the first stored record (all are sent)

@@ -11,12 +11,13 @@ thread-safe).
 from __future__ import annotations
 
 import asyncio
+import math
 import secrets
 from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass, fields
 from enum import StrEnum
-from typing import Any
+from typing import Any, get_args, get_type_hints
 
 DEFAULT_CAPACITY = 10_000
 DEFAULT_SUBSCRIBER_QUEUE = 4_096
@@ -76,16 +77,37 @@ class FlowRecord:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> FlowRecord:
-        # per record of every proxy worker in the main process (agent/admin/flow_feed.py): a set
+        # per record of every proxy worker in the main process (agent/admin/flow_feed.py): a dict
         # made once, not `dataclasses.fields` per call (which was half of this method's cost)
-        values = {k: v for k, v in data.items() if k in _FIELD_SET}
+        values = {k: v for k, v in data.items() if k in _FIELD_TYPES}
+        # A worker's record joins the main ring as is: a wrongly typed field (a `time` that is a
+        # string) would break every later `?since=` filter and the CLI's table, not this call.
+        for name, value in values.items():
+            # exact types, as JSON gives them: a bool is no int here; NaN and Infinity are no time
+            kind = type(value)
+            if kind not in _FIELD_TYPES[name] or (kind is float and not math.isfinite(value)):
+                raise TypeError(f"flow field {name} is {value!r:.50} ({type(value).__name__})")
         values["event"] = FlowEvent(values["event"])
         values["verdict"] = Verdict(values["verdict"])
         return cls(**values)
 
 
+def _json_types(hint: Any) -> tuple[type, ...]:
+    """The exact types a field of type `hint` is read from: an enum's value is its string (or the
+    enum), a float may be written as an int."""
+    out: list[type] = []
+    for t in get_args(hint) or (hint,):
+        if t is float:
+            out += [int, float]
+        elif isinstance(t, type) and issubclass(t, StrEnum):
+            out += [str, t]
+        else:
+            out.append(t)
+    return tuple(out)
+
+
 _FIELD_NAMES = tuple(f.name for f in fields(FlowRecord))
-_FIELD_SET = frozenset(_FIELD_NAMES)
+_FIELD_TYPES = {name: _json_types(hint) for name, hint in get_type_hints(FlowRecord).items()}
 
 
 @dataclass(frozen=True, slots=True)

@@ -41,15 +41,20 @@ class WorkerPeers:
                 return await client.get_json(w.admin_socket, target, timeout=self.timeout)
             except PeerError as exc:
                 self._failed(w, target, str(exc))
-                return None
+            except Exception as exc:  # what the client did not foresee: a worker's nonsense or a bug
+                self._failed(w, target, repr(exc), unexpected=True)
+            return None
 
         answers = await asyncio.gather(*(ask(w) for w in workers))
         return list(zip(workers, answers, strict=True))
 
-    def _failed(self, w: ProxyWorker, target: str, error: str) -> None:
+    def _failed(self, w: ProxyWorker, target: str, error: str, *, unexpected: bool = False) -> None:
+        """Count and log a worker left out; `unexpected` (not a PeerError) is logged as an error with
+        its traceback: one worker's answer never fails the main process's, but the bug is found."""
         self.failures += 1
-        log.warning("event=proxy_worker_unreachable worker=%d socket=%s request=%s error=%r",
-                    w.index, w.admin_socket, target, error)
+        log.log(logging.ERROR if unexpected else logging.WARNING,
+                "event=proxy_worker_unreachable worker=%d socket=%s request=%s error=%r",
+                w.index, w.admin_socket, target, error, exc_info=unexpected)
 
     async def connections(self) -> tuple[list[dict[str, Any]], list[int]]:
         """The up workers' connections (each row with its `worker` index), and the indexes of the up

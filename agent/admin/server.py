@@ -41,6 +41,8 @@ log = logging.getLogger("nodemesh.agent.admin")
 
 MAX_REQUEST_BYTES = 16 * 1024
 REQUEST_TIMEOUT = 10.0
+CLOSE_TIMEOUT = 1.0  # seconds a connection's last answer gets to reach the client once served
+MAX_INT_DIGITS = 9  # `last`, `port`: more is a typo or an attack, not a request
 STREAM_BATCH = 512  # records per chunk when a follower is behind
 FOLLOW_COALESCE = 0.02  # seconds a follower waits after a record for more to send with it
 
@@ -114,8 +116,11 @@ def _int_param(query: dict[str, list[str]], key: str) -> int | None:
     raw = _one(query, key)
     if not raw:
         return None
-    if not raw.isdigit():
-        raise HttpError(400, f"{key} must be a non-negative integer, got {raw!r}")
+    # ASCII digits only: str.isdigit() also takes '²', which int() refuses; and a bounded length,
+    # as int() refuses more than 4300 digits (a 500, not the client's 400, either way)
+    if not (raw.isascii() and raw.isdigit() and len(raw) <= MAX_INT_DIGITS):
+        raise HttpError(400, f"{key} must be a non-negative integer of at most {MAX_INT_DIGITS} digits, "
+                             f"got {raw[:20]!r}")
     return int(raw)
 
 
@@ -229,16 +234,22 @@ class AdminServer:
             self._handlers.add(task)
         try:
             await self._serve_connection(reader, writer)
+            writer.close()
+            async with asyncio.timeout(CLOSE_TIMEOUT):
+                await writer.wait_closed()  # the answer's last bytes reach a client that reads
         except (ConnectionError, asyncio.IncompleteReadError, TimeoutError):
-            pass  # the client went away: nothing to answer
+            pass  # the client went away, or does not read: nothing more to send
         except asyncio.CancelledError:
-            pass
+            pass  # close()
         finally:
+            # Unsent bytes are dropped (a no-op after a clean close). Closing gracefully would wait
+            # for a client that never reads (`nodemesh flows -f | less`, paused) to read them: this
+            # task, close() and the agent's SIGTERM path with it, for as long as it does not.
+            writer.transport.abort()
+            with contextlib.suppress(Exception):
+                await writer.wait_closed()  # after abort(): at the loop's next iteration
             if task is not None:
                 self._handlers.discard(task)
-            writer.close()
-            with contextlib.suppress(Exception):
-                await writer.wait_closed()
 
     async def _serve_connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         collector = _RequestCollector()
@@ -256,6 +267,10 @@ class AdminServer:
                     collector.parser.feed_data(data)
                 except httptools.HttpParserError as exc:
                     await self._send_error(writer, HttpError(400, f"bad request: {exc}"), keep_alive=False)
+                    return
+                except httptools.HttpParserUpgrade:  # not an HttpParserError: Upgrade or CONNECT
+                    await self._send_error(writer, HttpError(400, "bad request: the admin API does not "
+                                                             "switch protocols or CONNECT"), keep_alive=False)
                     return
             request = collector.done.pop(0)
             received = 0

@@ -61,6 +61,25 @@ async def test_a_missing_socket_and_garbage_are_peer_errors(sock: Path) -> None:
             await client.get_json(sock, "/v1/status", timeout=1)
 
 
+async def test_a_protocol_switch_and_too_deep_json_are_peer_errors(sock: Path) -> None:
+    """httptools raises HttpParserUpgrade (no HttpParserError) on a 101, json.loads RecursionError (no
+    ValueError) on deep nesting: the main process's callers handle PeerError alone."""
+    switch = b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n"
+    async with answering(sock, switch):
+        with pytest.raises(PeerError, match="switches protocols"):
+            await client.get(sock, "/v1/status", timeout=1)
+        lines = client.stream_lines(sock, "/v1/flows?follow=1", timeout=1)
+        with pytest.raises(PeerError, match="switches protocols"):
+            async with contextlib.aclosing(lines):
+                await anext(lines)
+        with pytest.raises(PeerError, match="switches protocols"):
+            await asyncio.to_thread(client.get_blocking, sock, "/metrics", timeout=1)
+    deep = b"[" * 100_000 + b"]" * 100_000
+    async with answering(sock, head("200 OK", len(deep)) + deep):
+        with pytest.raises(PeerError, match="invalid JSON"):
+            await client.get_json(sock, "/v1/connections", timeout=1)
+
+
 async def test_a_body_over_the_limit_is_refused(sock: Path) -> None:
     async with answering(sock, head("200 OK", 5000) + b"x" * 5000):
         with pytest.raises(PeerError, match="larger than 1000 bytes"):

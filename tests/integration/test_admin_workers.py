@@ -208,6 +208,51 @@ async def test_a_worker_that_hangs_or_answers_garbage_is_left_out_and_named(run_
     assert peers.failures == 6
 
 
+@pytest.mark.parametrize("garbage", [
+    b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n",
+    http_200(b"[" * 100_000 + b"]" * 100_000),
+], ids=["101-upgrade", "deeply-nested-json"])
+async def test_a_worker_answering_an_upgrade_or_too_deep_json_is_named_not_a_500(
+    run_dir: Path, garbage: bytes
+) -> None:
+    """httptools raises HttpParserUpgrade (no HttpParserError) on a 101, json.loads RecursionError (no
+    ValueError) on deep nesting: both are a worker left out, never the main process's 500."""
+    peers = WorkerPeers(lambda: [info(1, sock(run_dir, 1))], timeout=0.5)
+    main = AdminServer(ProcessSources([conn("c1", 3)]), FlowRing(), sock(run_dir, 0), peers=peers)
+    async with serving(main), answering(sock(run_dir, 1), garbage):
+        doc = await client.get_json(sock(run_dir, 0), "/v1/connections", timeout=5)
+        certs = await client.get_json(sock(run_dir, 0), "/v1/certs", timeout=5)
+        status = await client.get_json(sock(run_dir, 0), "/v1/status", timeout=5)
+    assert [r["id"] for r in doc["connections"]] == ["c1"]
+    assert doc["workers_unreachable"] == certs["workers_unreachable"] == [1]
+    assert status["workers"][0]["connections"] is None
+    assert (main.errors, peers.failures) == (0, 3)
+
+
+async def test_an_unforeseen_error_asking_a_worker_leaves_it_out_and_is_logged(
+    run_dir: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The last resort: whatever reading one worker raises (a bug here) costs that worker's part only."""
+    w1 = AdminServer(ProcessSources([conn("w1c1", 2)]), FlowRing(), sock(run_dir, 1), worker_index=1)
+    peers = WorkerPeers(lambda: [info(1, sock(run_dir, 1)), info(2, sock(run_dir, 2))], timeout=0.5)
+    main = AdminServer(ProcessSources([conn("c1", 3)]), FlowRing(), sock(run_dir, 0), peers=peers)
+    real = client.get_json
+
+    async def get_json(path: Path, target: str, *, timeout: float) -> Any:
+        if path == sock(run_dir, 2):
+            raise RuntimeError("a bug")
+        return await real(path, target, timeout=timeout)
+
+    monkeypatch.setattr(client, "get_json", get_json)
+    async with serving(main, w1):
+        doc = await client.get_json(sock(run_dir, 0), "/v1/connections", timeout=5)
+    assert [r["id"] for r in doc["connections"]] == ["c1", "w1c1"]
+    assert doc["workers_unreachable"] == [2]
+    assert (main.errors, peers.failures) == (0, 1)
+    (logged,) = [r for r in caplog.records if r.levelname == "ERROR"]
+    assert "worker=2" in logged.getMessage() and logged.exc_info is not None
+
+
 async def test_status_lists_the_workers_and_counts_their_connections(run_dir: Path) -> None:
     workers = [info(1, sock(run_dir, 1), restarts=1, last_exit="signal 9"),
                info(2, sock(run_dir, 2), up=False, restarts=2, last_exit="exit 1")]
@@ -353,6 +398,8 @@ async def test_malformed_flow_lines_are_skipped_and_counted(run_dir: Path) -> No
         "{not json",
         {"kind": "flow", "flow": {**good.to_dict(), "event": "exploded"}},
         {"kind": "mystery"},
+        {"kind": "dropped", "count": float("inf")},  # int(inf): OverflowError
+        "[" * 10_000 + "]" * 10_000,  # nested deeper than json.loads goes: RecursionError
         {"kind": "flow", "flow": good.to_dict()},
     ]
     body = b"".join((x if isinstance(x, str) else json.dumps(x)).encode() + b"\n" for x in lines)
@@ -366,14 +413,43 @@ async def test_malformed_flow_lines_are_skipped_and_counted(run_dir: Path) -> No
         finally:
             await feed.close()
     assert list(main_ring) == [good]
-    assert feed.flows["malformed"][1] == 3
+    assert feed.flows["malformed"][1] == 5
+    assert feed.stream_errors[1] == 0  # one stream: the bad lines were skipped, not fatal
     metrics = {(s.name, tuple(sorted(s.labels.items()))): s.value for f in feed.collect() for s in f.samples}
-    assert metrics["nodemesh_proxy_worker_flows_total", (("outcome", "malformed"), ("worker", "1"))] == 3
+    assert metrics["nodemesh_proxy_worker_flows_total", (("outcome", "malformed"), ("worker", "1"))] == 5
     assert metrics["nodemesh_proxy_worker_flows_total", (("outcome", "received"), ("worker", "1"))] == 1
 
 
-async def test_a_bad_first_line_breaks_the_stream_and_it_is_retried(run_dir: Path) -> None:
-    body = b'{"kind":"flow","flow":{}}\n'
+async def test_a_worker_flow_with_a_wrongly_typed_field_is_malformed_not_stored(run_dir: Path) -> None:
+    """A record whose `time` is not a number, once in the main ring, would make every `/v1/flows?since=`
+    (`nodemesh flows --since 5m`) answer 500 until 10,000 newer records evict it."""
+    ring = FlowRing()
+    ring.add(rec("c1"))
+    lines = [{"kind": "start", "ring": {"added": 0, "stored": 0}, "ring_id": "abc"},
+             {"kind": "flow", "flow": {**rec("w1c1").to_dict(), "time": "yesterday"}},
+             {"kind": "flow", "flow": {**rec("w1c2").to_dict(), "dst_port": "5432"}}]
+    body = b"".join(json.dumps(x).encode() + b"\n" for x in lines)
+    answer = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n" + b"%x\r\n%s\r\n" % (len(body), body)
+    main = AdminServer(ProcessSources(), ring, sock(run_dir, 0))
+    feed = feed_for(lambda: [info(1, sock(run_dir, 1))], ring)
+    async with serving(main), answering(sock(run_dir, 1), answer):
+        await feed.start()
+        try:
+            await assert_eventually(lambda: feed.flows["malformed"][1] == 2)
+        finally:
+            await feed.close()
+        since = await client.get_json(sock(run_dir, 0), f"/v1/flows?since={time.time() - 300}", timeout=5)
+    assert [f["connection_id"] for f in since["flows"]] == ["c1"]
+    assert feed.flows["received"][1] == 0
+
+
+@pytest.mark.parametrize("first", [
+    b'{"kind":"flow","flow":{}}',
+    b'{"kind":"start","ring":{"added":Infinity,"stored":0},"ring_id":"abc"}',  # int(inf): OverflowError
+    b"[" * 10_000 + b"]" * 10_000,  # RecursionError
+], ids=["not-start", "infinite-count", "deeply-nested"])
+async def test_a_bad_first_line_breaks_the_stream_and_it_is_retried(run_dir: Path, first: bytes) -> None:
+    body = first + b"\n"
     answer = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n%x\r\n%s\r\n0\r\n\r\n" % (len(body), body)
     feed = feed_for(lambda: [info(1, sock(run_dir, 1))], FlowRing())
     async with answering(sock(run_dir, 1), answer):

@@ -88,6 +88,25 @@ def test_record_round_trips_through_json_dict() -> None:
     assert FlowRecord.from_dict({**d, "future_field": 1}) == r
 
 
+@pytest.mark.parametrize("field", [
+    {"time": "yesterday"}, {"time": float("nan")}, {"time": float("inf")}, {"src_port": "40007"},
+    {"dst_port": True}, {"dst_port": 5432.0}, {"src_ip": None}, {"rule": "0"}, {"duration": "1s"},
+    {"event": 1}, {"connection_id": ["7"]},
+], ids=str)
+def test_a_wrongly_typed_field_is_refused(field: dict[str, object]) -> None:
+    """A worker's record joins the main ring as is (agent/admin/flow_feed.py, which counts the error as
+    malformed): a `time` that is no number would break `?since=` filters and the CLI's table later."""
+    with pytest.raises(TypeError, match=f"flow field {next(iter(field))} is"):
+        FlowRecord.from_dict({**rec(7).to_dict(), **field})
+
+
+def test_optional_and_whole_number_fields_are_read_as_json_writes_them() -> None:
+    d = {**rec(7).to_dict(), "time": 1000, "rule": 2, "duration": 3}
+    r = FlowRecord.from_dict(d)
+    assert (r.time, r.rule, r.duration) == (1000, 2, 3)
+    assert FlowRecord.from_dict({**d, "rule": None, "duration": None}).rule is None
+
+
 async def test_follower_gets_records_added_after_it_subscribed() -> None:
     ring = FlowRing()
     ring.add(rec(0))

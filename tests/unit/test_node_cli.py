@@ -3,8 +3,10 @@ canned API documents (built by the same `agent.admin.views` functions the server
 
 from __future__ import annotations
 
+import contextlib
 import json
 import socket
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -113,6 +115,81 @@ def test_parse_since() -> None:
 def test_flows_rejects_bad_since_and_verdict(run_dir: Path) -> None:
     assert invoke("flows", "--since", "soon", "--node", "x").exit_code == 2
     assert invoke("flows", "--verdict", "maybe").exit_code == 2
+
+
+# --- an agent that stops mid-answer ----------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def canned_agent(path: Path, answer: bytes, hold: bool = False) -> Iterator[None]:
+    """An "agent" on `path` that reads each request and sends `answer`, then hangs up (or, with
+    `hold`, keeps the connection open and says nothing more)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    srv = socket.socket(socket.AF_UNIX)
+    srv.bind(str(path))
+    srv.listen()
+    held: list[socket.socket] = []
+
+    def serve() -> None:
+        while True:
+            try:
+                conn, _ = srv.accept()
+            except OSError:
+                return  # the listening socket was closed: the test is over
+            conn.recv(65536)
+            conn.sendall(answer)
+            if hold:
+                held.append(conn)
+            else:
+                conn.close()
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        srv.shutdown(socket.SHUT_RDWR)  # wakes accept()
+        srv.close()
+        path.unlink()
+        thread.join(5)
+        for conn in held:
+            conn.close()
+
+
+CUT_SHORT = (b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 5000\r\n"
+             b"Connection: close\r\n\r\n{\"flows\": [")
+
+
+@pytest.mark.parametrize("args", [["status"], ["flows"], ["metrics"]], ids=str)
+def test_an_answer_cut_short_is_an_error_not_a_traceback(run_dir: Path, args: list[str]) -> None:
+    """docs/cli.md: errors go to stderr with exit status 1; `http.client` raises IncompleteRead when
+    the agent stops mid-answer, past `_open`, which only covers the answer's head."""
+    path = run_dir / "node1" / "admin.sock"
+    with canned_agent(path, CUT_SHORT):
+        result = invoke(*args, "--socket", str(path))
+    assert result.exit_code == 1 and isinstance(result.exception, SystemExit), repr(result.exception)
+    assert "error: the answer from node node1 broke off: IncompleteRead(11 bytes read" in result.output
+
+
+def test_an_error_answer_cut_short_and_a_silent_agent_are_errors(run_dir: Path) -> None:
+    path = run_dir / "node1" / "admin.sock"
+    error = CUT_SHORT.replace(b"200 OK", b"500 Internal Server Error")
+    with canned_agent(path, error), pytest.raises(node_cli.CliError, match="broke off"):
+        AdminClient("node1", path).get_json("/v1/status")
+    silent = pytest.raises(node_cli.CliError, match=r"stopped mid-answer \(silent 0\.2s\)")
+    with canned_agent(path, CUT_SHORT, hold=True), silent:
+        AdminClient("node1", path, timeout=0.2).get_text("/metrics")
+
+
+def test_a_follow_stream_with_invalid_json_is_an_error(run_dir: Path) -> None:
+    path = run_dir / "node1" / "admin.sock"
+    body = b'{"kind":"start","ring":{}}\n{"kind":"flo\n'
+    stream = (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n%x\r\n%s\r\n0\r\n\r\n"
+              % (len(body), body))
+    with canned_agent(path, stream):
+        result = invoke("flows", "--follow", "--socket", str(path))
+    assert result.exit_code == 1 and isinstance(result.exception, SystemExit), repr(result.exception)
+    assert "error: the stream from node node1 sent invalid JSON" in result.output
 
 
 # --- rendering canned documents -------------------------------------------------------------------

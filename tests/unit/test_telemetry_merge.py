@@ -16,6 +16,7 @@ from agent.admin.client import PeerError
 from agent.heap import GcPauses
 from agent.telemetry import (
     AgentCollector,
+    HeldCounters,
     MergeRule,
     WorkerMetrics,
     merge_families,
@@ -260,3 +261,112 @@ def test_without_workers_the_exposition_is_main_s_plus_the_worker_gauges(
     assert names == [*own, "nodemesh_proxy_workers", "nodemesh_proxy_worker_scrape_errors"]
     assert sample(text, "nodemesh_proxy_workers", {"state": "up"}) == 0
     assert sample(text, "nodemesh_proxy_workers", {"state": "down"}) == 0
+
+
+# --- summed counters never go down: Prometheus reads a decrease as a reset and counts it all again ---
+
+
+class Scrapes:
+    """A main process's merged exposition over time: workers come and go, restart, miss scrapes."""
+
+    def __init__(self, main: Process, workers: dict[int, Process]) -> None:
+        self.workers = workers
+        self.infos = {i: worker(i) for i in workers}
+        self.missing: set[int] = set()  # answer nothing within the deadline
+        exposed = CollectorRegistry()
+        exposed.register(WorkerMetrics(main.registry, lambda: list(self.infos.values()), fetch=self._fetch))
+        self.registry = exposed
+
+    def _fetch(self, w: WorkerInfo) -> str:
+        if w.index in self.missing:
+            raise PeerError("no answer within 0.75s")
+        return self.workers[w.index].text()
+
+    def restart(self, index: int, process: Process) -> None:
+        old = self.infos[index]
+        self.infos[index] = WorkerInfo(index=index, pid=old.pid + 100 if old.pid else 1, up=True,
+                                       admin_socket=old.admin_socket, restarts=old.restarts + 1)
+        self.workers[index] = process
+
+    def text(self) -> str:
+        return generate_latest(self.registry).decode()
+
+
+WEB = dict(zip(LABELS, WEB_DB, strict=True))
+API = dict(zip(LABELS, API_DB, strict=True))
+OPENED = "istio_tcp_connections_opened_total"
+
+
+def test_a_worker_missing_a_scrape_keeps_its_last_counters_in_the_sum(node: Node) -> None:
+    scrapes = Scrapes(*node)
+    first = scrapes.text()
+    assert (sample(first, OPENED, WEB), sample(first, OPENED, API)) == (3 + 5 + 1, 2)
+    scrapes.missing = {1}  # busy for 0.75 s: its last values stand in, the sums stay
+    second = scrapes.text()
+    assert (sample(second, OPENED, WEB), sample(second, OPENED, API)) == (3 + 5 + 1, 2)
+    # gauges are not held: a missing worker's are left out (`opened` is a gauge family's sample)
+    assert sample(second, "nodemesh_proxy_stat", {"stat": "opened"}) == 3 + 1
+    scrapes.infos[2] = worker(2, up=False)  # down: its counters are held too
+    scrapes.missing = set()  # worker 1 answers again
+    third = scrapes.text()
+    assert (sample(third, OPENED, WEB), sample(third, OPENED, API)) == (3 + 5 + 1, 2)
+
+
+def test_a_restarted_worker_s_counters_go_on_from_the_node_s_sum(node: Node) -> None:
+    main, workers = node
+    scrapes = Scrapes(main, workers)
+    assert sample(scrapes.text(), OPENED, WEB) == 3 + 5 + 1
+    # worker 1 restarted and has opened 7 web→db connections since, more than before: only its new
+    # pid tells; and none api→db, whose 2 stay in the sum
+    scrapes.restart(1, Process({WEB_DB: 7}, {}, 100))
+    text = scrapes.text()
+    assert sample(text, OPENED, WEB) == 3 + 5 + 7 + 1
+    assert sample(text, OPENED, API) == 2
+    # worker 2 restarted unseen (its pid read before, its metrics after the restart): its counter
+    # went down, from 1 to 0
+    scrapes.workers[2] = Process({WEB_DB: 0}, {}, 100)
+    assert sample(scrapes.text(), OPENED, WEB) == 3 + 5 + 7 + 1
+    scrapes.workers[2] = Process({WEB_DB: 4}, {}, 100)
+    assert sample(scrapes.text(), OPENED, WEB) == 3 + 5 + 7 + 1 + 4
+
+
+def test_held_histograms_keep_buckets_count_and_sum() -> None:
+    def setup(count: float, **labels: str) -> list[Metric]:
+        family = HistogramMetricFamily("nodemesh_proxy_setup_seconds", "setup", labels=list(labels))
+        buckets = [("1", count), ("+Inf", count)]
+        family.add_metric(list(labels.values()), buckets=buckets, sum_value=count / 10)
+        return [family]
+
+    held = HeldCounters()
+    assert held.held([], [(worker(1), setup(4, path="hbone"))]) == []  # all there: nothing to add
+    (family,) = held.held([], [])  # worker 1 missing
+    assert family.type == "histogram"
+    assert sorted((s.name, s.labels.get("le"), s.value) for s in family.samples) == [
+        ("nodemesh_proxy_setup_seconds_bucket", "+Inf", 4),
+        ("nodemesh_proxy_setup_seconds_bucket", "1", 4),
+        ("nodemesh_proxy_setup_seconds_count", None, 4),
+        ("nodemesh_proxy_setup_seconds_sum", None, 0.4),
+    ]
+
+
+def test_held_series_no_process_reports_are_dropped_after_a_while() -> None:
+    """A removed pod's series (its label set) would otherwise be held for ever: memory is bounded by
+    the series some process reported within the TTL."""
+    now = [0.0]
+    held = HeldCounters(ttl=600, clock=lambda: now[0])
+
+    def opened(value: float, pod: str) -> list[Metric]:
+        family = CounterMetricFamily("istio_tcp_connections_opened", "opened", labels=["source_workload"])
+        family.add_metric([pod], value)
+        return [family]
+
+    def held_values(families: list[Metric]) -> dict[str, float]:
+        return {s.labels["source_workload"]: s.value for f in families for s in f.samples}
+
+    assert held.held([], [(worker(1), opened(5, "web") + opened(2, "gone"))]) == []
+    now[0] = 300
+    # worker 1 misses scrapes from now on; the main process reports `web` (it opened one too)
+    assert held_values(held.held(opened(1, "web"), [])) == {"web": 5, "gone": 2}
+    now[0] = 700
+    assert held_values(held.held([], [])) == {"web": 5}  # `gone`: no process reported it for 700 s
+    assert len(held) == 1

@@ -243,3 +243,57 @@ def test_workers_start_without_running_at_fork_handlers(tmp_path: Path) -> None:
     lines = proc.stdout.splitlines()
     assert lines[0] == f"fork: {signal.SIGABRT}", lines  # the handler is in place: a forked child aborts
     assert lines[1] == "worker: exit 5", lines  # the worker ran its own code to the end
+
+
+# A worker as agent/main.py runs one (die_with_parent, SIGTERM handled on its loop), whose loop hangs.
+HUNG_WORKER = """
+import asyncio, os, signal, sys, time
+from agent.workers import die_with_parent
+async def main():
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, asyncio.Event().set)
+    assert die_with_parent()
+    open(sys.argv[1], "w").write(str(os.getpid()))
+    time.sleep(60)  # the loop is stuck (a blocking call, a deadlock): it never acts on SIGTERM
+asyncio.run(main())
+"""
+
+# A main process that starts one such worker, then waits to be killed.
+KILLED_MAIN = """
+import asyncio, sys
+from pathlib import Path
+from agent.workers import WorkerSupervisor
+async def main():
+    sup = WorkerSupervisor(Path(sys.argv[1]) / "admin.sock", 2,
+                           lambda i: [sys.executable, "-c", sys.argv[2], sys.argv[3]])
+    await sup.start()
+    await asyncio.sleep(60)
+asyncio.run(main())
+"""
+
+
+def test_a_worker_with_a_stuck_loop_dies_with_a_killed_main_process(tmp_path: Path) -> None:
+    """PR_SET_PDEATHSIG is SIGKILL: a SIGTERM would wait for the worker's loop, and a stuck one would
+    keep its SO_REUSEPORT listeners (a share of the pods' new connections) after the next agent starts."""
+    pid_file = tmp_path / "worker.pid"
+    root = Path(__file__).resolve().parents[2]
+    main = subprocess.Popen([sys.executable, "-c", KILLED_MAIN, str(tmp_path), HUNG_WORKER, str(pid_file)],
+                            cwd=root, env={**os.environ, "PYTHONPATH": str(root)})
+    worker_pid = None
+    try:
+        deadline = time.monotonic() + 20
+        while not (pid_file.exists() and pid_file.read_text()):
+            assert time.monotonic() < deadline, "the worker did not start"
+            assert main.poll() is None, "the main process exited"
+            time.sleep(0.05)
+        worker_pid = int(pid_file.read_text())
+        main.kill()  # OOM killer, kubectl delete --force, a crash: no close(), no SIGTERM to the workers
+        main.wait()
+        deadline = time.monotonic() + 3
+        while _alive(worker_pid):
+            assert time.monotonic() < deadline, "the worker outlived the killed main process"
+            time.sleep(0.02)
+    finally:
+        main.kill()
+        main.wait()
+        if worker_pid is not None and _alive(worker_pid):
+            os.kill(worker_pid, signal.SIGKILL)
