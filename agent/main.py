@@ -172,11 +172,23 @@ class NodeAgent:
         self.stats["reconciles"] += 1
         if not plan:
             return plan
-        # Write ahead: a crash mid-plan must leave every pod that may hold pins on record.
-        self._save({**self.reconciler.known(), **{r.uid: r for r in plan.enroll}})
+        # Write ahead: a crash mid-plan must leave every pod that may hold pins on record. The record
+        # holds one ref per key: a changed pod keeps its old ref (whose netns holds the pins) until
+        # that one is released, then the new ref takes its place before it is enrolled.
+        incoming = {r.uid: r for r in plan.enroll}
+        self._save({**incoming, **self.reconciler.known()})
+        still_held: set[str] = set()
         for ref in plan.unenroll:
-            await self._unenroll(ref)
+            if not await self._unenroll(ref):
+                still_held.add(ref.uid)
+            elif ref.uid in incoming:
+                self._save({**incoming, **self.reconciler.known()})
         for ref in plan.enroll:
+            if ref.uid in still_held:
+                # The datapath enrolls by key: the old enrollment must go first. Retried next pass.
+                log.warning("event=pod_enroll_deferred pod=%s netns=%s reason=old_enrollment_not_released",
+                            ref.uid, ref.netns_path)
+                continue
             await self._enroll(ref)
         self._save(self.reconciler.known())
         log.info("event=reconciled enrolled=%d unenroll=%d enroll=%d failed=%d",
@@ -185,12 +197,17 @@ class NodeAgent:
         return plan
 
     async def _enroll(self, ref: PodRef) -> None:
+        in_datapath = False
         try:
             ep = await asyncio.to_thread(self._dp.enroll, ref)
+            in_datapath = True
             await self._relay.serve(ep)
         except Exception as exc:
             self.stats["enroll_errors"] += 1
-            self.reconciler.enroll_failed(ref, str(exc))
+            if in_datapath:  # the datapath holds the pod: keep it known, or nothing ever releases it
+                self.reconciler.serve_failed(ref, str(exc))
+            else:
+                self.reconciler.enroll_failed(ref, str(exc))
             log.error("event=pod_enroll_failed pod=%s netns=%s ip=%s error=%r action=retry_later",
                       ref.uid, ref.netns_path, ref.ip, str(exc))
             return
@@ -199,7 +216,8 @@ class NodeAgent:
         log.debug("event=pod_serving pod=%s netns=%s ip=%s netns_cookie=%d",
                  ref.uid, ref.netns_path, ref.ip, ep.netns_cookie)
 
-    async def _unenroll(self, ref: PodRef) -> None:
+    async def _unenroll(self, ref: PodRef) -> bool:
+        """Stop serving ``ref`` and release it in the datapath; False when that failed."""
         try:
             await self._relay.stop(ref.uid)
             await asyncio.to_thread(self._dp.unenroll, ref)
@@ -208,10 +226,11 @@ class NodeAgent:
             self.reconciler.unenroll_failed(ref, str(exc))
             log.error("event=pod_unenroll_failed pod=%s netns=%s error=%r action=retry_later",
                       ref.uid, ref.netns_path, str(exc))
-            return
+            return False
         self.stats["unenrolled"] += 1
         self.reconciler.unenroll_succeeded(ref)
         log.debug("event=pod_released pod=%s netns=%s", ref.uid, ref.netns_path)
+        return True
 
     def _save(self, pods: Mapping[str, PodRef]) -> None:
         if self._store is None:

@@ -145,10 +145,11 @@ class Plan:
 class Reconciler:
     """Level-triggered enrollment state of one node.
 
-    ``enrolled``: pods this process enrolled (listeners held). ``leftover``: pods a previous agent
-    process enrolled (their pins survive it) that this one has not dealt with yet; after a restart
-    each is either enrolled again (re-using its pinned link) or unenrolled. ``failures``: pod key →
-    last error, retried by the next ``plan``.
+    ``enrolled``: pods this process enrolled (listeners held). ``leftover``: pods with datapath
+    state that nothing serves: those a previous agent process enrolled (their pins survive it),
+    and those the datapath enrolled but the proxy failed to serve; each is either enrolled again
+    (re-using its pinned link, then served) or unenrolled. ``failures``: pod key → last error,
+    retried by the next ``plan``.
     """
 
     enrolled: dict[str, PodRef] = field(default_factory=dict)
@@ -165,6 +166,9 @@ class Reconciler:
         released = {r.uid for r in unenroll}
         enroll = [ref for key, ref in sorted(desired.items())
                   if key in released or self.enrolled.get(key) != ref]
+        # A failure of a pod neither wanted nor holding datapath state is moot: forget it.
+        known = self.known()
+        self.failures = {k: e for k, e in self.failures.items() if k in desired or k in known}
         return Plan(tuple(unenroll), tuple(enroll))
 
     def known(self) -> dict[str, PodRef]:
@@ -177,8 +181,16 @@ class Reconciler:
         self.failures.pop(ref.uid, None)
 
     def enroll_failed(self, ref: PodRef, error: str) -> None:
-        self.enrolled.pop(ref.uid, None)
+        # Only this ref: another one under the key (its unenroll failed) still holds the datapath.
+        if self.enrolled.get(ref.uid) == ref:
+            del self.enrolled[ref.uid]
         self.failures[ref.uid] = error
+
+    def serve_failed(self, ref: PodRef, error: str) -> None:
+        """The datapath enrolled ``ref`` but the proxy could not serve it: the pod holds datapath
+        state, so it stays known (a leftover) for a later pass to serve again or to unenroll."""
+        self.enroll_failed(ref, error)
+        self.leftover[ref.uid] = ref
 
     def unenroll_succeeded(self, ref: PodRef) -> None:
         if self.enrolled.get(ref.uid) == ref:

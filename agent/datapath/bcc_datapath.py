@@ -52,6 +52,16 @@ def check_name(kind: str, value: str) -> str:
     return value
 
 
+def same_pod(held: EnrolledPod, pod: PodRef) -> EnrolledPod:
+    """``held`` when it is the enrollment of ``pod``. Enroll is idempotent by key, so another ref
+    under that key (a recreated sandbox: new netns or IP) must not get the old pod back as if
+    enrolled: refused until the old ref is unenrolled."""
+    if held.pod != pod:
+        raise DatapathError(f"pod {pod.uid}", f"already enrolled with netns {held.pod.netns_path} ip "
+                            f"{held.pod.ip}: unenroll that first")
+    return held
+
+
 def netns_cookie_of(sock: socket.socket) -> int:
     """SO_NETNS_COOKIE of the netns the socket was created in."""
     raw = sock.getsockopt(socket.SOL_SOCKET, SO_NETNS_COOKIE, 8)
@@ -204,7 +214,7 @@ class BccDatapath:
         with self._lock:
             ndir = self._dir()
             if pod.uid in self._pods:
-                return self._pods[pod.uid]
+                return same_pod(self._pods[pod.uid], pod)
             clash = [p.pod.uid for p in self._pods.values() if p.pod.ip == pod.ip]
             if clash:
                 raise DatapathError(f"pod {pod.uid}",
@@ -233,6 +243,12 @@ class BccDatapath:
                                   abi.U32.pack(ep.inbound.fileno()), f"inbound_listener[{pod.ip}]")
                 bpfsys.map_update(self._map_fds["pod_by_netns"], abi.U64.pack(ep.netns_cookie),
                                   abi.pack_pod_info(index), f"pod_by_netns[{pod.uid}]")
+                if link_path.exists() and not _link_in_netns(link_path, pod.netns_path):
+                    # A pin of an earlier enrollment of this key in another netns (a recreated
+                    # sandbox, a lost record): re-using it would leave this netns without sk_lookup.
+                    log.warning("event=stale_sk_lookup_link pod=%s netns=%s action=replace",
+                                pod.uid, pod.netns_path)
+                    link_path.unlink()
                 if link_path.exists():
                     link_fd = bpfsys.obj_get(str(link_path))
                 else:
@@ -282,8 +298,11 @@ class BccDatapath:
             if ep is not None:
                 ep.close()
             removed = remove_source_ip(pod.netns_path)
-            with contextlib.suppress(ValueError):
-                bpfsys.map_delete(self._map_fds["inbound_listener"], abi.pack_ip4_key(pod.ip))
+            if ep is not None:
+                # Only a pod this process holds: the kernel drops a sockhash entry when its socket
+                # closes, so the entry at the IP of a pod held by no one (a previous run's leftover)
+                # is gone or is the listener of another pod enrolled since with that IP.
+                bpfsys.map_delete(self._map_fds["inbound_listener"], abi.pack_ip4_key(ep.pod.ip))
             stale = 0
             if cookie is not None:
                 bpfsys.map_delete(self._map_fds["pod_by_netns"], abi.U64.pack(cookie))
@@ -411,6 +430,13 @@ def remove_source_ip(netns_path: str) -> bool:
         return False
 
 
+def _link_in_netns(link_path: Path, netns_path: str) -> bool:
+    """Whether the pinned sk_lookup link is attached to the netns at ``netns_path``: the link's
+    ``netns_ino`` (0 once its netns is gone) is the nsfs inode of that netns."""
+    info = bpfsys.bpftool_json("link", "show", "pinned", str(link_path))
+    return isinstance(info, dict) and info.get("netns_ino") == os.stat(netns_path).st_ino
+
+
 def check_pinned_map(name: str, path: Path) -> None:
     """bcc does not check a re-used map: compare type, key/value size and max entries."""
     mtype, ksize, vsize, max_entries = abi.MAP_SPECS[name]
@@ -457,7 +483,7 @@ class WorkerDatapath(BccDatapath):
         with self._lock:
             self._dir()
             if pod.uid in self._pods:
-                return self._pods[pod.uid]
+                return same_pod(self._pods[pod.uid], pod)
         # The netns's cookie first, and listeners only once the main process serves the pod: a
         # listener in the reuseport group takes its share of new connections at once.
         index = self._wait_enrolled(pod, self._cookie_of_netns(pod.netns_path))
@@ -478,7 +504,7 @@ class WorkerDatapath(BccDatapath):
         with self._lock:
             if pod.uid in self._pods:  # raced with another enroll of the same pod
                 ep.close()
-                return self._pods[pod.uid]
+                return same_pod(self._pods[pod.uid], pod)
             self._pods[pod.uid] = ep
         log.info("event=pod_enrolled pod=%s ip=%s netns_cookie=%d index=%d source_ip=%s mode=worker",
                  pod.uid, pod.ip, ep.netns_cookie, index, "preserved" if ep.source_ip else "pod")

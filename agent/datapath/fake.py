@@ -1,8 +1,8 @@
 """In-memory :class:`~agent.datapath.interface.Datapath` for unit tests: no kernel, no sockets.
 
-It mirrors the real datapath's rules: idempotent enroll/unenroll, fail closed on unknown
-destinations, entries of a pod dropped on unenroll. ``capture()`` plays the role of
-connect4 + sockops for one connection.
+It mirrors the real datapath's rules: idempotent enroll/unenroll, an enrolled key refuses another
+ref, fail closed on unknown destinations, entries of a pod dropped on unenroll. ``capture()``
+plays the role of connect4 + sockops for one connection.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import itertools
 from pathlib import Path
 
 from agent.datapath import abi
-from agent.datapath.bcc_datapath import check_name
+from agent.datapath.bcc_datapath import check_name, same_pod
 from agent.datapath.errors import DatapathError
 from agent.datapath.interface import EnrolledPod, PodRef
 
@@ -25,6 +25,7 @@ class FakeDatapath:
         self.pod_cgroup: Path | None = None
         self.pods: dict[str, EnrolledPod] = {}
         self.orig_dst_by_tuple: dict[tuple[int, int], tuple[str, int]] = {}
+        self.inbound_listener: dict[str, str] = {}  # pod IP → uid of the pod whose 15006 listener it is
         self._cookies = itertools.count(4096)
         self._counters = dict.fromkeys(abi.COUNTERS, 0)
 
@@ -46,7 +47,7 @@ class FakeDatapath:
         except ValueError as exc:
             raise DatapathError(f"pod {pod.uid}", f"ip {pod.ip!r} is not an IPv4 address") from exc
         if pod.uid in self.pods:
-            return self.pods[pod.uid]
+            return same_pod(self.pods[pod.uid], pod)
         clash = [p.pod.uid for p in self.pods.values() if p.pod.ip == pod.ip]
         if clash:
             raise DatapathError(f"pod {pod.uid}", f"ip {pod.ip} already belongs to enrolled pod {clash[0]}")
@@ -56,12 +57,15 @@ class FakeDatapath:
             raise DatapathError(f"pod {pod.uid}", f"node already has {abi.MAX_PODS} enrolled pods")
         ep = EnrolledPod(pod=pod, netns_cookie=next(self._cookies), pod_index=index)
         self.pods[pod.uid] = ep
+        self.inbound_listener[pod.ip] = pod.uid
         return ep
 
     def unenroll(self, pod: PodRef) -> None:
         self._loaded()
         ep = self.pods.pop(pod.uid, None)
         if ep is not None:
+            # the entry of the enrolled ref (the real map's closes with its listener), never pod.ip's
+            self.inbound_listener.pop(ep.pod.ip, None)
             for key in [k for k in self.orig_dst_by_tuple if k[0] == ep.netns_cookie]:
                 del self.orig_dst_by_tuple[key]
 
@@ -94,3 +98,4 @@ class FakeDatapath:
             self.node, self.pod_cgroup = None, None
             self.pods.clear()
             self.orig_dst_by_tuple.clear()
+            self.inbound_listener.clear()

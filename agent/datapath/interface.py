@@ -48,7 +48,8 @@ class Datapath(Protocol):
         """Load and attach every program (all or nothing), re-using pins of a previous run."""
 
     def enroll(self, pod: PodRef) -> EnrolledPod:
-        """Capture the pod's traffic (idempotent)."""
+        """Capture the pod's traffic (idempotent). DatapathError when another ref of the same
+        key is enrolled: enrollments are kept by key, so the old one must be unenrolled first."""
 
     def unenroll(self, pod: PodRef) -> None:
         """Stop capturing the pod's traffic and forget its state (idempotent)."""

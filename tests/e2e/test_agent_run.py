@@ -487,6 +487,7 @@ def test_agent_restarts_keep_program_and_link_counts_and_reconcile_the_first_sna
         agent.wait_for(r"event=datapath_loaded node=\S+ mode=reused")
         agent.wait_for(r"event=pod_enrolled pod=shop_(client|server) ", count=2)
         assert node_bpf_state(env) == first, f"after restart {round_ + 1}"
+        assert "event=stale_sk_lookup_link" not in agent.log()  # the pinned links were re-used
         out = env.connect("client", env.net.pods["server"].ip, 8000, f"restart-{round_}")
         assert f'"data": "restart-{round_}"' in out["reply"]
         agent.wait_for(r"msg=flow event=close .*src_pod=shop/client ")
@@ -499,6 +500,28 @@ def test_agent_restarts_keep_program_and_link_counts_and_reconcile_the_first_sna
     assert node_bpf_state(env) == (4, 4)
     out = env.connect("client", env.net.pods["server"].ip, 8000, "gone")
     assert out["local"][0] == env.net.pods["client"].ip
+
+
+def test_a_pod_sandbox_recreated_while_the_agent_was_away_is_captured_again(env: Env) -> None:
+    """Same pod, same netns path and IP, a new netns (the sandbox was recreated): the pinned
+    sk_lookup link of the old netns must not be re-used, or the new netns has none and inbound
+    connections reach the app without the proxy."""
+    agent = env.start_agent()
+    agent.wait_for(r"event=pod_enrolled pod=shop_(client|server) ", count=2)
+    assert agent.stop() == 0
+    host = int(env.net.pods["server"].ip.rsplit(".", 1)[1])
+    env.net.remove_pod("server")
+    server = env.net.add_pod("server", host)
+    agent = env.start_agent()
+    agent.wait_for(r"event=stale_sk_lookup_link pod=shop_server .*action=replace")
+    agent.wait_for(r"event=pod_enrolled pod=shop_server ")
+    assert node_bpf_state(env) == (4, 5)  # replaced, not added
+    env.echo_server("server")
+    outsider = env.net.pods["outsider"]
+    out = env.connect("outsider", server.ip, 8000, "recreated")
+    assert '"data": "recreated"' in out["reply"]
+    # taken by sk_lookup to 15006: the inbound side recorded it
+    agent.wait_for(rf"msg=flow event=close .*src={re.escape(outsider.ip)}:{out['local'][1]} ")
 
 
 def test_without_source_ip_preservation_apps_see_their_own_pod_ip(env: Env) -> None:

@@ -161,3 +161,33 @@ def test_unenroll_of_old_ref_keeps_the_new_enrollment() -> None:
     r.enroll_succeeded(new)
     r.unenroll_succeeded(ref("a"))
     assert r.enrolled == {"shop_a": new}
+
+
+def test_failed_enroll_of_a_new_ref_keeps_the_old_ref_enrolled() -> None:
+    # The old ref's unenroll failed, so the datapath still holds it: it must stay on record.
+    r = Reconciler()
+    old, new = ref("a"), PodRef("shop_a", "/var/run/netns/a2", "10.1.0.2")
+    r.enroll_succeeded(old)
+    r.enroll_failed(new, "already enrolled with netns /var/run/netns/a")
+    assert r.enrolled == {old.uid: old}
+    assert r.plan({new.uid: new}) == Plan(unenroll=(old,), enroll=(new,))
+
+
+def test_served_failed_pod_stays_known_and_is_retried_or_released() -> None:
+    r = Reconciler()
+    a = ref("a")
+    r.serve_failed(a, "serve failed")
+    assert r.enrolled == {} and r.known() == {a.uid: a}
+    assert r.plan({a.uid: a}) == Plan(enroll=(a,))
+    assert r.plan({}) == Plan(unenroll=(a,))
+
+
+def test_plan_drops_failures_of_pods_neither_wanted_nor_held() -> None:
+    r = Reconciler()
+    a, b, c = ref("a"), ref("b", "10.1.0.3"), ref("c", "10.1.0.4")
+    r.enroll_failed(a, "no netns")
+    r.enroll_succeeded(b)
+    r.unenroll_failed(b, "busy")
+    r.enroll_failed(c, "no netns")
+    r.plan({c.uid: c})
+    assert set(r.failures) == {b.uid, c.uid}  # b still holds datapath state, c is still wanted

@@ -21,12 +21,15 @@ NODE = "node-a"
 
 
 class NetnsCheckingDatapath(FakeDatapath):
-    """The fake, plus the real datapath's refusal of a netns path that does not exist; counts calls."""
+    """The fake, plus the real datapath's refusal of a netns path that does not exist; counts calls
+    (``unenrolled``: the refs released), fails the next unenroll of the pods in ``fail_unenroll``."""
 
     def __init__(self) -> None:
         super().__init__()
         self.calls: list[tuple[str, str]] = []
+        self.unenrolled: list[PodRef] = []
         self.explode: set[str] = set()
+        self.fail_unenroll: set[str] = set()
 
     def enroll(self, pod: PodRef) -> EnrolledPod:
         self.calls.append(("enroll", pod.uid))
@@ -38,7 +41,34 @@ class NetnsCheckingDatapath(FakeDatapath):
 
     def unenroll(self, pod: PodRef) -> None:
         self.calls.append(("unenroll", pod.uid))
+        if pod.uid in self.fail_unenroll:
+            self.fail_unenroll.discard(pod.uid)
+            raise RuntimeError("injected unenroll failure")
         super().unenroll(pod)
+        self.unenrolled.append(pod)
+
+
+class FlakyRelay(Relay):
+    """The relay, failing the next serve of the pods in ``fail_serve``; with ``hold_stop`` set,
+    stopping a pod waits for that event (a release in progress)."""
+
+    def __init__(self, dp: FakeDatapath) -> None:
+        super().__init__(dp)
+        self.fail_serve: set[str] = set()
+        self.hold_stop: asyncio.Event | None = None
+        self.stopping = asyncio.Event()
+
+    async def serve(self, ep: EnrolledPod) -> None:
+        if ep.pod.uid in self.fail_serve:
+            self.fail_serve.discard(ep.pod.uid)
+            raise OSError("injected serve failure")
+        await super().serve(ep)
+
+    async def stop(self, pod_uid: str | None = None) -> None:
+        self.stopping.set()
+        if self.hold_stop is not None and pod_uid is not None:
+            await self.hold_stop.wait()
+        await super().stop(pod_uid)
 
 
 class Env:
@@ -46,7 +76,7 @@ class Env:
         self.tmp = tmp
         self.dp = NetnsCheckingDatapath()
         self.dp.load(NODE, tmp / "cgroup")
-        self.relay = Relay(self.dp)
+        self.relay = FlakyRelay(self.dp)
         self.store = EnrolledStore(tmp / "state" / NODE)
         self.agent = NodeAgent(NODE, self.dp, self.relay, self.store, resync_interval=0.05)
         self.nonce = 0
@@ -211,6 +241,120 @@ async def test_restart_reconciles_leftovers_with_the_first_snapshot(env: Env) ->
     assert env2.dp.calls == [("unenroll", "shop_gone"), ("enroll", "shop_keep")]
     assert set(env2.store.load()) == {"shop_keep"}
     assert env2.agent.reconciler.leftover == {}
+
+
+async def test_stop_while_releasing_a_changed_pod_keeps_its_old_netns_on_record(env: Env) -> None:
+    # The record is what a restarted agent unenrolls: while the old netns still holds the pod's
+    # datapath state it must name that netns, not the new one.
+    old = env.wl("a", "10.1.0.2", netns=env.netns("a-sandbox-1"))
+    env.push([old], snapshot=True)
+    await env.reconcile()
+    new = env.wl("a", "10.1.0.2", netns=env.netns("a-sandbox-2"))  # the sandbox was recreated
+    env.push([new])
+    env.relay.hold_stop = asyncio.Event()
+    task = asyncio.create_task(env.reconcile())
+    await asyncio.wait_for(env.relay.stopping.wait(), 5)
+    task.cancel()  # SIGTERM mid-release: main.run cancels the reconcile task
+    await asyncio.gather(task, return_exceptions=True)
+    assert env.dp.unenrolled == []
+    assert env.store.load() == {"shop_a": PodRef("shop_a", old.netns, "10.1.0.2")}
+
+    env2 = Env(env.tmp)  # the next process releases the old netns, then enrolls the new one
+    env2.agent.restore(leftover_pods(NODE, env2.store, env.tmp / "bpffs"))
+    env2.push([new], snapshot=True)
+    await env2.reconcile()
+    assert env2.dp.unenrolled == [PodRef("shop_a", old.netns, "10.1.0.2")]
+    assert env2.dp.pods["shop_a"].pod == PodRef("shop_a", new.netns, "10.1.0.2")
+    assert env2.store.load() == {"shop_a": PodRef("shop_a", new.netns, "10.1.0.2")}
+
+
+async def test_record_names_the_new_netns_once_the_old_one_is_released(
+        env: Env, monkeypatch: pytest.MonkeyPatch) -> None:
+    env.push([env.wl("a", "10.1.0.2", netns=env.netns("a-sandbox-1"))], snapshot=True)
+    await env.reconcile()
+    new = env.wl("a", "10.1.0.2", netns=env.netns("a-sandbox-2"))
+    env.push([new])
+    recorded: list[dict[str, PodRef]] = []
+    enroll = env.dp.enroll
+    monkeypatch.setattr(env.dp, "enroll", lambda pod: (recorded.append(env.store.load()), enroll(pod))[1])
+    await env.reconcile()
+    # While the new ref is being enrolled (a crash here), its netns may get pins: it is on record.
+    assert recorded == [{"shop_a": PodRef("shop_a", new.netns, "10.1.0.2")}]
+    assert env.dp.unenrolled[-1].netns_path == env.netns("a-sandbox-1")
+
+
+async def test_changed_pod_is_not_enrolled_until_its_old_enrollment_is_released(env: Env) -> None:
+    # The datapath enrolls by key: enrolling the new ref while the old one is held would leave the
+    # old netns captured and the new one not, while the agent believes the new one enrolled.
+    env.push([env.wl("a", "10.1.0.2", netns=env.netns("a-sandbox-1"))], snapshot=True)
+    await env.reconcile()
+    new = env.wl("a", "10.1.0.3", netns=env.netns("a-sandbox-2"))
+    want = PodRef("shop_a", new.netns, "10.1.0.3")
+    env.dp.fail_unenroll.add("shop_a")
+    env.push([new])
+    await env.reconcile()
+    assert env.dp.calls[-1] == ("unenroll", "shop_a")  # the enroll of the new ref waits
+    assert env.agent.reconciler.enrolled["shop_a"].netns_path.endswith("a-sandbox-1")
+    assert "injected unenroll failure" in env.agent.reconciler.failures["shop_a"]
+    await env.reconcile()  # the retry releases the old ref, then enrolls the new one
+    assert env.agent.reconciler.enrolled == {"shop_a": want}
+    assert env.dp.pods["shop_a"].pod == want
+    assert env.agent.reconciler.failures == {}
+
+
+async def test_pod_whose_serve_failed_stays_known_and_is_released_when_removed(env: Env) -> None:
+    # The datapath enrolled it: forgetting it would leave its state there for good, and a new pod
+    # with its IP would be refused ("already belongs to enrolled pod").
+    a = env.wl("a", "10.1.0.2")
+    env.relay.fail_serve.add("shop_a")
+    env.push([a], snapshot=True)
+    await env.reconcile()
+    assert "injected serve failure" in env.agent.reconciler.failures["shop_a"]
+    assert env.agent.reconciler.leftover == {"shop_a": PodRef("shop_a", a.netns, "10.1.0.2")}
+    assert set(env.store.load()) == {"shop_a"}
+    env.push([env.wl("b", "10.1.0.2")], removals=(resource_key(a),))  # a deleted, b gets its IP
+    await env.reconcile()
+    assert env.enrolled() == {"shop_b"}
+    assert env.agent.reconciler.failures == {}
+    assert set(env.store.load()) == {"shop_b"}
+
+
+async def test_pod_whose_serve_failed_is_served_by_the_next_pass(env: Env) -> None:
+    env.relay.fail_serve.add("shop_a")
+    env.push([env.wl("a", "10.1.0.2")], snapshot=True)
+    await env.reconcile()
+    await env.reconcile()
+    # the second pass gets the pod the datapath holds (idempotent enroll) and serves it
+    assert env.dp.calls == [("enroll", "shop_a"), ("enroll", "shop_a")]
+    assert env.agent.stats["enrolled"] == 1 and env.agent.stats["enroll_errors"] == 1
+    assert set(env.agent.reconciler.enrolled) == {"shop_a"}
+    assert env.agent.reconciler.leftover == {} and env.agent.reconciler.failures == {}
+
+
+async def test_releasing_a_leftover_keeps_the_listener_of_the_pod_now_holding_its_ip(env: Env) -> None:
+    # After a restart a leftover whose netns is gone cannot be re-enrolled; another pod gets its IP.
+    # Releasing the leftover must not drop that pod's inbound_listener entry (SK_DROP of its SYNs).
+    gone = str(env.tmp / "netns" / "a-gone")
+    env.store.save({"shop_a": PodRef("shop_a", gone, "10.1.0.2")})
+    env.agent.restore(leftover_pods(NODE, env.store, env.tmp / "bpffs"))
+    a = env.wl("a", "10.1.0.2", netns=gone)
+    env.push([a, env.wl("b", "10.1.0.2")], snapshot=True)
+    await env.reconcile()
+    assert env.enrolled() == {"shop_b"}
+    env.push([], removals=(resource_key(a),))
+    await env.reconcile()
+    assert env.dp.unenrolled == [PodRef("shop_a", gone, "10.1.0.2")]
+    assert env.dp.inbound_listener == {"10.1.0.2": "shop_b"}
+
+
+async def test_failures_of_pods_no_longer_wanted_are_dropped(env: Env) -> None:
+    ghost = env.wl("ghost", "10.1.0.9", netns=str(env.tmp / "netns" / "ghost"))
+    env.push([ghost, env.wl("a", "10.1.0.2")], snapshot=True)
+    await env.reconcile()
+    assert set(env.agent.reconciler.failures) == {"shop_ghost"}
+    env.push([], removals=(resource_key(ghost),))
+    await env.reconcile()
+    assert env.agent.reconciler.failures == {}
 
 
 def test_leftovers_include_pinned_links_missing_from_the_state_file(tmp_path: Path) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -28,6 +29,26 @@ def test_enroll_is_idempotent(dp: FakeDatapath) -> None:
     first = dp.enroll(POD)
     assert dp.enroll(POD) is first
     assert len(dp.pods) == 1
+
+
+@pytest.mark.parametrize("other", [PodRef(POD.uid, "/var/run/netns/a-2", POD.ip),
+                                   PodRef(POD.uid, POD.netns_path, "10.0.0.6")])
+def test_enrolled_key_refuses_another_ref(dp: FakeDatapath, other: PodRef) -> None:
+    dp.enroll(POD)
+    held = re.escape("already enrolled with netns /var/run/netns/a ip 10.0.0.5")
+    with pytest.raises(DatapathError, match=held):
+        dp.enroll(other)
+    assert dp.pods[POD.uid].pod == POD
+    dp.unenroll(POD)
+    assert dp.enroll(other).pod == other
+
+
+def test_unenroll_of_a_pod_not_held_keeps_the_listener_entry_at_its_ip(dp: FakeDatapath) -> None:
+    dp.enroll(POD)
+    dp.unenroll(PodRef("pod-gone", "/var/run/netns/gone", POD.ip))  # e.g. a restart leftover
+    assert dp.inbound_listener == {POD.ip: POD.uid}
+    dp.unenroll(POD)
+    assert dp.inbound_listener == {}
 
 
 def test_pods_get_distinct_cookies_and_reuse_freed_slots(dp: FakeDatapath) -> None:
