@@ -42,7 +42,8 @@ class FlowRecord:
 
     Pods are `<namespace>/<name>` split in two fields; `src_identity` is the peer's SPIFFE ID
     (`spiffe://...`), empty for plaintext; `dst_service` is the Service hostname
-    (`<svc>.<ns>.svc.cluster.local`) when the client dialled a VIP, empty otherwise. `policy` and
+    (`<svc>.<ns>.svc.cluster.local`): the one the client dialled (a VIP), or on the destination side
+    the Service of the workload's target port (docs/proxy.md "Metrics"); empty for none. `policy` and
     `rule` name what decided (`<ns>/<name>`, index in `spec.rules`), empty/None when no policy did.
     `reason` is the evaluator's `Reason` (or a proxy reason such as `STRICT_MTLS_PLAINTEXT`).
     """

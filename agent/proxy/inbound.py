@@ -229,6 +229,9 @@ class Inbound:
         """Authorize, connect to the app in the pod netns, answer (`answer(200|401|503)`), pipe."""
         core = self.core
         dst = (ep.pod.ip, port)
+        index = core.index
+        if service is None:  # HBONE and 15006 do not carry the Service the client dialled
+            service = index.inbound_service(dst_workload, port)
         t = Tracked(
             new_connection_id(),
             path,
@@ -240,7 +243,6 @@ class Inbound:
             src_identity=str(src_identity) if src_identity is not None else "",
             service=service,
         )
-        index = core.index
         authz, decision = index.authorize(
             dst_workload=dst_workload, src_ip=src[0], src_identity=src_identity, dst_ip=dst[0], dst_port=port
         )

@@ -1,13 +1,14 @@
 """The node proxy's view of the mesh as pure values: who owns an IP, where a connection goes, may it.
 
 `MeshIndex` is computed once per config push from the controller's workloads, services and
-policies. The proxy asks it three questions, none of which does I/O:
+policies. The proxy asks it these questions, none of which does I/O:
 
 - `route(dst)`: where an outbound connection goes (a Service VIP picks an endpoint round robin;
   a mesh workload on another node is reached over HBONE, one on this node in-process, anything else
   is passed through as is);
 - `authorize(...)`: the Istio AuthorizationPolicy verdict for a new inbound connection;
-- `peer_auth(...)`: the PeerAuthentication mode of a destination port (STRICT refuses plaintext).
+- `peer_auth(...)`: the PeerAuthentication mode of a destination port (STRICT refuses plaintext);
+- `inbound_service(workload, port)`: the Service an inbound connection that names none is reported under.
 """
 
 from __future__ import annotations
@@ -132,6 +133,22 @@ class MeshIndex:
             for p in svc.ports:
                 if p.protocol.upper() == "TCP":
                     self._vips.setdefault((svc.vip, p.port), (svc, p.target_port or p.port))
+        # The destination side's Service of a connection that does not name one (HBONE, 15006): the
+        # first Service by uid with the workload among its endpoints and the port as a target port
+        # (ztunnel's `guess_inbound_service`). Keyed by workload uid; an endpoint without one is
+        # resolved by its IP. One dict lookup per connection.
+        self._inbound_services: dict[tuple[str, int], Service] = {}
+        for svc in sorted(self.services, key=lambda s: s.uid):
+            target_ports = [p.target_port or p.port for p in svc.ports if p.protocol.upper() == "TCP"]
+            for e in svc.endpoints:
+                uid = e.workload_uid
+                if not uid:
+                    owner = self._by_ip.get(e.ip)
+                    if owner is None:
+                        continue
+                    uid = owner.uid
+                for port in target_ports:
+                    self._inbound_services.setdefault((uid, port), svc)
         self.authz = PolicyIndex.build(self.policies, root_namespace)
         self.peer_authn = PeerAuthIndex.build(self.policies, root_namespace)
         self._rr = round_robin or RoundRobin()
@@ -174,6 +191,12 @@ class MeshIndex:
 
     def service_at(self, dst: Addr) -> tuple[Service, int] | None:
         return self._vips.get(dst)
+
+    def inbound_service(self, workload: Workload, port: int) -> Service | None:
+        """The Service an inbound connection to `port` of `workload` is reported under when the client's
+        choice is not known: the first (by uid) that has the workload as an endpoint and `port` as a
+        target port; None when there is none."""
+        return self._inbound_services.get((workload.uid, port))
 
     # -- outbound --
     def route(self, dst: Addr, *, local_ips: frozenset[str] | set[str] = frozenset()) -> Route:

@@ -21,6 +21,9 @@ from api.resources import Service, Workload
 
 UNKNOWN = "unknown"
 DEFAULT_CLUSTER = "Kubernetes"
+# Istio's pod label naming the pod's workload; the controller sets it to the pod's controller
+# (Deployment, StatefulSet, CronJob...: controller.registry.workload_name) when the pod has none.
+WORKLOAD_NAME_LABEL = "service.istio.io/workload-name"
 
 TCP_LABELS: tuple[str, ...] = (
     "reporter",
@@ -51,13 +54,20 @@ TCP_LABELS: tuple[str, ...] = (
 prometheus_client.disable_created_metrics()  # type: ignore[no-untyped-call]
 
 
+def workload_name(workload: Workload) -> str:
+    """The name of the pod's workload (Istio's `source_workload`/`destination_workload`): the
+    `service.istio.io/workload-name` label, else the pod's name (a pod without an owner)."""
+    return workload.label_map().get(WORKLOAD_NAME_LABEL) or workload.name
+
+
 def canonical_service(workload: Workload) -> str:
-    """`service.istio.io/canonical-name`, else `app.kubernetes.io/name`, else `app`, else the name."""
+    """`service.istio.io/canonical-name`, else `app.kubernetes.io/name`, else `app`, else the
+    workload name."""
     labels = workload.label_map()
     for key in ("service.istio.io/canonical-name", "app.kubernetes.io/name", "app"):
         if labels.get(key):
             return labels[key]
-    return workload.name
+    return workload_name(workload)
 
 
 def canonical_revision(workload: Workload) -> str:
@@ -82,8 +92,8 @@ def _side(prefix: str, workload: Workload | None, principal: str | None) -> dict
         }
     labels = workload.label_map()
     return {
-        # Istio names the workload after its controller (Deployment); nodemesh has Workload.name
-        f"{prefix}_workload": workload.name,
+        # Istio names the workload after its controller (Deployment...), not the pod
+        f"{prefix}_workload": workload_name(workload),
         f"{prefix}_workload_namespace": workload.namespace,
         f"{prefix}_principal": principal or UNKNOWN,
         f"{prefix}_app": labels.get("app") or UNKNOWN,
@@ -126,8 +136,16 @@ def tcp_labels(peers: TcpPeers) -> dict[str, str]:
         )
     labels["request_protocol"] = "tcp"
     labels["response_flags"] = "-"
-    labels["connection_security_policy"] = "mutual_tls" if peers.mtls else "none"
+    labels["connection_security_policy"] = _security_policy(peers)
     return labels
+
+
+def _security_policy(peers: TcpPeers) -> str:
+    """`mutual_tls` over HBONE (and same node); plaintext is `none` when the destination reports it
+    (as Envoy's), `unknown` when the source does (Istio's reference; ztunnel's passthrough)."""
+    if peers.mtls:
+        return "mutual_tls"
+    return "none" if peers.reporter == "destination" else UNKNOWN
 
 
 SERIES_CACHE = 4096  # label sets whose counters ProxyMetrics keeps resolved

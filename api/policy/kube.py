@@ -41,6 +41,24 @@ class ObjectMeta(KubeModel):
     uid: str = ""
 
 
+class OwnerReference(KubeModel):
+    """One of `metadata.ownerReferences`: the registry reads the controller's kind and name only
+    (to name the pod's workload), so nothing here is required."""
+
+    api_version: str = ""
+    kind: str = ""
+    name: str = ""
+    uid: str = ""
+    controller: bool | None = None
+
+
+class PodMeta(ObjectMeta):
+    """A Pod's `metadata`: also how its name was generated and who owns it (its workload)."""
+
+    generate_name: str = ""
+    owner_references: tuple[OwnerReference, ...] = ()
+
+
 class ContainerPort(KubeModel):
     container_port: int = Field(ge=1, le=65535)
     name: str = ""
@@ -80,7 +98,7 @@ class Pod(KubeModel):
 
     api_version: Literal["v1"]
     kind: Literal["Pod"]
-    metadata: ObjectMeta
+    metadata: PodMeta
     spec: PodSpec = PodSpec()
     status: PodStatus = PodStatus()
 

@@ -13,6 +13,7 @@ import binascii
 import hashlib
 import ipaddress
 import logging
+import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -58,6 +59,7 @@ __all__ = [
     "ENDPOINTS_ANNOTATION",
     "NETNS_ANNOTATION",
     "ROOT_NAMESPACE",
+    "WORKLOAD_NAME_LABEL",
     "ConfigError",
     "ConfigObject",
     "MeshState",
@@ -65,6 +67,7 @@ __all__ = [
     "identity_on_node",
     "node_view",
     "parse_config_object",
+    "workload_name",
 ]
 
 
@@ -289,6 +292,40 @@ def _segment_problem(value: str) -> str | None:
     return None
 
 
+# Istio's pod label naming the pod's workload (the metrics' source_workload/destination_workload);
+# the agent reads it (agent/proxy/metrics.py), the registry sets it to the pod's controller.
+WORKLOAD_NAME_LABEL = "service.istio.io/workload-name"
+# A CronJob's Jobs are named `<cronjob>-<scheduled time in minutes>` (Istio: 8 to 10 digits)
+_CRONJOB_JOB_NAME = re.compile(r"(.+)-[0-9]{8,10}")
+
+
+def workload_name(pod: Pod) -> str:
+    """The name of the pod's workload, as Istio derives it (pkg/kube `GetWorkloadMetaFromPod`): the
+    `service.istio.io/workload-name` label; else, for a pod with a generated name, its controller:
+    the Deployment of a ReplicaSet named `<deployment>-<pod-template-hash>` (an Argo Rollout's
+    likewise with `rollouts-pod-template-hash`), the DeploymentConfig of an OpenShift
+    ReplicationController, the CronJob of a Job named `<cronjob>-<8 to 10 digits>`, else the
+    controller itself (StatefulSet, DaemonSet, Job...); else the pod's own name."""
+    meta = pod.metadata
+    if meta.labels.get(WORKLOAD_NAME_LABEL):
+        return meta.labels[WORKLOAD_NAME_LABEL]
+    if not meta.generate_name:  # named by hand (the lab's pods): its own workload, as in Istio
+        return meta.name
+    owner = next((ref for ref in meta.owner_references if ref.controller), None)
+    if owner is None or not owner.name:
+        return meta.name
+    if owner.kind == "ReplicaSet":
+        for hash_label in ("pod-template-hash", "rollouts-pod-template-hash"):
+            template_hash = meta.labels.get(hash_label, "")
+            if template_hash and owner.name.endswith(template_hash):
+                return owner.name.removesuffix(f"-{template_hash}") or meta.name
+    elif owner.kind == "ReplicationController" and meta.labels.get("deploymentconfig"):
+        return meta.labels["deploymentconfig"]
+    elif owner.kind == "Job" and (cronjob := _CRONJOB_JOB_NAME.fullmatch(owner.name)):
+        return cronjob.group(1)
+    return owner.name
+
+
 def _workload(pod: Pod) -> Workload | None:
     meta = pod.metadata
     uid = f"{meta.namespace}/{meta.name}"
@@ -300,6 +337,12 @@ def _workload(pod: Pod) -> Workload | None:
         log.info("registry.pod_skipped pod=%s reason=no_ip detail=%r", uid, "no status.podIP(s)")
         return None
     opted_out = meta.labels.get(DATAPLANE_MODE_LABEL) == "none"
+    labels = dict(meta.labels)
+    # The Workload's name stays the pod's (flows, `nodemesh conns`, logs name pods); the workload
+    # name the metrics report travels as Istio's label, added only when the pod has no such label
+    # and its workload is not named after the pod (a pod without owner keeps its labels as they are).
+    if WORKLOAD_NAME_LABEL not in labels and (derived := workload_name(pod)) != meta.name:
+        labels[WORKLOAD_NAME_LABEL] = derived
     return Workload(
         uid=uid,
         name=meta.name,
@@ -307,7 +350,7 @@ def _workload(pod: Pod) -> Workload | None:
         service_account=pod.spec.service_account_name or "default",
         node=pod.spec.node_name,
         ips=ips,
-        labels=tuple(sorted(meta.labels.items())),
+        labels=tuple(sorted(labels.items())),
         protocol=TunnelProtocol.NONE if opted_out else TunnelProtocol.HBONE,
         netns=meta.annotations.get(NETNS_ANNOTATION, ""),
     )
@@ -416,7 +459,15 @@ def build_state(objects: Iterable[ConfigObject], trust_domain: str) -> MeshState
             by_ip.setdefault(ip, workload.uid)
     ordered = sorted(workloads.values(), key=lambda w: w.uid)
     service_map = {}
+    vips: dict[str, str] = {}  # clusterIP -> the Service that has it
     for svc in services:
+        # One VIP, one Service (as Kubernetes admits them): agents must agree which Service a VIP
+        # is. Sources report a repeat as a ConfigError; should one reach us, the first wins.
+        vip, label = svc.spec.cluster_ip, object_label("Service", svc.metadata.namespace, svc.metadata.name)
+        if vip in vips:
+            log.warning("registry.duplicate_vip service=%s vip=%s kept=%s", label, vip, vips[vip])
+            continue
+        vips[vip] = label
         mapped = _service(svc, ordered, by_ip)
         service_map[resource_key(mapped)] = mapped
     return MeshState(

@@ -88,8 +88,9 @@ class CertificatesService(pb_grpc.CertificatesServicer):
 class _Stream:
     """One connected node: wakes on mesh changes and ACKs, sends the latest difference."""
 
-    def __init__(self, node: str, known: Mapping[str, str]) -> None:
+    def __init__(self, node: str, token: str, known: Mapping[str, str]) -> None:
         self.node = node
+        self.token = token  # checked again before each push: it may be revoked or reassigned
         self.state = StreamState(acked=dict(known))
         self.wake = asyncio.Event()
         self.sent_at = 0.0
@@ -114,6 +115,7 @@ class ConfigService(pb_grpc.ConfigServicer):
         context: grpc.aio.ServicerContext[pb.ConfigRequest, pb.ConfigResponse],
     ) -> AsyncIterator[pb.ConfigResponse]:
         node = await authenticate_node(self._model, context)  # type: ignore[arg-type]
+        token = bearer_token(context) or ""  # type: ignore[arg-type]  # authenticate_node found it
         try:
             first = await anext(request_iterator)
         except StopAsyncIteration:
@@ -121,7 +123,7 @@ class ConfigService(pb_grpc.ConfigServicer):
         if first.WhichOneof("kind") != "initial":
             log.warning("stream.bad_first_message node=%s", node)
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "first message must be `initial`")
-        stream = _Stream(node, first.initial.known_versions)
+        stream = _Stream(node, token, first.initial.known_versions)
         self._streams.add(stream)
         self._metrics.connected_agents.inc()
         self._count_nodes()
@@ -137,6 +139,11 @@ class ConfigService(pb_grpc.ConfigServicer):
                 if reader.done():
                     break
                 stream.wake.clear()
+                if self._model.node_for_token(stream.token) != stream.node:
+                    # Revoked (a stolen token, a retired node) or now another node's: the stream
+                    # must not go on receiving what only `node` may see.
+                    log.warning("stream.refused node=%s reason=token_revoked_or_reassigned", node)
+                    await context.abort(grpc.StatusCode.UNAUTHENTICATED, "node token revoked or reassigned")
                 response = self._next_response(stream)
                 if response is not None:
                     yield response
@@ -220,7 +227,13 @@ class AdminService(pb_grpc.AdminServicer):
     ) -> pb.ApplyResponse:
         await self._check(context)  # type: ignore[arg-type]
         name = request.filename
-        if not name or "/" in name or name.startswith(".") or not name.endswith((".yaml", ".yml")):
+        if (
+            not name
+            or "/" in name
+            or name.startswith(".")
+            or not name.endswith((".yaml", ".yml"))
+            or not name.isprintable()  # a NUL or other control character: no file name of ours
+        ):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"bad filename {name!r}: want NAME.yaml")
         errors = self._model.apply(name, request.yaml)
         log.info("admin.apply filename=%s errors=%d", name, len(errors))

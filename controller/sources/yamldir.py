@@ -19,7 +19,7 @@ import logging
 import os
 import tempfile
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,6 +27,7 @@ from typing import Any
 import yaml
 from watchfiles import awatch
 
+from api.policy import Service as ServiceObject
 from controller.registry import ConfigObject, MeshState, build_state, parse_config_object
 from controller.registry.errors import ConfigError, PathPart
 
@@ -133,7 +134,7 @@ def parse_text(text: str, file: str) -> ParsedFile:
     """Parse one multi-document YAML file into valid objects, or the errors that make it invalid."""
     objects: list[ConfigObject] = []
     errors: list[ConfigError] = []
-    first_line: dict[str, int | None] = {}
+    holders: dict[str, ConfigObject] = {}  # claim -> the object of this file that made it first
     try:
         documents = list(_documents(text))
     except yaml.YAMLError as exc:
@@ -156,17 +157,13 @@ def parse_text(text: str, file: str) -> ParsedFile:
         errors.extend(p.located(file, _line_of(node, p.path)) for p in problems)
         if obj is None:
             continue
-        if obj.key in first_line:
-            errors.append(
-                ConfigError(
-                    f"duplicate object: already defined at line {first_line[obj.key]} of this file",
-                    file=file,
-                    line=line,
-                    obj=obj.label,
-                )
-            )
+        # Every claim, not only the key: a token value or clusterIP repeated in one file is as
+        # ambiguous as one repeated across files (a second node would authenticate as the first).
+        conflict = _conflict(obj, holders, same_file=True)
+        if conflict is not None:
+            errors.append(conflict)
             continue
-        first_line[obj.key] = line
+        holders.update(dict.fromkeys(_claims(obj), obj))
         objects.append(obj)
     return ParsedFile(tuple(objects), tuple(errors))
 
@@ -242,6 +239,7 @@ class YamlDirectorySource:
             or os.sep in filename
             or filename.startswith(".")
             or not filename.endswith(SUFFIXES)
+            or not filename.isprintable()  # NUL makes the OS calls raise; others only confuse
         ):
             return [ConfigError("want a plain NAME.yaml (or NAME.yml) file name", file=filename)]
         if len(yaml_text.encode()) > MAX_FILE_BYTES:
@@ -250,22 +248,26 @@ class YamlDirectorySource:
         if parsed.errors:
             return list(parsed.errors)
         with self._lock:
+            # Judge against the files as they are now, not as last scanned: one written a moment
+            # ago may wait for the watcher's debounce, or for the resync where inotify sees nothing.
+            rescanned = self._rescan_or_keep()
             taken = {
                 claim: obj
                 for name, fs in self._files.items()
                 if name != filename
                 for obj in self._in_force(fs)
-                for claim in obj.claims()
+                for claim in _claims(obj)
             }
-            conflicts = [
-                _conflict(obj, taken[c]) for obj in parsed.objects for c in obj.claims() if c in taken
-            ]
-            if conflicts:
-                return conflicts
-            try:
-                _atomic_write(self.config_dir / filename, yaml_text)
-            except OSError as exc:
-                return [ConfigError(f"cannot write: {exc.strerror or exc}", file=filename)]
+            errors = [e for obj in parsed.objects if (e := _conflict(obj, taken)) is not None]
+            if not errors:
+                try:
+                    _atomic_write(self.config_dir / filename, yaml_text)
+                except OSError as exc:
+                    errors = [ConfigError(f"cannot write: {exc.strerror or exc}", file=filename)]
+        if errors:
+            if rescanned:  # what that rescan found is news to `on_change` all the same
+                self._on_change(self._state)
+            return errors
         log.info("config.written file=%s objects=%d", filename, len(parsed.objects))
         self._refresh(notify=True)
         return []
@@ -290,46 +292,76 @@ class YamlDirectorySource:
     def _in_force(fs: _FileState) -> tuple[ConfigObject, ...]:
         return fs.parsed.objects if not fs.parsed.errors else (fs.last_good or ())
 
-    def _scan(self) -> dict[str, Path]:
+    def _scan(self) -> tuple[dict[str, Path], dict[str, OSError]]:
+        """The YAML files by relative path, and the directories that could not be listed (the root
+        as "."): without them a directory we may not list would look empty, its files deleted."""
         found: dict[str, Path] = {}
-        for dirpath, dirnames, filenames in os.walk(self.config_dir, followlinks=True):
+        unlisted: dict[str, OSError] = {}
+
+        def failed(exc: OSError) -> None:
+            where = Path(exc.filename) if exc.filename is not None else self.config_dir
+            unlisted[where.relative_to(self.config_dir).as_posix()] = exc
+
+        for dirpath, dirnames, filenames in os.walk(self.config_dir, onerror=failed, followlinks=True):
             dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
             for name in filenames:
                 if name.startswith(".") or not name.endswith(SUFFIXES):
                     continue
                 path = Path(dirpath) / name
                 found[path.relative_to(self.config_dir).as_posix()] = path
-        return found
+        return found, unlisted
 
     def _refresh(self, notify: bool) -> None:
-        try:
-            with self._lock:
-                changed = self._rescan()
-        except Exception as exc:  # never let a bad directory kill the watcher; keep the last state
-            log.exception("config.rescan_failed dir=%s", self.config_dir)
-            with self._lock:
-                self._errors = [ConfigError(f"internal error while reading the directory: {exc!r}")]
-                self._stale = True  # recompute on the next rescan even if no file changed
-            changed = True
+        with self._lock:
+            changed = self._rescan_or_keep()
         if changed and notify:
             self._on_change(self._state)
 
+    def _rescan_or_keep(self) -> bool:
+        """`_rescan`, keeping the last state if it fails (a bad directory must never kill the
+        watcher). Caller holds the lock."""
+        try:
+            return self._rescan()
+        except Exception as exc:
+            log.exception("config.rescan_failed dir=%s", self.config_dir)
+            self._errors = [ConfigError(f"internal error while reading the directory: {exc!r}")]
+            self._stale = True  # recompute on the next rescan even if no file changed
+            return True
+
+    def _keep_state(self, error: ConfigError) -> bool:
+        """Report `error` and keep the whole state as it is. Caller holds the lock."""
+        changed = self._errors != [error]
+        self._errors, self._stale = [error], True
+        if changed:
+            log.warning("config.error %s kept=previous_state", error)
+        return changed
+
     def _rescan(self) -> bool:
         """Re-read the directory; True when the state or the errors changed. Caller holds the lock."""
+        # A missing or unlistable directory (unmounted volume...) is not "delete everything".
         if not self.config_dir.is_dir():
-            # A missing directory (unmounted volume...) is not "delete everything": keep the state.
-            error = ConfigError("config directory is missing or not a directory", file=str(self.config_dir))
-            changed = self._errors != [error]
-            self._errors, self._stale = [error], True
-            if changed:
-                log.warning("config.error %s kept=previous_state", error)
-            return changed
-        paths = self._scan()
-        dirty = set(self._files) - set(paths)
+            return self._keep_state(
+                ConfigError("config directory is missing or not a directory", file=str(self.config_dir))
+            )
+        paths, unlisted = self._scan()
+        if "." in unlisted:
+            reason = unlisted["."].strerror or unlisted["."]
+            return self._keep_state(
+                ConfigError(f"cannot list the config directory: {reason}", file=str(self.config_dir))
+            )
+        # An unlistable subdirectory: report it, and keep its known files at their last state.
+        read_errors = [
+            ConfigError(f"cannot list: {exc.strerror or exc}", file=name)
+            for name, exc in sorted(unlisted.items())
+        ]
+        dirty = {
+            name
+            for name in self._files
+            if name not in paths and not any(name.startswith(f"{d}/") for d in unlisted)
+        }
         for name in dirty:
             log.info("config.file_removed file=%s", name)
             del self._files[name]
-        read_errors: list[ConfigError] = []
         for name, path in sorted(paths.items()):
             try:
                 data = _read(path)
@@ -377,18 +409,16 @@ class YamlDirectorySource:
 
         def take(items: tuple[ConfigObject, ...]) -> None:
             for obj in items:
-                if any(c in taken for c in obj.claims()):
+                if any(c in taken for c in _claims(obj)):
                     continue  # a stale last-good object now defined by an earlier file
-                taken.update(dict.fromkeys(obj.claims(), obj))
+                taken.update(dict.fromkeys(_claims(obj), obj))
                 objects.append(obj)
 
         for name in sorted(self._files):
             fs = self._files[name]
             errors.extend(fs.parsed.errors)
             if not fs.parsed.errors:
-                conflicts = [
-                    _conflict(obj, taken[c]) for obj in fs.parsed.objects for c in obj.claims() if c in taken
-                ]
+                conflicts = [e for obj in fs.parsed.objects if (e := _conflict(obj, taken)) is not None]
                 if not conflicts:
                     fs.last_good = fs.parsed.objects
                     take(fs.parsed.objects)
@@ -398,11 +428,43 @@ class YamlDirectorySource:
         return objects, errors
 
 
-def _conflict(obj: ConfigObject, holder: ConfigObject) -> ConfigError:
-    where = f"{holder.file}:{holder.line}" if holder.line is not None else holder.file
-    what = "object" if obj.key == holder.key else "node token (the same token value)"
+_SERVICE_IP_CLAIM = "service-ip:"
+
+
+def _claims(obj: ConfigObject) -> tuple[str, ...]:
+    """What only one object of the directory may define: `obj.claims()` and a Service's clusterIP.
+
+    Kubernetes never admits two Services with one clusterIP; here nothing else refuses them, and
+    agents would disagree on which Service the VIP is (the datapath and the proxy pick differently).
+    """
+    if isinstance(obj.model, ServiceObject):
+        return (*obj.claims(), f"{_SERVICE_IP_CLAIM}{obj.model.spec.cluster_ip}")
+    return obj.claims()
+
+
+def _conflict(
+    obj: ConfigObject, taken: Mapping[str, ConfigObject], *, same_file: bool = False
+) -> ConfigError | None:
+    """The error for `obj` when it claims what an earlier object did (`taken`: claim -> holder)."""
+    claim = next((c for c in _claims(obj) if c in taken), None)
+    if claim is None:
+        return None
+    holder = taken[claim]
+    if claim == obj.key:
+        what = "object"
+    elif claim.startswith(_SERVICE_IP_CLAIM):
+        what = f"clusterIP {claim.removeprefix(_SERVICE_IP_CLAIM)}"
+    else:
+        what = "node token (the same token value)"  # never the token itself: errors are logged
+    if same_file:
+        where = f"at line {holder.line} of this file"
+        if claim != obj.key:  # a different object: name it (for the same key it is `obj` itself)
+            where = f"by {holder.label} {where}"
+    else:
+        at_line = f":{holder.line}" if holder.line is not None else ""
+        where = f"by {holder.label} in {holder.file}{at_line}"
     return ConfigError(
-        f"duplicate {what}: already defined by {holder.label} in {where}",
+        f"duplicate {what}: already defined {where}",
         file=obj.file,
         line=obj.line,
         obj=obj.label,

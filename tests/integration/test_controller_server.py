@@ -13,6 +13,7 @@ from controller_fixtures import MemoryModel, assert_eventually, pod, policy
 
 from agent.config_client import KEEPALIVE_TIME, ConfigClient, ConfigUpdate
 from api.csr import new_workload_csr
+from api.resources import PolicyObject
 from api.spiffe import SpiffeId
 from api.v1 import nodemesh_pb2 as pb
 from api.v1 import nodemesh_pb2_grpc as pb_grpc
@@ -353,3 +354,84 @@ async def test_streams_and_nodes_are_counted_apart(server: tuple[ControllerServe
     await assert_eventually(lambda: counts() == (1, 1), what="node1 gone")
     await stop_client(c, tc)
     await assert_eventually(lambda: counts() == (0, 0), what="no stream left")
+
+
+@pytest.mark.parametrize(
+    "tokens", [{"tok2": "node2"}, {"tok1": "node2", "tok2": "node2"}], ids=["revoked", "reassigned"]
+)
+async def test_a_stream_whose_token_is_revoked_or_reassigned_ends_unauthenticated(
+    server: tuple[ControllerServer, str, bytes], model: MemoryModel, tokens: dict[str, str]
+) -> None:
+    """The token is checked before each push, not only at stream start: the holder of a stolen or
+    retired token must not keep receiving node1's view (nor node2's, once the token is node2's)."""
+    srv, address, bundle = server
+    outbox: asyncio.Queue[pb.ConfigRequest | None] = asyncio.Queue()
+    outbox.put_nowait(pb.ConfigRequest(initial=pb.InitialRequest()))
+
+    async def requests() -> AsyncIterator[pb.ConfigRequest]:
+        while (request := await outbox.get()) is not None:
+            yield request
+
+    async with grpc.aio.secure_channel(address, grpc.ssl_channel_credentials(bundle)) as channel:
+        call = pb_grpc.ConfigStub(channel).Stream(requests(), metadata=(("authorization", "Bearer tok1"),))
+        responses = aiter(call)
+        first = await anext(responses)
+        assert first.snapshot
+        outbox.put_nowait(pb.ConfigRequest(ack=pb.Ack(nonce=first.nonce)))  # as an agent: ready for more
+        model.tokens = tokens
+        model.policies = [*model.policies, policy("shop", "new-secret-policy", "DENY")]
+        srv.notify_changed()
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            leaked = await asyncio.wait_for(anext(responses), 5)
+            pytest.fail(f"pushed after the token was {tokens}: {[u.key for u in leaked.upserts]}")
+        assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        outbox.put_nowait(None)
+    await assert_eventually(lambda: srv.metrics.connected_agents._value.get() == 0, what="stream ended")
+
+
+def big_policy(ns: str, name: str, generation: int) -> PolicyObject:
+    body = {
+        "kind": "AuthorizationPolicy",
+        "metadata": {"name": name, "namespace": ns, "annotations": {"pad": "x" * 4000, "n": str(generation)}},
+        "spec": {"action": "ALLOW"},
+    }
+    return PolicyObject.of("AuthorizationPolicy", ns, name, body)
+
+
+async def test_an_agent_that_never_reads_does_not_hold_up_other_nodes(tmp_path: Path) -> None:
+    """node1 opens its stream and never reads while ~1.2 MB pushes pile up for it: node2 still gets
+    each change: one stream blocked on flow control must not stall the others."""
+    model = MemoryModel(
+        workloads=[
+            pod("a", "shop", "web", "node1", "10.1.0.2"),
+            pod("b", "shop", "api", "node2", "10.2.0.2"),
+        ],
+        policies=[big_policy("shop", f"p{i}", 0) for i in range(300)],
+        tokens={"tok1": "node1", "tok2": "node2"},
+    )
+    ca = CertificateAuthority.load_or_create(tmp_path / "state", "cluster.local")
+    srv = ControllerServer(model, ca)
+    addrs = await srv.start("127.0.0.1:0")
+    address, bundle = f"127.0.0.1:{addrs.grpc_port}", ca.trust_bundle_pem()
+    channel = grpc.aio.secure_channel(address, grpc.ssl_channel_credentials(root_certificates=bundle))
+    forever = asyncio.Event()
+
+    async def requests() -> AsyncIterator[pb.ConfigRequest]:
+        yield pb.ConfigRequest(initial=pb.InitialRequest())
+        await forever.wait()
+
+    stuck = pb_grpc.ConfigStub(channel).Stream(requests(), metadata=(("authorization", "Bearer tok1"),))
+    rec = Recorder()
+    client, task = await start_client(address, "tok2", bundle, rec)
+    try:
+        for generation in range(1, 6):
+            model.policies = [big_policy("shop", f"p{i}", generation) for i in range(300)]
+            srv.notify_changed()
+            await assert_eventually(
+                lambda g=generation: len(rec.updates) == g + 1, timeout=10, what=f"push {generation} to node2"
+            )
+    finally:
+        await stop_client(client, task)
+        stuck.cancel()
+        await channel.close()
+        await asyncio.wait_for(srv.stop(0), 10)

@@ -793,6 +793,103 @@ async def test_service_vip_round_robins_over_endpoints_with_target_port(mesh: Me
     assert all(f.dst_service == "echo.back.svc.cluster.local" for f in mesh.flows("node1"))
 
 
+# The destination side's `destination_service` (and flow records' `dst_service`) of connections that
+# do not carry the Service (HBONE, 15006): the destination workload's Service whose targetPort is the
+# connection's port, as ztunnel's `guess_inbound_service`. Istio's dashboards select TCP traffic
+# with reporter="destination" and destination_service.
+ECHO_VIP = "10.96.0.77"
+ECHO_HOST = "echo.back.svc.cluster.local"
+
+
+def echo_service(mesh: Mesh, *pods: str) -> None:
+    mesh.services = [
+        Service(
+            "echo",
+            "back",
+            ECHO_VIP,
+            (ServicePort(80, APP_PORT),),
+            tuple(Endpoint(p, mesh.pods[p].ip) for p in pods),
+        )
+    ]
+    mesh.push()
+
+
+async def test_destination_series_of_a_cross_node_vip_connection_names_the_service(mesh: Mesh) -> None:
+    echo_service(mesh, "b")  # b runs on node2: HBONE from node1
+    r, w = await mesh.connect("a", (ECHO_VIP, 80))
+    assert await exchange(r, w, b"x", 3) == b"b:x"
+    w.close()
+    await assert_eventually(
+        lambda: mesh.sample("node2", "istio_tcp_connections_closed_total", reporter="destination") == 1
+    )
+    src = {"reporter": "source", "destination_service": ECHO_HOST}
+    dst = {"reporter": "destination", "destination_service": ECHO_HOST, "destination_service_name": "echo"}
+    assert mesh.sample("node1", "istio_tcp_connections_opened_total", **src) == 1
+    assert mesh.sample("node2", "istio_tcp_connections_opened_total", **dst) == 1
+    assert mesh.sample("node2", "istio_tcp_received_bytes_total", **dst) == 1
+
+
+async def test_same_node_and_cross_node_destination_series_name_the_same_service(mesh: Mesh) -> None:
+    """The same client, the same Service: only the endpoint's node differs."""
+    echo_service(mesh, "c")  # c runs on node1: same node
+    r, w = await mesh.connect("a", (ECHO_VIP, 80))
+    assert await exchange(r, w, b"x", 3) == b"c:x"
+    w.close()
+    echo_service(mesh, "b")
+    r, w = await mesh.connect("a", (ECHO_VIP, 80))
+    assert await exchange(r, w, b"y", 3) == b"b:y"
+    w.close()
+    await assert_eventually(
+        lambda: (
+            mesh.sample("node1", "istio_tcp_connections_closed_total", reporter="destination")
+            + mesh.sample("node2", "istio_tcp_connections_closed_total", reporter="destination")
+            == 2
+        )
+    )
+    dst = {"reporter": "destination", "destination_service": ECHO_HOST}
+    same = mesh.sample("node1", "istio_tcp_connections_opened_total", **dst)
+    cross = mesh.sample("node2", "istio_tcp_connections_opened_total", **dst)
+    assert (same, cross) == (1, 1)
+
+
+async def test_plaintext_connection_to_a_service_endpoint_is_reported_under_the_service(mesh: Mesh) -> None:
+    echo_service(mesh, "b")
+    r, w = await plaintext_to(mesh, "b")
+    assert await exchange(r, w, b"p", 3) == b"b:p"
+    w.close()
+    await assert_eventually(lambda: mesh.sample("node2", "istio_tcp_connections_closed_total") == 1)
+    dst = {"reporter": "destination", "destination_service": ECHO_HOST}
+    assert mesh.sample("node2", "istio_tcp_connections_opened_total", **dst) == 1
+    assert [f.dst_service for f in mesh.flows("node2")] == [ECHO_HOST, ECHO_HOST]
+
+
+async def test_destination_flow_records_of_a_cross_node_vip_connection_name_the_service(mesh: Mesh) -> None:
+    echo_service(mesh, "b")
+    r, w = await mesh.connect("a", (ECHO_VIP, 80))
+    assert await exchange(r, w, b"x", 3) == b"b:x"
+    w.close()
+    await assert_eventually(lambda: any(f.event is FlowEvent.CLOSE for f in mesh.flows("node2")))
+    assert [f.dst_service for f in mesh.flows("node1")] == [ECHO_HOST, ECHO_HOST]
+    assert [f.dst_service for f in mesh.flows("node2")] == [ECHO_HOST, ECHO_HOST]
+
+
+async def test_destination_port_no_service_targets_is_reported_without_a_service(mesh: Mesh) -> None:
+    """A connection to a Service's endpoint on a port that no Service targets names no Service."""
+    mesh.services = [
+        Service("echo", "back", ECHO_VIP, (ServicePort(80, 9999),), (Endpoint("b", mesh.pods["b"].ip),))
+    ]
+    mesh.push()
+    r, w = await mesh.connect("a", (mesh.pods["b"].ip, APP_PORT))
+    assert await exchange(r, w, b"x", 3) == b"b:x"
+    w.close()
+    await assert_eventually(
+        lambda: mesh.sample("node2", "istio_tcp_connections_closed_total", reporter="destination") == 1
+    )
+    dst = {"reporter": "destination", "destination_service": "unknown"}
+    assert mesh.sample("node2", "istio_tcp_connections_opened_total", **dst) == 1
+    assert {f.dst_service for f in mesh.flows("node2")} == {""}
+
+
 async def test_destination_outside_the_mesh_is_passed_through(mesh: Mesh) -> None:
     outside = App((mesh.net + "200", APP_PORT), prefix=b"out:")
     await outside.start()
@@ -805,7 +902,7 @@ async def test_destination_outside_the_mesh_is_passed_through(mesh: Mesh) -> Non
             mesh.sample(
                 "node1",
                 "istio_tcp_connections_opened_total",
-                connection_security_policy="none",
+                connection_security_policy="unknown",  # reported by the source (Istio: not `none`)
                 destination_workload="unknown",
             )
             == 1

@@ -110,6 +110,45 @@ def test_identity_and_lookup() -> None:
     assert idx.identity(B) == SpiffeId.for_workload(TD, "back", "b")
 
 
+def test_inbound_service_is_the_service_whose_target_port_the_connection_reached() -> None:
+    idx = index()
+    assert idx.inbound_service(B, 8080) is SVC  # port 80 -> targetPort 8080
+    assert idx.inbound_service(C, 8080) is SVC  # every endpoint, on any node
+    assert idx.inbound_service(B, 443) is SVC  # targetPort 0: the port itself
+    assert idx.inbound_service(B, 80) is None  # the Service port, not a target port
+    assert idx.inbound_service(B, 53) is None  # UDP
+    assert idx.inbound_service(B, 9000) is None
+
+
+def test_inbound_service_without_a_service_is_none() -> None:
+    idx = index()
+    assert idx.inbound_service(A, 8080) is None  # not an endpoint of any Service
+    assert idx.inbound_service(LEGACY, 8080) is None
+    assert MeshIndex(node="n1", trust_domain=TD, workloads=(A, B)).inbound_service(B, 8080) is None
+
+
+def test_inbound_service_of_several_is_the_first_by_uid_whatever_their_order() -> None:
+    b_ep = (Endpoint("back/b", "10.2.0.1"),)
+    zeta = Service("zeta", "back", "10.96.0.20", (ServicePort(80, 8080),), b_ep)
+    alpha = Service("alpha", "back", "10.96.0.21", (ServicePort(8080, 8080),), b_ep)
+    admin = Service("admin", "back", "10.96.0.22", (ServicePort(9090, 9090),), b_ep)
+    for services in ((zeta, alpha, admin), (admin, alpha, zeta)):
+        idx = MeshIndex(node="n1", trust_domain=TD, workloads=(A, B), services=services)
+        assert idx.inbound_service(B, 8080) is alpha  # "back/alpha" < "back/zeta"
+        assert idx.inbound_service(B, 9090) is admin  # only admin targets 9090
+    # a push that removes alpha: the index is rebuilt, the lookup follows
+    idx = idx.rebuilt((A, B), (zeta, admin), ())
+    assert idx.inbound_service(B, 8080) is zeta
+
+
+def test_inbound_service_of_an_endpoint_named_by_ip_only() -> None:
+    """Explicit endpoints the controller could not match to a workload carry only the IP."""
+    by_ip = Service("ext", "back", "10.96.0.30", (ServicePort(80, 8080),), (Endpoint("", "10.2.0.1"),))
+    idx = MeshIndex(node="n1", trust_domain=TD, workloads=(A, B), services=(by_ip,))
+    assert idx.inbound_service(B, 8080) is by_ip
+    assert idx.inbound_service(A, 8080) is None
+
+
 def test_authorize_deny_before_allow_and_recheck_after_a_push() -> None:
     deny = policy(
         "deny-front", "back", {"action": "DENY", "rules": [{"from": [{"source": {"namespaces": ["front"]}}]}]}

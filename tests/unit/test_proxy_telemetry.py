@@ -15,6 +15,7 @@ from agent.proxy.flows import FlowLog, format_flow
 from agent.proxy.index import MeshIndex
 from agent.proxy.metrics import TCP_LABELS, ProxyMetrics, TcpPeers, tcp_labels
 from api.resources import PolicyObject, Service, ServicePort, Workload
+from controller.registry import build_state, parse_config_object
 
 TD = "cluster.local"
 A = Workload("front/a", "a", "front", "sa-a", "n1", ("10.1.0.1",), (("app", "web"), ("version", "v2")))
@@ -75,6 +76,58 @@ def test_canonical_service_falls_back_to_the_workload_name() -> None:
         "latest",
     )
     assert labels["destination_service_namespace"] == "x"
+
+
+def test_source_reported_plaintext_has_connection_security_policy_unknown() -> None:
+    # Istio's reference: `unknown` when the source reports (ztunnel's passthrough); Envoy's
+    # destination side reports `none` for plaintext
+    for dst in (None, B):  # passthrough, or a mesh workload reached in plaintext (dataplane-mode none)
+        labels = tcp_labels(TcpPeers("source", A, None, dst, None, None, False))
+        assert labels["connection_security_policy"] == "unknown"
+    labels = tcp_labels(TcpPeers("destination", None, None, B, None, None, False))
+    assert labels["connection_security_policy"] == "none"
+
+
+def deployment_pod_labels(labels: dict[str, str]) -> dict[str, str]:
+    """The destination labels of a connection to a Deployment's pod, its Workload from the registry."""
+    body = {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {
+            "name": "web-7d9f8c6b5-x2x4q",
+            "generateName": "web-7d9f8c6b5-",
+            "namespace": "shop",
+            "labels": {"pod-template-hash": "7d9f8c6b5", **labels},
+            "ownerReferences": [
+                {
+                    "apiVersion": "apps/v1",
+                    "kind": "ReplicaSet",
+                    "name": "web-7d9f8c6b5",
+                    "uid": "1",
+                    "controller": True,
+                }
+            ],
+        },
+        "spec": {"nodeName": "node1", "serviceAccountName": "web"},
+        "status": {"podIP": "10.1.0.2"},
+    }
+    obj, errors = parse_config_object(body, file="t.yaml")
+    assert obj is not None, errors
+    (workload,) = build_state([obj], TD).workloads.values()
+    return tcp_labels(TcpPeers("destination", None, None, workload, None, None, True))
+
+
+def test_workload_labels_name_a_deployment_pods_deployment_not_the_pod() -> None:
+    # Istio's dashboards and Kiali group by source_workload/destination_workload: not one per replica
+    labels = deployment_pod_labels({})
+    assert labels["destination_workload"] == "web"
+    assert labels["destination_canonical_service"] == "web"  # the fallback is the workload name too
+
+
+def test_workload_name_label_names_the_workload_in_the_metrics() -> None:
+    labels = deployment_pod_labels({"service.istio.io/workload-name": "storefront", "app": "shop"})
+    assert labels["destination_workload"] == "storefront"
+    assert labels["destination_canonical_service"] == "shop"
 
 
 def test_registry_has_istio_names_and_no_created_series() -> None:

@@ -7,15 +7,17 @@ from typing import Any
 
 import pytest
 
-from api.policy import parse_object
+from api.policy import Pod, parse_object
 from api.resources import Endpoint, ServicePort, TunnelProtocol, Workload
 from controller.registry import (
+    WORKLOAD_NAME_LABEL,
     ConfigObject,
     MeshState,
     build_state,
     identity_on_node,
     node_view,
     parse_config_object,
+    workload_name,
 )
 
 
@@ -42,10 +44,14 @@ def pod(
 
 
 def service(
-    name: str, ns: str = "shop", selector: dict[str, str] | None = None, **extra: Any
+    name: str,
+    ns: str = "shop",
+    selector: dict[str, str] | None = None,
+    vip: str = "10.96.0.10",
+    **extra: Any,
 ) -> dict[str, Any]:
     spec: dict[str, Any] = {
-        "clusterIP": "10.96.0.10",
+        "clusterIP": vip,
         "ports": [{"port": 80, "targetPort": 8080}, {"port": 9090}],
     }
     if selector is not None:
@@ -154,6 +160,70 @@ def test_terminated_pods_are_not_workloads(caplog: pytest.LogCaptureFixture) -> 
     assert identity_on_node(state, "node1", "shop", "web")
 
 
+def owned_pod(
+    name: str, kind: str, owner: str, labels: dict[str, str] | None = None, *, controller: bool = True
+) -> dict[str, Any]:
+    """A pod as a Kubernetes controller creates it: generated name, controller owner reference."""
+    body = pod(name, labels=labels)
+    body["metadata"]["generateName"] = name.rsplit("-", 1)[0] + "-"
+    body["metadata"]["ownerReferences"] = [
+        {"apiVersion": "apps/v1", "kind": kind, "name": owner, "uid": "u1", "controller": controller}
+    ]
+    return body
+
+
+WEB_POD, WEB_RS, WEB_HASH = "web-7d9f8c6b5-x2x4q", "web-7d9f8c6b5", {"pod-template-hash": "7d9f8c6b5"}
+
+
+def test_a_deployment_pods_workload_name_is_its_deployment_and_its_name_stays_the_pods() -> None:
+    (workload,) = state_of(owned_pod(WEB_POD, "ReplicaSet", WEB_RS, WEB_HASH)).workloads.values()
+    # flows, `nodemesh conns` and the uid keep naming the pod; the metrics read Istio's label
+    assert (workload.uid, workload.name) == (f"shop/{WEB_POD}", WEB_POD)
+    assert workload.labels == (("pod-template-hash", "7d9f8c6b5"), (WORKLOAD_NAME_LABEL, "web"))
+
+
+def test_a_pods_own_workload_name_label_is_kept_as_it_is() -> None:
+    for value in ("storefront", ""):
+        labels = WEB_HASH | {WORKLOAD_NAME_LABEL: value}
+        (workload,) = state_of(owned_pod(WEB_POD, "ReplicaSet", WEB_RS, labels)).workloads.values()
+        assert workload.label_map() == labels
+
+
+@pytest.mark.parametrize(
+    ("body", "expected"),
+    [
+        # Istio's GetWorkloadMetaFromPod (pkg/kube/util.go)
+        (owned_pod(WEB_POD, "ReplicaSet", WEB_RS, WEB_HASH), "web"),
+        (owned_pod(WEB_POD, "ReplicaSet", WEB_RS, {"pod-template-hash": "other"}), WEB_RS),
+        (owned_pod(WEB_POD, "ReplicaSet", WEB_RS), WEB_RS),  # a ReplicaSet of its own
+        # an Argo Rollout's ReplicaSet
+        (owned_pod("ro-6f7b9-x", "ReplicaSet", "ro-6f7b9", {"rollouts-pod-template-hash": "6f7b9"}), "ro"),
+        (owned_pod("db-0", "StatefulSet", "db"), "db"),
+        (owned_pod("agent-x7k2p", "DaemonSet", "agent"), "agent"),
+        (owned_pod("report-28930140-qz8n4", "Job", "report-28930140"), "report"),  # a CronJob's Job
+        (owned_pod("migrate-7-qz8n4", "Job", "migrate-7"), "migrate-7"),  # a Job of its own
+        (owned_pod("app-1-abcde", "ReplicationController", "app-1", {"deploymentconfig": "app"}), "app"),
+        (owned_pod("web-1", "ReplicaSet", WEB_RS, WEB_HASH, controller=False), "web-1"),  # no controller
+        (pod("web-1"), "web-1"),  # no owner: the lab's pods
+        (owned_pod("db-0", "StatefulSet", "db", {WORKLOAD_NAME_LABEL: "storefront"}), "storefront"),
+    ],
+)
+def test_workload_name_is_derived_from_the_pods_controller_as_istio_does(
+    body: dict[str, Any], expected: str
+) -> None:
+    parsed, errors = parse_config_object(body)
+    assert parsed is not None and isinstance(parsed.model, Pod), errors
+    assert workload_name(parsed.model) == expected
+
+
+def test_a_hand_named_pod_is_its_own_workload_whatever_its_owner() -> None:
+    # Istio looks at the owner only for a generated name (metadata.generateName)
+    body = owned_pod("web-1", "StatefulSet", "db")
+    del body["metadata"]["generateName"]
+    (workload,) = state_of(body).workloads.values()
+    assert WORKLOAD_NAME_LABEL not in workload.label_map()
+
+
 @pytest.mark.parametrize(
     ("body", "field", "value"),
     [
@@ -180,8 +250,8 @@ def test_service_endpoints_follow_the_selector_in_the_same_namespace() -> None:
         pod("other", ip="10.1.0.3", labels={"app": "db"}),
         pod("elsewhere", ns="bank", ip="10.1.0.4", labels={"app": "web"}),
         service("web", selector={"app": "web"}),
-        service("noselector"),
-        service("empty", selector={}),
+        service("noselector", vip="10.96.0.11"),
+        service("empty", selector={}, vip="10.96.0.12"),
     )
     web = state.services["Service/shop/web"]
     assert web.vip == "10.96.0.10"
@@ -354,3 +424,13 @@ def test_duplicates_given_to_build_state_keep_the_first(caplog: pytest.LogCaptur
     state = build_state([first, second], "cluster.local")
     assert state.policies["AuthorizationPolicy/shop/p"].body["spec"]["action"] == "ALLOW"
     assert "registry.duplicate" in caplog.text
+
+
+def test_a_second_service_with_the_same_cluster_ip_is_left_out_of_the_state(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Agents must agree which Service a VIP is (the datapath took the last, the proxy the first):
+    sources report the repeat as an error; should one reach build_state, the first Service wins."""
+    state = state_of(service("cart"), service("pay"), service("bank", vip="10.96.0.11"))
+    assert sorted(state.services) == ["Service/shop/bank", "Service/shop/cart"]
+    assert "duplicate_vip service=Service shop/pay vip=10.96.0.10 kept=Service shop/cart" in caplog.text

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import errno
+import os
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 from hypothesis import given, settings
@@ -35,6 +38,25 @@ metadata:
   namespace: shop
 spec:
   action: {action}
+"""
+
+
+SECRET = """\
+apiVersion: v1
+kind: Secret
+metadata: {{name: {name}, namespace: nodemesh-system}}
+type: nodemesh.io/node-token
+stringData: {{node: {node}, token: sEcReTsEcReTsEcReT}}
+"""
+TWO_NODES_ONE_TOKEN = (
+    SECRET.format(name="n1", node="node1") + "---\n" + SECRET.format(name="n2", node="node2")
+)
+
+SERVICE = """\
+apiVersion: v1
+kind: Service
+metadata: {{name: {name}, namespace: shop}}
+spec: {{clusterIP: 10.96.0.10, selector: {{app: {name}}}, ports: [{{port: 80}}]}}
 """
 
 
@@ -205,6 +227,32 @@ def test_the_same_node_token_twice_is_refused_without_printing_it(tmp_path: Path
     assert error.file == "b.yaml" and "node token" in error.message and "sEcReT" not in str(error)
 
 
+def test_the_same_node_token_twice_in_one_file_makes_the_file_invalid(tmp_path: Path) -> None:
+    """Dropping the second Secret silently would let node2's agent authenticate as node1."""
+    src, _ = source(tmp_path, **{"nodes.yaml": SECRET.format(name="n1", node="node1")})
+    assert src.load().node_tokens == {"sEcReTsEcReTsEcReT": "node1"}
+    (tmp_path / "nodes.yaml").write_text(TWO_NODES_ONE_TOKEN)
+    src._refresh(notify=True)
+    assert src.state.node_tokens == {"sEcReTsEcReTsEcReT": "node1"}  # the last good version stays
+    assert [str(e) for e in src.errors()] == [
+        "nodes.yaml:7: Secret nodemesh-system/n2: duplicate node token (the same token value): "
+        "already defined by Secret nodemesh-system/n1 at line 1 of this file"
+    ]
+
+
+def test_two_services_with_one_cluster_ip_are_a_duplicate_at_the_later_one(tmp_path: Path) -> None:
+    """Kubernetes never admits it, and agents would disagree on which Service the VIP is."""
+    src, _ = source(tmp_path, **{"a.yaml": SERVICE.format(name="cart"), "b.yaml": SERVICE.format(name="pay")})
+    assert set(src.load().services) == {"Service/shop/cart"}
+    assert [str(e) for e in src.errors()] == [
+        "b.yaml:1: Service shop/pay: duplicate clusterIP 10.96.0.10: already defined by "
+        "Service shop/cart in a.yaml:1"
+    ]
+    in_one_file = parse_text(SERVICE.format(name="cart") + "---\n" + SERVICE.format(name="pay"), "c.yaml")
+    assert [(e.line, e.obj) for e in in_one_file.errors] == [(6, "Service shop/pay")]
+    assert "duplicate clusterIP 10.96.0.10" in in_one_file.errors[0].message
+
+
 def test_removed_files_remove_their_objects(tmp_path: Path) -> None:
     src, changes = source(tmp_path, **{"a.yaml": pod(), "b.yaml": policy()})
     src.load()
@@ -232,6 +280,53 @@ def test_a_missing_directory_keeps_the_state(tmp_path: Path) -> None:
     src._refresh(notify=True)
     assert set(src.state.workloads) == {"Workload/shop/web-1"}
     assert "missing" in str(src.errors()[0])
+
+
+def refuse_to_list(monkeypatch: pytest.MonkeyPatch, directory: Path) -> None:
+    """`os.scandir(directory)` fails as it does for a controller not running as root on a directory
+    it may not list (EACCES), or for anyone on EIO: as root, chmod would not stop us."""
+    real = os.scandir
+
+    def scandir(path: Any = ".") -> Any:
+        if Path(path) == directory:
+            raise PermissionError(errno.EACCES, "Permission denied", str(path))
+        return real(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+
+
+def test_an_unlistable_config_directory_keeps_the_state(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    src, _ = source(tmp_path, **{"a.yaml": pod()})
+    src.load()
+    refuse_to_list(monkeypatch, tmp_path)
+    src._refresh(notify=True)
+    assert set(src.state.workloads) == {"Workload/shop/web-1"}  # not an empty mesh
+    assert [str(e) for e in src.errors()] == [
+        f"{tmp_path}: cannot list the config directory: Permission denied"
+    ]
+    monkeypatch.undo()
+    (tmp_path / "a.yaml").unlink()
+    src._refresh(notify=True)
+    assert (src.state.workloads, src.errors()) == ({}, [])
+
+
+def test_an_unlistable_subdirectory_keeps_its_files_and_spares_the_others(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    src, _ = source(tmp_path, **{"a.yaml": pod(), "team__b.yaml": pod("web-2", "10.1.0.3")})
+    src.load()
+    refuse_to_list(monkeypatch, tmp_path / "team")
+    (tmp_path / "a.yaml").write_text(pod(ip="10.1.0.9"))
+    src._refresh(notify=True)
+    assert set(src.state.workloads) == {"Workload/shop/web-1", "Workload/shop/web-2"}
+    assert src.state.workloads["Workload/shop/web-1"].ips == ("10.1.0.9",)  # other files still apply
+    assert [str(e) for e in src.errors()] == ["team: cannot list: Permission denied"]
+    monkeypatch.undo()
+    (tmp_path / "team" / "b.yaml").unlink()  # once listable again, the directory counts as it is
+    src._refresh(notify=True)
+    assert (set(src.state.workloads), src.errors()) == ({"Workload/shop/web-1"}, [])
 
 
 def test_unreadable_bytes_are_reported(tmp_path: Path) -> None:
@@ -272,6 +367,39 @@ def test_write_objects_refuses_invalid_text_and_writes_nothing(tmp_path: Path) -
         assert "NAME.yaml" in str(src.write_objects(bad_name, policy(name="z"))[0])
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.yaml"]
     assert changes.states == []
+
+
+def test_write_objects_refuses_control_characters_in_the_file_name(tmp_path: Path) -> None:
+    src, _ = source(tmp_path)
+    src.load()
+    for bad_name in ("a\x00.yaml", "a\n.yaml", "a\x7f.yaml"):  # a NUL used to raise ValueError
+        assert "NAME.yaml" in str(src.write_objects(bad_name, policy())[0])
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_write_objects_refuses_the_same_node_token_twice_in_one_file(tmp_path: Path) -> None:
+    src, _ = source(tmp_path)
+    src.load()
+    [error] = src.write_objects("nodes.yaml", TWO_NODES_ONE_TOKEN)
+    assert error.line == 7 and "duplicate node token" in error.message and "sEcReT" not in str(error)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_write_objects_checks_duplicates_against_files_not_scanned_yet(tmp_path: Path) -> None:
+    """b.yaml was written a moment ago (the watcher's debounce; or the 10 s resync where inotify
+    sees nothing, NFS...): Apply must see it, not accept a.yaml and leave b.yaml's DENY in error."""
+    src, changes = source(tmp_path)
+    src.load()
+    (tmp_path / "b.yaml").write_text(policy(action="DENY"))
+    [error] = src.write_objects("a.yaml", policy(action="ALLOW"))
+    assert str(error) == (
+        "a.yaml:1: AuthorizationPolicy shop/p: duplicate object: already defined by "
+        "AuthorizationPolicy shop/p in b.yaml:1"
+    )
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["b.yaml"]
+    assert src.errors() == []
+    # what the rescan found is in force, and on_change was told
+    assert changes.states[-1].policies["AuthorizationPolicy/shop/p"].body["spec"]["action"] == "DENY"
 
 
 # --- the watcher ---------------------------------------------------------------------------------
