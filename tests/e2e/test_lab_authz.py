@@ -13,6 +13,7 @@ import os
 import signal
 import subprocess
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -180,17 +181,31 @@ except (EOFError, OSError) as exc:
 """
 
 
+@contextlib.contextmanager
+def keepalive(
+    lab: LabHandle, pod: str, ip: str, answering: str, log: Path
+) -> Iterator[subprocess.Popen[bytes]]:
+    """KEEPALIVE from `pod` to `ip`:8000 for at most 40 s (`answering` must answer); killed on exit."""
+    proc = lab.lab.popen(pod, ["python3", "-c", KEEPALIVE, ip, "8000", "40", answering], log=log)
+    try:
+        yield proc
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(5)
+
+
 def test_a_policy_change_closes_an_open_connection_it_now_denies(
     lab: LabHandle, policies: Policies, tmp_path: Path
 ) -> None:
     v2 = lab.plan.pod("httpbin-v2")
     out = tmp_path / "keepalive.log"
-    proc = lab.lab.popen("client", ["python3", "-c", KEEPALIVE, v2.ip, "8000", "40"], log=out)
 
     def lines(kind: str) -> list[list[str]]:
         return [ln.split() for ln in out.read_text().splitlines() if ln.startswith(kind + " ")]
 
-    try:
+    with keepalive(lab, "client", v2.ip, "httpbin-v2", out) as proc:
         wait_for(lambda: len(lines("ok")) >= 5, 10, "5 answers on the long-lived connection")
         # an unrelated policy change re-checks the connection and keeps it
         policies.apply("AuthorizationPolicy", "deny-ns-other-live", from_source("DENY", namespaces=["other"]))
@@ -207,11 +222,6 @@ def test_a_policy_change_closes_an_open_connection_it_now_denies(
         print(f"DENY applied (CLI → controller → agents) → connection closed: {float(closed[2]) - t0:.2f} s")
         assert int(closed[1]) >= 10, closed  # it had been working all along
         proc.wait(5)
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            proc.wait(5)
     # node2 re-decided it with the new policy, said so, and closed it
     deny = wait_for(lambda: flows(lab, "node2", event="deny", policy=name, dst=f"{v2.ip}:8000"), 5)
     assert len(deny) == 1 and deny[0]["src_identity"] == CLIENT_ID, deny
@@ -233,23 +243,17 @@ def test_strict_closes_an_open_plaintext_connection(
     STRICT applied for the namespace closes it, as Istio (STRICT is an authorization rule there)."""
     v1 = lab.plan.pod("httpbin-v1")
     out = tmp_path / "plaintext.log"
-    proc = lab.lab.popen("outsider", ["python3", "-c", KEEPALIVE, v1.ip, "8000", "40", "httpbin-v1"], log=out)
 
     def lines(kind: str) -> list[list[str]]:
         return [ln.split() for ln in out.read_text().splitlines() if ln.startswith(kind + " ")]
 
-    try:
+    with keepalive(lab, "outsider", v1.ip, "httpbin-v1", out) as proc:
         wait_for(lambda: len(lines("ok")) >= 5, 10, "5 answers on the plaintext connection")
         t0 = time.time()
         policies.apply("PeerAuthentication", "strict-live", {"mtls": {"mode": "STRICT"}}, namespace="default")
         closed = wait_for(lambda: lines("closed"), 5, "the plaintext connection to be closed")[0]
         print(f"STRICT applied → plaintext connection closed: {float(closed[2]) - t0:.2f} s")
         proc.wait(5)
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            proc.wait(5)
     deny = wait_for(lambda: flows(lab, "node1", event="deny", reason="STRICT_MTLS_PLAINTEXT",
                                   dst=f"{v1.ip}:8000"), 5)
     assert len(deny) == 1 and "src_identity" not in deny[0], deny

@@ -382,9 +382,8 @@ def _data(sid: int, payload: bytes, end: bool = False) -> bytes:
     return hyperframe.frame.DataFrame(sid, data=payload, flags=["END_STREAM"] if end else []).serialize()
 
 
-def _opened(fast: bool) -> tuple[Conn, Conn, int]:
-    """A client and a server of that world with stream 1 open and answered."""
-    client, server = _make(fast, True), _make(fast, False)
+def _open_stream_1(client: Conn, server: Conn) -> None:
+    """Settle the settings, then open stream 1 and answer it 200."""
     for _ in range(3):
         server.receive_data(client.data_to_send())
         client.receive_data(server.data_to_send())
@@ -392,6 +391,12 @@ def _opened(fast: bool) -> tuple[Conn, Conn, int]:
     server.receive_data(client.data_to_send())
     server.send_headers(1, hbone.response_headers(200))
     client.receive_data(server.data_to_send())
+
+
+def _opened(fast: bool) -> tuple[Conn, Conn, int]:
+    """A client and a server of that world with stream 1 open and answered."""
+    client, server = _make(fast, True), _make(fast, False)
+    _open_stream_1(client, server)
     return client, server, 1
 
 
@@ -400,14 +405,7 @@ def _plain_h2_client() -> tuple[Conn, int]:
     client = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True, header_encoding=None))
     hbone.apply_settings(client)
     hbone.start(client)
-    server = _make(False, False)
-    for _ in range(3):
-        server.receive_data(client.data_to_send())
-        client.receive_data(server.data_to_send())
-    client.send_headers(1, hbone.connect_headers(("10.1.0.5", 8080)))
-    server.receive_data(client.data_to_send())
-    server.send_headers(1, hbone.response_headers(200))
-    client.receive_data(server.data_to_send())
+    _open_stream_1(client, _make(False, False))
     return client, 1
 
 
