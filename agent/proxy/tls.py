@@ -66,7 +66,10 @@ def _context(
     ctx.check_hostname = False  # peers are SPIFFE IDs, checked by peer_spiffe_id after the handshake
     ctx.verify_mode = ssl.CERT_REQUIRED
     ctx.set_alpn_protocols([ALPN_H2])
-    ctx.options |= ssl.OP_NO_TICKET  # no resumption: every connection shows its certificate
+    # No resumption: every connection shows its certificate (a resumed one shows none, and OpenSSL
+    # checks no expiry on it). On TLS 1.3 OP_NO_TICKET alone only makes the tickets stateful; the
+    # server context also issues none (`num_tickets = 0`, server_context).
+    ctx.options |= ssl.OP_NO_TICKET
     try:
         ctx.load_verify_locations(cadata=bundle_pem.decode("ascii"))
     except (ssl.SSLError, UnicodeDecodeError) as exc:
@@ -84,7 +87,11 @@ def server_context(
     cert_chain_pem: bytes | Iterable[bytes], key: PrivateKeyTypes | bytes, bundle_pem: bytes
 ) -> ssl.SSLContext:
     """The context a destination workload's HBONE listener presents (client certificate required)."""
-    return _context(ssl.PROTOCOL_TLS_SERVER, cert_chain_pem, key, bundle_pem)
+    ctx = _context(ssl.PROTOCOL_TLS_SERVER, cert_chain_pem, key, bundle_pem)
+    # No TLS 1.3 session tickets at all: a client resuming one would skip its certificate, so an
+    # expired SVID (expiry is how the mesh revokes) would still pass as its identity.
+    ctx.num_tickets = 0
+    return ctx
 
 
 def client_context(
