@@ -24,6 +24,7 @@ from collections.abc import Callable
 from typing import Final
 
 from agent.admin.sources import ConnPath
+from agent.datapath.abi import PORT_INBOUND, PORT_OUTBOUND
 from agent.datapath.interface import EnrolledPod
 from agent.proxy.conns import REASON_STRICT, Tracked, new_connection_id, refusal
 from agent.proxy.core import ProxyCore, ProxyError
@@ -42,6 +43,8 @@ Addr = tuple[str, int]
 REASON_UNKNOWN_DST = "UNKNOWN_DESTINATION_WORKLOAD"
 # the destination pod stopped being served (removed, opted out) while its app was being dialled
 REASON_POD_STOPPED = "DESTINATION_POD_STOPPED"
+# a connection to one of the proxy's own ports in the pod (15001/15006/15008): never an app's
+REASON_PROXY_PORT = "PROXY_PORT"
 # given up before the app answered: the HBONE stream was reset or its connection went away (or the
 # agent is stopping), so the dial was cancelled (docs/hbone.md "Abusive peers")
 REASON_ABANDONED = "ABANDONED_BEFORE_ESTABLISHED"
@@ -247,6 +250,12 @@ class Inbound:
             dst_workload=dst_workload, src_ip=src[0], src_identity=src_identity, dst_ip=dst[0], dst_port=port
         )
         t.authz, t.deciding = authz, decision
+        if port in (PORT_OUTBOUND, PORT_INBOUND, core.hbone_port):
+            # Dialling it would be accepted by the proxy again (15006 listens on the pod IP), which
+            # dials it again: one connection from anyone who reaches the pod took every slot.
+            core.tracker.denied(t, REASON_PROXY_PORT)
+            answer(Status.SERVICE_UNAVAILABLE)
+            return
         if not decision.allowed:
             core.tracker.denied(t, str(decision.reason))
             answer(Status.UNAUTHORIZED)

@@ -34,6 +34,7 @@ from conftest import LabHandle
 from labtools import metric_sum, parse_metrics, scrape_15020
 from meshlab import (
     Policies,
+    admin_get,
     client_tls,
     connect_from,
     flows,
@@ -392,6 +393,40 @@ def test_rapid_reset_gets_goaway_and_the_agent_keeps_serving(
     wait_for(lambda: said in lab.log("agent-node2"), 5, said)  # a worker's lines may come later
     body = request_ok(lab, "client", f"http://{v2.ip}:8000/after-rapid-reset")
     assert body["pod"] == "httpbin-v2"
+
+
+PROXY_PORT_PROBE = r"""
+import socket, sys, time
+s = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=5)
+s.settimeout(5)
+t0 = time.monotonic()
+data = s.recv(100)
+print(repr(data), round(time.monotonic() - t0, 2), flush=True)
+"""
+
+
+def test_a_connection_to_a_pods_proxy_port_is_refused_not_looped(lab: LabHandle, tmp_path: Path) -> None:
+    """15006 listens on the pod IP: a connection to it was taken by the proxy, which dialled
+    <pod ip>:15006 again, and again, until the node's connection slots and fds ran out (one socket
+    from anyone reaching the pod). Now refused with `deny PROXY_PORT`, plaintext and over HBONE."""
+    v1, v2, outsider, client = (lab.plan.pod(n) for n in ("httpbin-v1", "httpbin-v2", "outsider", "client"))
+    # plaintext, from outside the mesh, to httpbin-v1 (node1)
+    before = len(flows_from(lab, "node1", outsider.ip, event="deny", reason="PROXY_PORT"))
+    with contextlib.closing(connect_from(outsider.netns_path, (v1.ip, 15006))) as sock:
+        assert sock.recv(100) == b""  # closed at once
+    wait_new_flow(lab, "node1", before, outsider.ip, event="deny", reason="PROXY_PORT")
+    # over HBONE, from the client (node1) to httpbin-v2 (node2): the client's 15001 sees it refused
+    before = len(flows_from(lab, "node2", client.ip, event="deny", reason="PROXY_PORT"))
+    log = tmp_path / "probe.log"
+    proc = lab.lab.popen("client", ["python3", "-c", PROXY_PORT_PROBE, v2.ip, "15006"], log=log)
+    assert proc.wait(10) == 0, log.read_text()
+    assert log.read_text().startswith("b''"), log.read_text()
+    wait_new_flow(lab, "node2", before, client.ip, event="deny", reason="PROXY_PORT")
+    for node in ("node1", "node2"):  # nothing left holding a slot (at most the pooled HBONE ones)
+        proxy = admin_get(node, "/v1/status")["proxy"]
+        wait_for(lambda n=node: admin_get(n, "/v1/status")["proxy"]["active_connections"] == 0, 5,
+                 f"{node}'s connections to end")
+        assert proxy["connection_slots_in_use"] < 10, proxy
 
 
 STUCK_PORT = 9099  # an app port in httpbin-v2 whose accept queue the test fills
