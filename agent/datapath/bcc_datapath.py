@@ -331,8 +331,10 @@ class BccDatapath:
     def original_destination(self, netns_cookie: int, peer: tuple[str, int]) -> tuple[str, int] | None:
         """Look up (listener netns cookie, peer port) in ``orig_dst_by_tuple``."""
         ip, port = peer
-        # getpeername() gives dotted quads: 127/8 is loopback (the redirect connects from 127.0.0.1)
-        if not ip.startswith("127.") or ip.count(".") != 3 or not 0 < port < 65536:
+        # The 15001 listener is bound to 127.0.0.1 in the pod netns, so every peer is a socket of
+        # that netns: from 127.0.0.1, or from the pod IP when the app bound it before connecting
+        # (`curl --interface`, a client pinning its source address). The key is the port either way.
+        if ip.count(".") != 3 or not 0 < port < 65536:
             return None
         raw = bpfsys.map_lookup(self._map_fds["orig_dst_by_tuple"], abi.pack_tuple_key(netns_cookie, port),
                                 abi.ORIG_DST.size)

@@ -84,8 +84,7 @@ class FakeDatapath:
 
     def original_destination(self, netns_cookie: int, peer: tuple[str, int]) -> tuple[str, int] | None:
         try:
-            if not ipaddress.IPv4Address(peer[0]).is_loopback:
-                return None
+            ipaddress.IPv4Address(peer[0])  # loopback, or the pod IP an app bound (as bcc's)
         except ValueError:
             return None
         return self.orig_dst_by_tuple.get((netns_cookie, peer[1]))

@@ -429,6 +429,35 @@ def test_a_connection_to_a_pods_proxy_port_is_refused_not_looped(lab: LabHandle,
         assert proxy["connection_slots_in_use"] < 10, proxy
 
 
+BOUND_CLIENT = r"""
+import socket, sys
+s = socket.socket()
+s.bind((sys.argv[1], 0))  # as `curl --interface` or a client pinning its source address
+s.settimeout(5)
+s.connect((sys.argv[2], 8000))
+s.sendall(b"GET /bound HTTP/1.0\r\nHost: x\r\n\r\n")
+data = b""
+while chunk := s.recv(65536):
+    data += chunk
+print(data.split(b"\r\n", 1)[0].decode(), flush=True)
+"""
+
+
+def test_an_app_that_binds_its_pod_ip_before_connecting_is_proxied(lab: LabHandle, tmp_path: Path) -> None:
+    """The redirected socket keeps the pod IP it bound, so 15001 sees that as the peer: the original
+    destination was refused for not coming from 127.0.0.1 (NO_ORIGINAL_DESTINATION, every such
+    connection closed)."""
+    client, v2 = lab.plan.pod("client"), lab.plan.pod("httpbin-v2")
+    for target in (v2.ip, "10.96.0.10"):  # a pod on the other node, the Service VIP
+        before = len(flows_from(lab, "node1", client.ip, event="close", src_pod="default/client"))
+        log = tmp_path / f"bound-{target}.log"
+        proc = lab.lab.popen("client", ["python3", "-c", BOUND_CLIENT, client.ip, target], log=log)
+        assert proc.wait(10) == 0, log.read_text()
+        assert log.read_text().startswith("HTTP/1.1 200"), log.read_text()
+        # carried by the client's node proxy (its outbound record), not passed around it
+        wait_new_flow(lab, "node1", before, client.ip, event="close", src_pod="default/client")
+
+
 STUCK_PORT = 9099  # an app port in httpbin-v2 whose accept queue the test fills
 
 

@@ -66,7 +66,15 @@ def test_captured_connection_has_original_destination(dp: FakeDatapath) -> None:
     assert dp.original_destination(ep.netns_cookie, ("127.0.0.1", 40000)) == ("10.96.0.10", 80)
 
 
-@pytest.mark.parametrize("peer", [("127.0.0.1", 40001), ("10.0.0.9", 40000), ("bogus", 40000)])
+def test_an_app_that_bound_its_pod_ip_before_connecting_is_captured_too(dp: FakeDatapath) -> None:
+    """The redirected socket keeps the source it bound: 15001 (on 127.0.0.1 in the pod netns) sees
+    the pod IP as the peer, and the lookup is by port all the same (it failed closed before)."""
+    ep = dp.enroll(POD)
+    dp.capture("pod-a", 40000, ("10.96.0.10", 80))
+    assert dp.original_destination(ep.netns_cookie, (POD.ip, 40000)) == ("10.96.0.10", 80)
+
+
+@pytest.mark.parametrize("peer", [("127.0.0.1", 40001), ("bogus", 40000)])
 def test_unknown_peer_fails_closed(dp: FakeDatapath, peer: tuple[str, int]) -> None:
     ep = dp.enroll(POD)
     dp.capture("pod-a", 40000, ("10.96.0.10", 80))
