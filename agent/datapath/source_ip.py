@@ -9,15 +9,20 @@ netns make them do so, as ztunnel's in-pod mode does with iptables, here without
 - ``net.ipv4.tcp_fwmark_accept = 1``: a socket the app accepts takes the mark of the SYN that
   opened it, so every packet it sends (the SYN-ACK included) carries ``MARK``;
 - an ip rule ``fwmark MARK/MASK lookup TABLE`` (priority ``RULE_PRIORITY``);
-- in ``TABLE`` the one route ``local 0.0.0.0/0 dev lo``: marked packets are delivered on this host.
+- in ``TABLE`` the one route ``local 0.0.0.0/0 dev lo``: marked packets are delivered on this host;
+- ``net.ipv4.fwmark_reflect = 1``: what the kernel answers without a socket (the RST of a closed
+  port, an ICMP error) carries the mark of the packet it answers, so it too comes back over ``lo``.
+  Without it the RST for the proxy's SYN to a closed app port went out through ``eth0`` to the real
+  caller, and the proxy retried its SYN until its connect timeout (5 s, a slot held) instead of
+  failing at once.
 
 Unmarked traffic is untouched: packets from ``eth0`` carry no mark (it is cleared when a packet
 crosses into another netns), and nothing else in the pod sets ``MARK``.
 
 These functions act on the netns of the calling thread: run them inside
 :func:`agent.datapath.netns.in_netns`, on a worker thread. ``install`` and ``remove`` are
-idempotent. The rule is the record of ownership: where it is present, nodemesh set the sysctl,
-and ``remove`` sets it back to 0.
+idempotent. The rule is the record of ownership: where it is present, nodemesh set the sysctls,
+and ``remove`` sets them back to 0.
 """
 
 from __future__ import annotations
@@ -36,6 +41,7 @@ MASK: Final = 0xFFFF
 TABLE: Final = 20045  # = MARK
 RULE_PRIORITY: Final = 100  # before "main" (32766); the mark is ours alone, so early is safe
 FWMARK_ACCEPT: Final = Path("/proc/sys/net/ipv4/tcp_fwmark_accept")  # resolved per thread netns
+FWMARK_REFLECT: Final = Path("/proc/sys/net/ipv4/fwmark_reflect")  # likewise
 IP_TRANSPARENT: Final = getattr(socket, "IP_TRANSPARENT", 19)
 IP_BIND_ADDRESS_NO_PORT: Final = getattr(socket, "IP_BIND_ADDRESS_NO_PORT", 24)
 _ROUTE: Final[dict[str, object]] = {
@@ -61,6 +67,7 @@ def install() -> None:
         if not _has_rule(ipr):
             _tolerate(errno.EEXIST, lambda: ipr.rule("add", **_RULE))
     FWMARK_ACCEPT.write_text("1")
+    FWMARK_REFLECT.write_text("1")
 
 
 def remove() -> bool:
@@ -73,6 +80,7 @@ def remove() -> bool:
         _tolerate(errno.ESRCH, lambda: ipr.route("del", oif=_lo(ipr), **_ROUTE))
     if owned:
         FWMARK_ACCEPT.write_text("0")
+        FWMARK_REFLECT.write_text("0")
     return owned
 
 
@@ -82,7 +90,7 @@ def installed() -> bool:
         if not _has_rule(ipr):
             return False
         routes = ipr.get_routes(family=socket.AF_INET, table=TABLE)
-    return bool(routes) and FWMARK_ACCEPT.read_text().strip() == "1"
+    return bool(routes) and all(p.read_text().strip() == "1" for p in (FWMARK_ACCEPT, FWMARK_REFLECT))
 
 
 def transparent(sock: socket.socket, source_ip: str) -> None:

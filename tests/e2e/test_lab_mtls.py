@@ -458,6 +458,23 @@ def test_an_app_that_binds_its_pod_ip_before_connecting_is_proxied(lab: LabHandl
         wait_new_flow(lab, "node1", before, client.ip, event="close", src_pod="default/client")
 
 
+def test_a_closed_app_port_is_refused_at_once_not_after_the_connect_timeout(
+    lab: LabHandle, tmp_path: Path
+) -> None:
+    """The app's netns answers the proxy's transparent SYN to a closed port with a RST the kernel
+    builds itself; without `fwmark_reflect` it carried no mark, left through eth0 to the caller
+    pod, and the proxy retried its SYN until its 5 s connect timeout."""
+    client, v1, v2 = (lab.plan.pod(n) for n in ("client", "httpbin-v1", "httpbin-v2"))
+    for node, target in (("node1", v1), ("node2", v2)):  # same node, and over HBONE
+        before = len(flows_from(lab, node, client.ip, event="deny", reason="UPSTREAM_CONNECT_FAILED"))
+        log = tmp_path / f"closed-{target.name}.log"
+        proc = lab.lab.popen("client", ["python3", "-c", PROXY_PORT_PROBE, target.ip, "9"], log=log)
+        assert proc.wait(10) == 0, log.read_text()
+        data, elapsed = log.read_text().split()
+        assert data == "b''" and float(elapsed) < 1.0, log.read_text()
+        wait_new_flow(lab, node, before, client.ip, event="deny", reason="UPSTREAM_CONNECT_FAILED")
+
+
 STUCK_PORT = 9099  # an app port in httpbin-v2 whose accept queue the test fills
 
 

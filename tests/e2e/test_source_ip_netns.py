@@ -45,7 +45,10 @@ class Pod:
             return fn()
 
     def sysctl(self) -> str:
-        return self.run(lambda: source_ip.FWMARK_ACCEPT.read_text().strip())
+        """Both sysctls the set-up owns, "1" or "0" when they agree."""
+        values = {self.run(lambda p=p: p.read_text().strip())  # type: ignore[misc]
+                  for p in (source_ip.FWMARK_ACCEPT, source_ip.FWMARK_REFLECT)}
+        return values.pop() if len(values) == 1 else f"mixed {sorted(values)}"
 
     def ip(self, *args: str) -> str:
         """`ip -n <this netns> ARGS`' output."""
@@ -104,7 +107,8 @@ def test_install_makes_a_transparent_connection_work_and_remove_undoes_it(pod: P
 
 
 def test_remove_leaves_a_netns_it_never_set_up_alone(pod: Pod) -> None:
-    pod.run(lambda: source_ip.FWMARK_ACCEPT.write_text("1"))  # somebody else's setting
+    for setting in (source_ip.FWMARK_ACCEPT, source_ip.FWMARK_REFLECT):  # somebody else's settings
+        pod.run(lambda p=setting: p.write_text("1"))  # type: ignore[misc]
     assert pod.run(source_ip.remove) is False
     assert pod.sysctl() == "1"
     # a half-done install (the route, no rule): the route in our table goes, the sysctl stays
