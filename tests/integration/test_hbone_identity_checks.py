@@ -26,6 +26,7 @@ from agent.proxy.tls import PeerIdentityError
 from agent.proxy.tunnel import HboneClient, HboneServer, TunnelError
 from api.csr import new_workload_csr
 from api.spiffe import SpiffeId
+from controller.ca import keystore
 from controller.ca.authority import CertificateAuthority
 
 TD = "cluster.local"
@@ -50,25 +51,9 @@ def pem(cert: x509.Certificate) -> bytes:
     return cert.public_bytes(serialization.Encoding.PEM)
 
 
-def new_root(cn: str) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(NOW - timedelta(days=1))
-        .not_valid_after(NOW + timedelta(days=30))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .add_extension(
-            x509.KeyUsage(False, False, False, False, False, True, True, False, False), critical=True
-        )
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
-        .sign(key, hashes.SHA256())
-    )
-    return cert, key
+def new_root(name: str) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
+    """Another self-signed root, as the CA makes its own (not in the mesh's trust bundle)."""
+    return keystore.new_root(name, NOW)
 
 
 def leaf(

@@ -16,11 +16,10 @@ import asyncio
 import socket
 import ssl
 import time
-from dataclasses import dataclass
 from datetime import timedelta
 
 import pytest
-from cryptography.hazmat.primitives.asymmetric import ec
+from test_hbone_identity_checks import Svid
 
 from agent.proxy import tls
 from agent.proxy.hbone import IpAddress
@@ -33,11 +32,6 @@ TD = "cluster.local"
 SERVER_ID = SpiffeId.for_workload(TD, "ns1", "server")
 CLIENT_ID = SpiffeId.for_workload(TD, "ns2", "client")
 
-
-@dataclass
-class Svid:
-    chain: list[bytes]
-    key: ec.EllipticCurvePrivateKey
 
 
 def issue(ca: CertificateAuthority, sid: SpiffeId, ttl: timedelta | None = None) -> Svid:
