@@ -52,6 +52,7 @@ _MIN_TOKEN_LENGTH = 16
 # Pods that stopped for good. Kubernetes keeps their status.podIP while the node gives the address
 # to a new pod: as workloads they would claim the new pod's IP (istiod skips them as well).
 _TERMINAL_PHASES = frozenset({"Succeeded", "Failed"})
+SERVICE_IP_CLAIM = "service-ip:"  # ConfigObject.claims() of a Service: its clusterIP
 _MAX_NAME_LENGTH = 253  # a Kubernetes object name (DNS subdomain)
 
 __all__ = [
@@ -59,6 +60,7 @@ __all__ = [
     "ENDPOINTS_ANNOTATION",
     "NETNS_ANNOTATION",
     "ROOT_NAMESPACE",
+    "SERVICE_IP_CLAIM",
     "WORKLOAD_NAME_LABEL",
     "ConfigError",
     "ConfigObject",
@@ -97,7 +99,11 @@ class ConfigObject:
         return object_label(self.kind, self.namespace, self.name)
 
     def claims(self) -> tuple[str, ...]:
-        """What only one object in the whole config may define: its key, and a node token's value."""
+        """What only one object in the whole config may define: its key, a node token's value, and
+        a Service's clusterIP (Kubernetes never admits two Services with one: agents would disagree
+        on which Service the VIP is, the datapath and the proxy picking differently)."""
+        if isinstance(self.model, ServiceObject):
+            return (self.key, f"{SERVICE_IP_CLAIM}{self.model.spec.cluster_ip}")
         token = node_token(self.model)
         if token is None:
             return (self.key,)

@@ -27,8 +27,13 @@ from typing import Any
 import yaml
 from watchfiles import awatch
 
-from api.policy import Service as ServiceObject
-from controller.registry import ConfigObject, MeshState, build_state, parse_config_object
+from controller.registry import (
+    SERVICE_IP_CLAIM,
+    ConfigObject,
+    MeshState,
+    build_state,
+    parse_config_object,
+)
 from controller.registry.errors import ConfigError, PathPart
 
 log = logging.getLogger("nodemesh.controller.yamldir")
@@ -163,7 +168,7 @@ def parse_text(text: str, file: str) -> ParsedFile:
         if conflict is not None:
             errors.append(conflict)
             continue
-        holders.update(dict.fromkeys(_claims(obj), obj))
+        holders.update(dict.fromkeys(obj.claims(), obj))
         objects.append(obj)
     return ParsedFile(tuple(objects), tuple(errors))
 
@@ -256,7 +261,7 @@ class YamlDirectorySource:
                 for name, fs in self._files.items()
                 if name != filename
                 for obj in self._in_force(fs)
-                for claim in _claims(obj)
+                for claim in obj.claims()
             }
             errors = [e for obj in parsed.objects if (e := _conflict(obj, taken)) is not None]
             if not errors:
@@ -409,9 +414,9 @@ class YamlDirectorySource:
 
         def take(items: tuple[ConfigObject, ...]) -> None:
             for obj in items:
-                if any(c in taken for c in _claims(obj)):
+                if any(c in taken for c in obj.claims()):
                     continue  # a stale last-good object now defined by an earlier file
-                taken.update(dict.fromkeys(_claims(obj), obj))
+                taken.update(dict.fromkeys(obj.claims(), obj))
                 objects.append(obj)
 
         for name in sorted(self._files):
@@ -428,32 +433,18 @@ class YamlDirectorySource:
         return objects, errors
 
 
-_SERVICE_IP_CLAIM = "service-ip:"
-
-
-def _claims(obj: ConfigObject) -> tuple[str, ...]:
-    """What only one object of the directory may define: `obj.claims()` and a Service's clusterIP.
-
-    Kubernetes never admits two Services with one clusterIP; here nothing else refuses them, and
-    agents would disagree on which Service the VIP is (the datapath and the proxy pick differently).
-    """
-    if isinstance(obj.model, ServiceObject):
-        return (*obj.claims(), f"{_SERVICE_IP_CLAIM}{obj.model.spec.cluster_ip}")
-    return obj.claims()
-
-
 def _conflict(
     obj: ConfigObject, taken: Mapping[str, ConfigObject], *, same_file: bool = False
 ) -> ConfigError | None:
     """The error for `obj` when it claims what an earlier object did (`taken`: claim -> holder)."""
-    claim = next((c for c in _claims(obj) if c in taken), None)
+    claim = next((c for c in obj.claims() if c in taken), None)
     if claim is None:
         return None
     holder = taken[claim]
     if claim == obj.key:
         what = "object"
-    elif claim.startswith(_SERVICE_IP_CLAIM):
-        what = f"clusterIP {claim.removeprefix(_SERVICE_IP_CLAIM)}"
+    elif claim.startswith(SERVICE_IP_CLAIM):
+        what = f"clusterIP {claim.removeprefix(SERVICE_IP_CLAIM)}"
     else:
         what = "node token (the same token value)"  # never the token itself: errors are logged
     if same_file:
