@@ -246,16 +246,16 @@ class Inbound:
             src_identity=str(src_identity) if src_identity is not None else "",
             service=service,
         )
-        authz, decision = index.authorize(
-            dst_workload=dst_workload, src_ip=src[0], src_identity=src_identity, dst_ip=dst[0], dst_port=port
-        )
-        t.authz, t.deciding = authz, decision
         if port in (PORT_OUTBOUND, PORT_INBOUND, core.hbone_port):
             # Dialling it would be accepted by the proxy again (15006 listens on the pod IP), which
             # dials it again: one connection from anyone who reaches the pod took every slot.
             core.tracker.denied(t, REASON_PROXY_PORT)
             answer(Status.SERVICE_UNAVAILABLE)
             return
+        authz, decision = index.authorize(
+            dst_workload=dst_workload, src_ip=src[0], src_identity=src_identity, dst_ip=dst[0], dst_port=port
+        )
+        t.authz, t.deciding = authz, decision
         if not decision.allowed:
             core.tracker.denied(t, str(decision.reason))
             answer(Status.UNAUTHORIZED)
