@@ -81,32 +81,22 @@ class _Signal:
         """Someone waits and was not woken yet."""
         return bool(self._waiters)
 
-    async def wait(self) -> None:
-        if self._flag:
+    async def wait(self, *others: _Signal) -> None:
+        """Until this signal, or one of `others`, is set (one future parked in each)."""
+        if self._flag or any(o._flag for o in others):
             return
         fut = self._loop.create_future()
         self._waiters.append(fut)
+        for o in others:
+            o._waiters.append(fut)
         try:
             await fut
         finally:
-            if not fut.done() or fut.cancelled():
-                with contextlib.suppress(ValueError):
-                    self._waiters.remove(fut)
-
-
-async def _wait_either(a: _Signal, b: _Signal) -> None:
-    """Until `a` or `b` is set: one future parked in both (`_Signal.set` skips a done future)."""
-    if a._flag or b._flag:
-        return
-    fut = a._loop.create_future()
-    a._waiters.append(fut)
-    b._waiters.append(fut)
-    try:
-        await fut
-    finally:
-        for signal in (a, b):
-            with contextlib.suppress(ValueError):
-                signal._waiters.remove(fut)
+            # `set` hands its list out: only a signal that did not wake this wait still holds it
+            for signal in (self, *others):
+                if signal is not self or not fut.done() or fut.cancelled():
+                    with contextlib.suppress(ValueError):
+                        signal._waiters.remove(fut)
 
 
 class Stream:
@@ -440,7 +430,7 @@ class _H2Protocol(asyncio.Protocol):
         its writer parked. `_writable` also wakes on window updates, hence the loop."""
         while not self._can_write._flag and stream._error is None:
             stream._writable.clear()  # write() tries to send before it waits on it: nothing is lost
-            await _wait_either(self._can_write, stream._writable)
+            await self._can_write.wait(stream._writable)
 
     def _consumed(self, stream_id: int, n: int, *, flush: bool = True) -> None:
         if n and self.transport is not None and not self.transport.is_closing():
