@@ -33,14 +33,18 @@ def bearer_token(context: grpc.aio.ServicerContext[object, object]) -> str | Non
     return None
 
 
-async def authenticate_node(model: MeshModel, context: grpc.aio.ServicerContext[object, object]) -> str:
+async def authenticate_node(
+    model: MeshModel, context: grpc.aio.ServicerContext[object, object]
+) -> tuple[str, str]:
+    """The calling node and the token it proved itself with; aborts UNAUTHENTICATED if none."""
     token = bearer_token(context)
     node = model.node_for_token(token) if token else None
     if node is None:
         log.warning("auth.refused peer=%s reason=%s", context.peer(), "missing" if not token else "unknown")
         await context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or unknown node token")
         raise AssertionError("unreachable")  # abort raises
-    return node
+    assert token is not None  # a node was found for it
+    return node, token
 
 
 class CertificatesService(pb_grpc.CertificatesServicer):
@@ -52,7 +56,7 @@ class CertificatesService(pb_grpc.CertificatesServicer):
     async def Sign(
         self, request: pb.SignRequest, context: grpc.aio.ServicerContext[pb.SignRequest, pb.SignResponse]
     ) -> pb.SignResponse:
-        node = await authenticate_node(self._model, context)  # type: ignore[arg-type]
+        node, _ = await authenticate_node(self._model, context)  # type: ignore[arg-type]
         try:
             validated = self._ca.validate_csr(request.csr_pem.encode())
         except CsrRejected as exc:
@@ -114,8 +118,7 @@ class ConfigService(pb_grpc.ConfigServicer):
         request_iterator: AsyncIterator[pb.ConfigRequest],
         context: grpc.aio.ServicerContext[pb.ConfigRequest, pb.ConfigResponse],
     ) -> AsyncIterator[pb.ConfigResponse]:
-        node = await authenticate_node(self._model, context)  # type: ignore[arg-type]
-        token = bearer_token(context) or ""  # type: ignore[arg-type]  # authenticate_node found it
+        node, token = await authenticate_node(self._model, context)  # type: ignore[arg-type]
         try:
             first = await anext(request_iterator)
         except StopAsyncIteration:
