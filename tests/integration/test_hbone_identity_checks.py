@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import socket
 import ssl
+import tempfile
 import threading
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -137,6 +138,17 @@ class RawTlsServer:
         self.listener.close()
 
 
+def load_svid(ctx: ssl.SSLContext, svid: Svid) -> None:
+    """Give a stock `ssl` context this SVID (ssl loads a chain and key from a file only)."""
+    key = svid.key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+    with tempfile.NamedTemporaryFile() as f:
+        f.write(b"".join(svid.chain) + key)
+        f.flush()
+        ctx.load_cert_chain(f.name)
+
+
 def raw_server_ctx(
     svid: Svid, bundle: bytes, *, alpn: tuple[str, ...] | None = ("h2",), tls12: bool = False
 ) -> ssl.SSLContext:
@@ -147,14 +159,7 @@ def raw_server_ctx(
     ctx.load_verify_locations(cadata=bundle.decode())
     if alpn:
         ctx.set_alpn_protocols(list(alpn))
-    import tempfile
-
-    with tempfile.NamedTemporaryFile() as f:
-        f.write(b"".join(svid.chain) + svid.key.private_bytes(
-            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-        ))
-        f.flush()
-        ctx.load_cert_chain(f.name)
+    load_svid(ctx, svid)
     return ctx
 
 
@@ -269,14 +274,7 @@ def raw_client_ctx(
     if alpn:
         ctx.set_alpn_protocols(list(alpn))
     if svid is not None:
-        import tempfile
-
-        with tempfile.NamedTemporaryFile() as f:
-            f.write(b"".join(svid.chain) + svid.key.private_bytes(
-                serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-            ))
-            f.flush()
-            ctx.load_cert_chain(f.name)
+        load_svid(ctx, svid)
     return ctx
 
 
