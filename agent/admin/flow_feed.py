@@ -43,6 +43,14 @@ BACKOFF_MAX = 2.0
 _BAD_LINE = (ValueError, KeyError, TypeError, AttributeError, OverflowError, RecursionError)
 
 
+def _count(value: object) -> int:
+    """A count a worker sent: an integer >= 0 (a negative one would move the cursor back and the
+    `lost` counter down; a float or a string is not what the worker writes)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"{value!r} is not a count")
+    return value
+
+
 @dataclass(slots=True)
 class _Position:
     """How far the main ring has one worker's records: which ring, and the last sequence number taken."""
@@ -172,7 +180,7 @@ class WorkerFlowFeed:
                 self._ring.add(FlowRecord.from_dict(item["flow"]))
                 self.flows["received"][index] += 1
             elif kind == "dropped":
-                count = int(item["count"])
+                count = _count(item["count"])
                 stream.cursor += count
                 self._positions[index].seen = max(self._positions[index].seen, stream.cursor)
                 self.flows["lost"][index] += count
@@ -190,7 +198,9 @@ class WorkerFlowFeed:
             if item["kind"] != "start":
                 raise ValueError(f"first line is {item['kind']!r}, not start")
             ring_id = str(item.get("ring_id") or "")
-            added, stored = int(item["ring"]["added"]), int(item["ring"]["stored"])
+            added, stored = _count(item["ring"]["added"]), _count(item["ring"]["stored"])
+            if stored > added:
+                raise ValueError(f"ring stores {stored} records of {added} added")
         except _BAD_LINE as exc:
             raise PeerError(f"bad first line of the flow stream: {exc}; {line[:200]!r}") from None
         pos = self._positions.setdefault(index, _Position())

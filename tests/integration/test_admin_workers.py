@@ -420,6 +420,54 @@ async def test_malformed_flow_lines_are_skipped_and_counted(run_dir: Path) -> No
     assert metrics["nodemesh_proxy_worker_flows_total", (("outcome", "received"), ("worker", "1"))] == 1
 
 
+async def test_a_negative_or_fractional_dropped_count_is_malformed_not_counted(run_dir: Path) -> None:
+    """A `dropped` line with count -5 moved the stream's cursor back and the `lost` counter down (a
+    counter that goes down reads as a reset); the records after it were then taken for ones already
+    seen."""
+    main_ring = FlowRing()
+    lines = [
+        {"kind": "start", "ring": {"added": 0, "stored": 0}, "ring_id": "abc"},
+        {"kind": "flow", "flow": rec("w1c1").to_dict()},
+        {"kind": "dropped", "count": 2},
+        {"kind": "dropped", "count": -5},
+        {"kind": "dropped", "count": 1.5},
+        {"kind": "dropped", "count": True},
+        {"kind": "flow", "flow": rec("w1c2").to_dict()},
+    ]
+    body = b"".join(json.dumps(x).encode() + b"\n" for x in lines)
+    answer = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n" + b"%x\r\n%s\r\n" % (len(body), body)
+    feed = feed_for(lambda: [info(1, sock(run_dir, 1))], main_ring)
+    async with answering(sock(run_dir, 1), answer):
+        await feed.start()
+        try:
+            await assert_eventually(lambda: ids(main_ring) == ["w1c1", "w1c2"])
+        finally:
+            await feed.close()
+    assert feed.flows["lost"][1] == 2
+    assert feed.flows["malformed"][1] == 3
+    assert feed.flows["received"][1] == 2
+
+
+@pytest.mark.parametrize(
+    "ring", [{"added": -1, "stored": 0}, {"added": 3, "stored": 5}], ids=["negative", "stored-more"]
+)
+async def test_a_start_line_with_impossible_ring_counts_breaks_the_stream(
+    run_dir: Path, ring: dict[str, int]
+) -> None:
+    first = json.dumps({"kind": "start", "ring": ring, "ring_id": "abc"}).encode()
+    body = first + b"\n" + json.dumps({"kind": "flow", "flow": rec("w1c1").to_dict()}).encode() + b"\n"
+    answer = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n" + b"%x\r\n%s\r\n" % (len(body), body)
+    main_ring = FlowRing()
+    feed = feed_for(lambda: [info(1, sock(run_dir, 1))], main_ring)
+    async with answering(sock(run_dir, 1), answer):
+        await feed.start()
+        try:
+            await assert_eventually(lambda: feed.stream_errors[1] >= 1)
+        finally:
+            await feed.close()
+    assert list(main_ring) == []
+
+
 async def test_a_worker_flow_with_a_wrongly_typed_field_is_malformed_not_stored(run_dir: Path) -> None:
     """A record whose `time` is not a number, once in the main ring, would make every `/v1/flows?since=`
     (`nodemesh flows --since 5m`) answer 500 until 10,000 newer records evict it."""
