@@ -4,11 +4,10 @@ Follows what istiod sends to ztunnel (istio/istio `pilot/pkg/serviceregistry/kub
 ambient/authorization.go`, `convertAuthorizationPolicy` / `handleRule`) with these documented
 choices (see docs/authorization.md, "Authorization semantics"):
 
-- HTTP-only attributes (requestPrincipals, hosts, methods, paths, their `not` forms, and `when`
-  keys other than the L4 ones) make an ALLOW or AUDIT rule match nothing, and are dropped from a
-  DENY rule, which then matches on what is left (fail closed, as the Istio reference promises).
-- `remoteIpBlocks` / `remote.ip` are matched against the peer address: at L4 there is no
-  X-Forwarded-For, so the remote IP is the connection's source.
+- HTTP-only attributes (requestPrincipals, remoteIpBlocks, hosts, methods, paths, their `not`
+  forms, and `when` keys other than the L4 ones, `remote.ip` included) make an ALLOW or AUDIT rule
+  match nothing, and are dropped from a DENY rule, which then matches on what is left (fail closed,
+  as the Istio reference promises). istiod's `httpSources` and `l4WhenAttributes` draw the same line.
 - A rule holding an invalid value (bad CIDR, bad port, empty source) matches nothing in an ALLOW
   or AUDIT policy and everything in a DENY policy, and carries a note saying why.
 - Policies with `targetRef`/`targetRefs` attach to waypoints and gateways, never to an L4
@@ -64,10 +63,17 @@ _SOURCE_FIELDS: dict[str, tuple[str, str, bool]] = {
     "notServiceAccounts": ("service_account", _SA, True),
     "ipBlocks": ("src_ip_key", _IP, False),
     "notIpBlocks": ("src_ip_key", _IP, True),
-    "remoteIpBlocks": ("src_ip_key", _IP, False),
-    "notRemoteIpBlocks": ("src_ip_key", _IP, True),
 }
-_SOURCE_HTTP_FIELDS = frozenset({"requestPrincipals", "notRequestPrincipals"})
+# istio ambient `httpSources`. The remote IP is the original client's address as an HTTP proxy
+# learns it (X-Forwarded-For, PROXY protocol), which the L4 proxy never reads; standing the peer
+# address in for it would let an ALLOW rule admit peers that ztunnel never admits.
+_SOURCE_HTTP_FIELDS = frozenset(
+    {"requestPrincipals", "notRequestPrincipals", "remoteIpBlocks", "notRemoteIpBlocks"}
+)
+# HTTP attributes whose values are still read as addresses, although never matched: Istio's webhook
+# refuses a bad one (`ValidateIPs`), and a typo fails closed as the same typo in `ipBlocks` does.
+_SOURCE_HTTP_IP_FIELDS = frozenset({"remoteIpBlocks", "notRemoteIpBlocks"})
+_WHEN_HTTP_IP_KEYS = frozenset({"remote.ip"})
 
 _OPERATION_FIELDS: dict[str, tuple[str, str, bool]] = {
     "ports": ("dst_port", _PORT, False),
@@ -75,10 +81,9 @@ _OPERATION_FIELDS: dict[str, tuple[str, str, bool]] = {
 }
 _OPERATION_HTTP_FIELDS = frozenset({"hosts", "notHosts", "methods", "notMethods", "paths", "notPaths"})
 
-# `when` keys enforceable at L4 (istio ambient `l4WhenAttributes`, plus remote.ip, see above).
+# `when` keys enforceable at L4 (istio ambient `l4WhenAttributes`); `remote.ip` is HTTP, as above.
 _WHEN_L4_KEYS: dict[str, tuple[str, str]] = {
     "source.ip": ("src_ip_key", _IP),
-    "remote.ip": ("src_ip_key", _IP),
     "source.namespace": ("src_namespace", _STR),
     "source.principal": ("principal", _STR),
     "destination.ip": ("dst_ip_key", _IP),
@@ -112,6 +117,10 @@ def _parse_network(value: str, path: str) -> IpNetwork:
         raise _InvalidValue(path, f"{value!r} is not an IP address or CIDR") from exc
 
 
+def _parse_networks(values: tuple[str, ...], path: str) -> tuple[IpNetwork, ...]:
+    return tuple(_parse_network(v, f"{path}[{i}]") for i, v in enumerate(values))
+
+
 def _parse_port(value: str, path: str) -> int:
     if not value.isascii() or not value.isdigit() or int(value) > 65535:
         raise _InvalidValue(path, f"{value!r} is not a port number (0-65535)")
@@ -125,7 +134,7 @@ def _field_match(
     if kind == _STR:
         matcher = StringPatterns.parse(values)
     elif kind == _IP:
-        matcher = IpBlocks(tuple(_parse_network(v, f"{path}[{i}]") for i, v in enumerate(values)))
+        matcher = IpBlocks(_parse_networks(values, path))
     elif kind == _PORT:
         matcher = Ports(frozenset(_parse_port(v, f"{path}[{i}]") for i, v in enumerate(values)))
     else:
@@ -171,6 +180,8 @@ def _compile_entry(
             continue
         constrained = True
         if name in http_fields:
+            if name in _SOURCE_HTTP_IP_FIELDS:
+                _parse_networks(values, fpath)
             l7_found.append(name)
             continue
         attr, kind, negated = l4_fields[name]
@@ -197,6 +208,9 @@ def _compile_condition(cond: object, path: str, l7_found: list[str]) -> Match | 
         raise _InvalidValue(path, f"condition {key!r} needs `values` or `notValues`")
     spec = _WHEN_L4_KEYS.get(key)
     if spec is None:
+        if key in _WHEN_HTTP_IP_KEYS:
+            _parse_networks(values, f"{path}.values")
+            _parse_networks(not_values, f"{path}.notValues")
         l7_found.append(f"when {key}")
         return None
     attr, kind = spec

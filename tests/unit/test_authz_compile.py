@@ -154,6 +154,11 @@ def test_custom_policy_keeps_provider_name() -> None:
         ({"to": [{"operation": {"notPaths": ["/x"]}}]}, "notPaths"),
         ({"to": [{"operation": {"hosts": ["a.example"]}}]}, "hosts"),
         ({"from": [{"source": {"requestPrincipals": ["*"]}}]}, "requestPrincipals"),
+        # istio ambient `httpSources` / `l4WhenAttributes`: the remote IP comes from X-Forwarded-For
+        ({"from": [{"source": {"remoteIpBlocks": ["10.1.2.0/24"]}}]}, "remoteIpBlocks"),
+        ({"from": [{"source": {"notRemoteIpBlocks": ["10.1.2.0/24"]}}]}, "notRemoteIpBlocks"),
+        ({"when": [{"key": "remote.ip", "values": ["10.1.2.3"]}]}, "when remote.ip"),
+        ({"when": [{"key": "remote.ip", "notValues": ["10.1.2.3"]}]}, "when remote.ip"),
         ({"when": [{"key": "request.headers[x-token]", "values": ["a"]}]}, "when request.headers[x-token]"),
         ({"when": [{"key": "connection.sni", "values": ["a"]}]}, "when connection.sni"),
     ],
@@ -166,6 +171,26 @@ def test_l7_attribute_is_recorded_per_action(rule: dict[str, Any], attribute: st
     assert not deny.rules[0].never_matches and attribute in deny.rules[0].l7_ignored
     assert "matches nothing" in allow.rules[0].notes[0]
     assert "ignored" in deny.rules[0].notes[0]
+
+
+@pytest.mark.parametrize(
+    "rule",
+    [
+        {"from": [{"source": {"ipBlocks": ["10.1.2.0/24"]}}]},
+        {"from": [{"source": {"notIpBlocks": ["10.1.2.0/24"]}}]},
+        {"when": [{"key": "source.ip", "values": ["10.1.2.3"]}]},
+        {"when": [{"key": "source.ip", "notValues": ["10.1.2.3"]}]},
+    ],
+)
+def test_peer_address_attributes_stay_l4(rule: dict[str, Any]) -> None:
+    # ipBlocks and the `source.ip` when-key are the peer address (ambient `l4WhenAttributes`),
+    # unlike remoteIpBlocks and `remote.ip`
+    for spec in ({"rules": [rule]}, {"action": "DENY", "rules": [rule]}):
+        policy = compile_policy(ap("p", spec))
+        assert policy is not None
+        compiled = policy.rules[0]
+        assert (compiled.l7_ignored, compiled.notes) == ((), ())
+        assert not compiled.never_matches and not compiled.always_matches
 
 
 @pytest.mark.parametrize(
@@ -185,6 +210,18 @@ def test_l7_attribute_is_recorded_per_action(rule: dict[str, Any], attribute: st
         ({"when": [{"key": "source.ip"}]}, "spec.rules[0].when[0]"),
         ({"when": [{"values": ["1.2.3.4"]}]}, "spec.rules[0].when[0]"),
         ({"when": [{"key": "destination.port", "values": ["x"]}]}, "spec.rules[0].when[0].values[0]"),
+        # HTTP attributes, never matched at L4, but their addresses are still read (Istio's webhook
+        # refuses them too), so a typo fails closed as it does in ipBlocks
+        (
+            {"from": [{"source": {"remoteIpBlocks": ["10.0.0.0/33"]}}]},
+            "spec.rules[0].from[0].source.remoteIpBlocks[0]",
+        ),
+        (
+            {"from": [{"source": {"principals": ["x"], "notRemoteIpBlocks": ["1.2.3.4", "nope"]}}]},
+            "spec.rules[0].from[0].source.notRemoteIpBlocks[1]",
+        ),
+        ({"when": [{"key": "remote.ip", "values": ["x"]}]}, "spec.rules[0].when[0].values[0]"),
+        ({"when": [{"key": "remote.ip", "notValues": ["x"]}]}, "spec.rules[0].when[0].notValues[0]"),
         (
             {"from": [{"source": {"serviceAccounts": ["a/b/c"]}}]},
             "spec.rules[0].from[0].source.serviceAccounts[0]",

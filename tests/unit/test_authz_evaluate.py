@@ -517,22 +517,6 @@ CASES: list[Case] = [
         False,
         Reason.NOT_ALLOWED,
     ),
-    Case(
-        "remote_ip_blocks_is_source_ip_at_l4",
-        "nodemesh: without X-Forwarded-For the remote IP is the peer, so remoteIpBlocks = ipBlocks.",
-        [ap("a", {"rules": [src(remoteIpBlocks=["10.1.2.0/24"])]})],
-        True,
-        Reason.ALLOWED_BY_POLICY,
-        "foo/a",
-        0,
-    ),
-    Case(
-        "not_remote_ip_blocks",
-        "notRemoteIpBlocks excludes the peer's range.",
-        [ap("a", {"rules": [src(notRemoteIpBlocks=["10.1.2.0/24"])]})],
-        False,
-        Reason.NOT_ALLOWED,
-    ),
     # --- operation fields ---------------------------------------------------------------------------
     Case(
         "ports",
@@ -673,12 +657,19 @@ CASES: list[Case] = [
         Reason.NOT_ALLOWED,
     ),
     Case(
-        "when_remote_ip_is_source_ip",
-        "nodemesh: remote.ip is the peer address at L4.",
-        [ap("a", {"rules": [when("remote.ip", ["10.1.2.3"])]})],
+        "when_source_ip_is_l4_in_deny",
+        "source.ip is one of ambient's l4WhenAttributes: a DENY rule still checks it.",
+        [ap("d", {"action": "DENY", "rules": [when("source.ip", ["192.168.0.0/16"])]})],
         True,
-        Reason.ALLOWED_BY_POLICY,
-        "foo/a",
+        Reason.ALLOWED_NO_POLICY,
+    ),
+    Case(
+        "when_source_ip_is_l4_in_deny_matching_peer",
+        "... and denies a peer inside the block.",
+        [ap("d", {"action": "DENY", "rules": [when("source.ip", ["10.1.0.0/16"])]})],
+        False,
+        Reason.DENIED_BY_POLICY,
+        "foo/d",
         0,
     ),
     Case(
@@ -763,6 +754,38 @@ CASES: list[Case] = [
         expect_l7=True,
     ),
     Case(
+        "allow_rule_with_remote_ip_blocks_matches_nothing",
+        "ambient httpSources: remoteIpBlocks is HTTP (X-Forwarded-For); omitted even for a peer inside it.",
+        [ap("a", {"rules": [src(remoteIpBlocks=["10.1.2.0/24"])]})],
+        False,
+        Reason.NOT_ALLOWED,
+        expect_l7=True,
+    ),
+    Case(
+        "allow_rule_with_not_remote_ip_blocks_matches_nothing",
+        "ambient httpSources: notRemoteIpBlocks is HTTP; omitted even for a peer outside it.",
+        [ap("a", {"rules": [src(notRemoteIpBlocks=["192.168.0.0/16"])]})],
+        False,
+        Reason.NOT_ALLOWED,
+        expect_l7=True,
+    ),
+    Case(
+        "allow_rule_with_remote_ip_blocks_and_principals_matches_nothing",
+        "The L4 fields next to remoteIpBlocks do not rescue an ALLOW rule.",
+        [ap("a", {"rules": [src(principals=[CLIENT], remoteIpBlocks=["10.1.2.0/24"])]})],
+        False,
+        Reason.NOT_ALLOWED,
+        expect_l7=True,
+    ),
+    Case(
+        "allow_rule_with_remote_ip_when_matches_nothing",
+        "remote.ip is not one of ambient's l4WhenAttributes: HTTP, even for the peer's own address.",
+        [ap("a", {"rules": [when("remote.ip", ["10.1.2.3"])]})],
+        False,
+        Reason.NOT_ALLOWED,
+        expect_l7=True,
+    ),
+    Case(
         "allow_l4_rule_next_to_l7_rule_still_allows",
         "Only the rule with HTTP attributes is omitted.",
         [ap("a", {"rules": [op(paths=["/admin"]), op(ports=["8080"])]})],
@@ -800,6 +823,83 @@ CASES: list[Case] = [
         expect_l7=True,
     ),
     Case(
+        "deny_rule_with_remote_ip_blocks_denies_principal_from_any_address",
+        "DENY with remoteIpBlocks is enforced without it: the principal is denied from any address.",
+        [
+            ap(
+                "d",
+                {"action": "DENY", "rules": [src(principals=[CLIENT], remoteIpBlocks=["192.168.0.0/16"])]},
+            )
+        ],
+        False,
+        Reason.DENIED_BY_POLICY,
+        "foo/d",
+        0,
+        expect_l7=True,
+    ),
+    Case(
+        "deny_rule_with_remote_ip_blocks_other_principal_allowed",
+        "... and its principals still have to match.",
+        [
+            ap(
+                "d",
+                {"action": "DENY", "rules": [src(principals=[CLIENT], remoteIpBlocks=["10.1.2.0/24"])]},
+            )
+        ],
+        True,
+        Reason.ALLOWED_NO_POLICY,
+        identity=OTHER,
+    ),
+    Case(
+        "deny_rule_with_only_remote_ip_blocks_denies_everyone",
+        "nodemesh (fail closed): a DENY made only of remoteIpBlocks denies all, whatever the address.",
+        [ap("d", {"action": "DENY", "rules": [src(remoteIpBlocks=["192.168.0.0/16"])]})],
+        False,
+        Reason.DENIED_BY_POLICY,
+        "foo/d",
+        0,
+        identity=PLAINTEXT,
+        expect_l7=True,
+    ),
+    Case(
+        "deny_rule_with_only_not_remote_ip_blocks_denies_everyone",
+        "nodemesh (fail closed): the same for notRemoteIpBlocks, even for a peer inside the block.",
+        [ap("d", {"action": "DENY", "rules": [src(notRemoteIpBlocks=["10.1.2.0/24"])]})],
+        False,
+        Reason.DENIED_BY_POLICY,
+        "foo/d",
+        0,
+        expect_l7=True,
+    ),
+    Case(
+        "deny_with_remote_ip_when_ignores_condition",
+        "A remote.ip `when` in a DENY rule is ignored like any HTTP condition.",
+        [
+            ap(
+                "d",
+                {
+                    "action": "DENY",
+                    "rules": [{**src(namespaces=["bar"]), **when("remote.ip", ["192.168.0.1"])}],
+                },
+            )
+        ],
+        False,
+        Reason.DENIED_BY_POLICY,
+        "foo/d",
+        0,
+        expect_l7=True,
+    ),
+    Case(
+        "deny_with_only_remote_ip_when_denies_everyone",
+        "nodemesh (fail closed): a DENY whose only condition is remote.ip denies all.",
+        [ap("d", {"action": "DENY", "rules": [when("remote.ip", not_values=["10.1.2.3"])]})],
+        False,
+        Reason.DENIED_BY_POLICY,
+        "foo/d",
+        0,
+        expect_l7=True,
+    ),
+    Case(
         "deny_with_http_when_ignores_condition",
         "An HTTP `when` in a DENY rule is ignored.",
         [
@@ -818,6 +918,20 @@ CASES: list[Case] = [
         expect_l7=True,
     ),
     # --- invalid values (fail closed) ---------------------------------------------------------------
+    Case(
+        "deny_rule_with_bad_remote_ip_block_matches_everything",
+        "nodemesh: a remoteIpBlocks value is still read; an unreadable one fails closed, as in ipBlocks.",
+        [
+            ap(
+                "d",
+                {"action": "DENY", "rules": [src(principals=[OTHER], remoteIpBlocks=["10.1.0.0/99"])]},
+            )
+        ],
+        False,
+        Reason.DENIED_BY_POLICY,
+        "foo/d",
+        0,
+    ),
     Case(
         "allow_rule_with_bad_cidr_matches_nothing",
         "nodemesh: an unreadable ALLOW rule matches nothing.",
@@ -929,6 +1043,31 @@ def test_explanation_names_every_selecting_policy_and_l7_note() -> None:
         assert name in text
     assert "methods" in text  # the ignored HTTP attribute of the DENY rule is called out
     assert "ALLOW foo/allow-bar:\n  rules[0] matches" in text
+
+
+def test_remote_ip_attributes_are_reported_like_other_http_attributes() -> None:
+    """`policy explain` and `Decision.l7_ignored` name remoteIpBlocks and remote.ip as HTTP attributes."""
+    conn = Connection(
+        src_ip="10.1.2.3", src_identity=CLIENT, dst_ip="10.0.0.2", dst_port=8080, dst_workload=SERVER
+    )
+    allow = ap("allow", {"rules": [src(remoteIpBlocks=["10.1.2.0/24"]), when("remote.ip", ["10.1.2.3"])]})
+    decision = evaluate(PolicyIndex.build([allow]), conn, explain=True)
+    assert decision.reason is Reason.NOT_ALLOWED
+    assert any("(remoteIpBlocks)" in n and "matches nothing" in n for n in decision.l7_ignored)
+    assert any("(when remote.ip)" in n and "matches nothing" in n for n in decision.l7_ignored)
+    text = "\n".join(decision.explanation)
+    assert "rules[0] does not match: rules[0] uses HTTP attributes (remoteIpBlocks)" in text
+    assert "rules[1] does not match: rules[1] uses HTTP attributes (when remote.ip)" in text
+
+    deny = ap(
+        "deny",
+        {"action": "DENY", "rules": [src(principals=[CLIENT], notRemoteIpBlocks=["10.1.2.0/24"])]},
+    )
+    decision = evaluate(PolicyIndex.build([deny]), conn, explain=True)
+    assert (decision.reason, str(decision.policy)) == (Reason.DENIED_BY_POLICY, "foo/deny")
+    assert len(decision.l7_ignored) == 1 and "(notRemoteIpBlocks)" in decision.l7_ignored[0]
+    assert "ignored" in decision.l7_ignored[0]
+    assert any(line.startswith("  note: ") and "notRemoteIpBlocks" in line for line in decision.explanation)
 
 
 def test_explanation_names_the_fields_that_failed() -> None:

@@ -45,6 +45,8 @@ sources = st.fixed_dictionaries(
         "ipBlocks": _values(ip_blocks),
         "notIpBlocks": _values(ip_blocks),
         "requestPrincipals": _values(st.just("*")),  # HTTP-only
+        "remoteIpBlocks": _values(ip_blocks),  # HTTP-only (X-Forwarded-For), though an address
+        "notRemoteIpBlocks": _values(ip_blocks),  # HTTP-only
     },
 ).filter(bool)
 operations = st.fixed_dictionaries(
@@ -60,6 +62,7 @@ conditions = st.one_of(
     st.builds(lambda v: {"key": "source.namespace", "notValues": v}, _values(namespace_patterns)),
     st.builds(lambda v: {"key": "destination.port", "values": v}, _values(ports)),
     st.builds(lambda v: {"key": "request.headers[x-user]", "values": v}, _values(st.just("alice"))),
+    st.builds(lambda v: {"key": "remote.ip", "values": v}, _values(ip_blocks)),  # HTTP-only
 )
 rules = st.fixed_dictionaries(
     {},
@@ -122,7 +125,8 @@ def named(obj: PolicyObject, name: str, ns: str = "foo") -> PolicyObject:
 
 # --- the reference interpreter ---------------------------------------------------------------------
 
-HTTP_FIELDS = {"requestPrincipals", "methods"}
+HTTP_FIELDS = {"requestPrincipals", "remoteIpBlocks", "notRemoteIpBlocks", "methods"}
+L4_WHEN_KEYS = {"source.ip", "source.namespace", "source.principal", "destination.ip", "destination.port"}
 
 
 def ref_string(pattern: str, value: str | None) -> bool:
@@ -161,7 +165,7 @@ def ref_rule(rule: dict[str, Any], action: str, conn: Connection) -> bool:
         ("operation", e["operation"]) for e in rule.get("to", [])
     ]
     has_l7 = any(k in HTTP_FIELDS for _, body in entries for k in body) or any(
-        c["key"].startswith("request.") for c in rule.get("when", [])
+        c["key"] not in L4_WHEN_KEYS for c in rule.get("when", [])
     )
     if has_l7 and action != "DENY":
         return False  # ALLOW/AUDIT rules with HTTP attributes are omitted at L4
@@ -173,7 +177,7 @@ def ref_rule(rule: dict[str, Any], action: str, conn: Connection) -> bool:
             return False
     for cond in rule.get("when", []):
         key = cond["key"]
-        if key.startswith("request."):
+        if key not in L4_WHEN_KEYS:
             continue  # ignored in a DENY rule
         field = {"source.ip": "ipBlocks", "source.namespace": "namespaces", "destination.port": "ports"}[key]
         if "values" in cond and not ref_field(field, cond["values"], conn):
