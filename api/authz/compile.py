@@ -122,9 +122,12 @@ def _parse_networks(values: tuple[str, ...], path: str) -> tuple[IpNetwork, ...]
 
 
 def _parse_port(value: str, path: str) -> int:
-    if not value.isascii() or not value.isdigit() or int(value) > 65535:
-        raise _InvalidValue(path, f"{value!r} is not a port number (0-65535)")
-    return int(value)
+    # leading zeros are allowed (Go's ParseUint); more than 5 digits after them are never a port,
+    # and are not handed to int(), which raises ValueError beyond 4,300 digits
+    digits = value.lstrip("0") or "0"
+    if not value.isascii() or not value.isdigit() or len(digits) > 5 or int(digits) > 65535:
+        raise _InvalidValue(path, f"{value[:20]!r} is not a port number (0-65535)")
+    return int(digits)
 
 
 def _field_match(

@@ -164,9 +164,13 @@ def compile_peer_authentication(obj: PolicyObject) -> CompiledPeerAuthentication
     for key, value in raw_ports.items():
         path = f"spec.portLevelMtls[{key}]"
         port_str = str(key)
-        if not port_str.isascii() or not port_str.isdigit() or not 1 <= int(port_str) <= 65535:
-            raise PolicyCompileError(KIND, obj.namespace, obj.name, path, f"{key!r} is not a port (1-65535)")
-        port_modes.append((int(port_str), _mode(value, obj, path)))
+        digits = port_str.lstrip("0") or "0"
+        # at most 5 digits reach int(), which raises ValueError beyond 4,300
+        if not (port_str.isascii() and port_str.isdigit() and len(digits) <= 5 and 1 <= int(digits) <= 65535):
+            raise PolicyCompileError(
+                KIND, obj.namespace, obj.name, path[:80], f"{port_str[:20]!r} is not a port (1-65535)"
+            )
+        port_modes.append((int(digits), _mode(value, obj, path)))
     if port_modes and selector is None:
         # Istio validation: portLevelMtls requires a workload selector.
         raise PolicyCompileError(

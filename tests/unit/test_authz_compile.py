@@ -233,6 +233,9 @@ def test_peer_address_attributes_stay_l4(rule: dict[str, Any]) -> None:
         ({"from": [{"source": {"principals": [], "notNamespaces": None}}]}, "spec.rules[0].from[0].source"),
         ({"to": [{"operation": {"ports": []}}]}, "spec.rules[0].to[0].operation"),
         ({"to": [{"operation": {"methods": []}}]}, "spec.rules[0].to[0].operation"),
+        # beyond 4,300 digits int() raises ValueError, which escaped compile_policy and PolicyIndex
+        ({"to": [{"operation": {"ports": ["9" * 5000]}}]}, "spec.rules[0].to[0].operation.ports[0]"),
+        ({"when": [{"key": "destination.port", "values": ["1" * 5000]}]}, "spec.rules[0].when[0]"),
     ],
 )
 def test_invalid_rule_fails_closed_and_says_where(rule: dict[str, Any], where: str) -> None:

@@ -321,6 +321,9 @@ def test_timestamps_with_offsets_and_datetimes_compare_in_utc() -> None:
         (pa("x", selector=APP, ports={"0": "STRICT"}), "spec.portLevelMtls[0]"),
         (pa("x", selector=APP, ports={"80": "LOOSE"}), "spec.portLevelMtls[80].mode"),
         (pa("x", selector=APP, ports={"+8080": "STRICT"}), "spec.portLevelMtls[+8080]"),
+        (pa("x", selector=APP, ports={"000080": "LOOSE"}), "spec.portLevelMtls[000080].mode"),  # port 80
+        # int() raises ValueError beyond 4,300 digits: that escaped PeerAuthIndex.build
+        (pa("x", selector=APP, ports={"9" * 5000: "STRICT"}), ("spec.portLevelMtls[" + "9" * 5000)[:80]),
     ],
 )
 def test_bad_peer_authentication_names_the_field(obj: PolicyObject, field: str) -> None:
