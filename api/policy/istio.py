@@ -2,17 +2,19 @@
 
 Field names and enums mirror the upstream CRDs (istio/api `security/v1beta1/authorization.proto`,
 `peer_authentication.proto`); unknown fields are rejected so a typo (`principal:`) is an error, not a
-silently ignored rule. Besides the OpenAPI schema we enforce the CRD's CEL rules and the checks of
-Istio's validation webhook that users hit most (empty `source`/`operation`, provider vs action,
-port-level mTLS without a selector). See docs/policy.md.
+silently ignored rule. Besides the OpenAPI schema we enforce the CRD's CEL rule on serviceAccounts
+and the checks of Istio's validation webhook that users hit most (empty `source`/`operation`,
+addresses and ports, `when` keys and values, provider vs action, port-level mTLS without a
+selector). See docs/authorization.md, "Invalid values".
 """
 
 from __future__ import annotations
 
 import ipaddress
+import re
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 from pydantic.alias_generators import to_camel
 
 from api.policy.kube import ObjectMeta
@@ -59,18 +61,55 @@ class ExtensionProvider(PolicyModel):
     name: str = ""
 
 
+# Go netip.ParsePrefix: the bits are ASCII decimal with no sign and no leading zero (three digits
+# are enough for 128; the range is checked against the address family).
+_PREFIX_BITS = re.compile(r"0|[1-9][0-9]{0,2}")
+
+
+def _ip_or_cidr_problem(value: str) -> str | None:
+    """Why `value` is not an address or CIDR as Istio's `security.ValidateIPs` reads it, or None.
+
+    ValidateIPs parses with Go's `netip.ParseAddr` (no "/") or `netip.ParsePrefix`, stricter than
+    Python's `ip_network`: the prefix length is a number of bits, never a netmask
+    ("10.0.0.0/255.0.0.0") nor "08", and a prefix has no IPv6 zone. Host bits may be set.
+    """
+    addr_text, slash, bits = value.rpartition("/")
+    try:
+        addr = ipaddress.ip_address(addr_text if slash else value)
+    except ValueError:
+        return f"{value!r} is not an IP address or CIDR block"
+    if not slash:
+        return None
+    if isinstance(addr, ipaddress.IPv6Address) and addr.scope_id is not None:
+        return f"{value!r} is not a CIDR block: a prefix cannot have an IPv6 zone"
+    if not _PREFIX_BITS.fullmatch(bits) or int(bits) > addr.max_prefixlen:
+        return f"{value!r} is not a CIDR block: the prefix length must be 0-{addr.max_prefixlen} bits"
+    return None
+
+
+def _port_number(value: str) -> int | None:
+    """`value` as a number 0-65535 as Go's `strconv.ParseUint(value, 10, 32)` reads it (ASCII
+    digits, leading zeros allowed, no sign), else None."""
+    if not value.isascii() or not value.isdigit():
+        return None
+    digits = value.lstrip("0") or "0"
+    if len(digits) > 5:  # also keeps int() away from very long strings
+        return None
+    port = int(digits)
+    return port if port <= 65535 else None
+
+
 def _check_blocks(values: tuple[str, ...] | None) -> tuple[str, ...] | None:
     for value in values or ():
-        try:
-            ipaddress.ip_network(value, strict=False)
-        except ValueError:
-            raise ValueError(f"{value!r} is not an IP address or CIDR block") from None
+        problem = _ip_or_cidr_problem(value)
+        if problem:
+            raise ValueError(problem)
     return values
 
 
 def _check_ports(values: tuple[str, ...] | None) -> tuple[str, ...] | None:
     for value in values or ():
-        if not value.isdigit() or not 1 <= int(value) <= 65535:
+        if not _port_number(value):  # None, or 0: refused here although Istio's ValidatePorts takes it
             raise ValueError(f"port {value!r} must be a number between 1 and 65535")
     return values
 
@@ -148,12 +187,114 @@ class To(PolicyModel):
     operation: Operation
 
 
+# `when` keys as Istio's webhook reads them: istio/istio pkg/config/security/security.go
+# `ValidateAttribute`, called by pkg/config/validation `ValidateAuthorizationPolicy` on `values` and
+# on `notValues`. Keys outside these are refused ("unknown attribute"), as are those below.
+_WHEN_IP_KEYS = frozenset({"source.ip", "remote.ip", "destination.ip"})  # security.ValidateIPs
+_WHEN_PORT_KEYS = frozenset({"destination.port"})  # security.ValidatePorts
+_WHEN_SERVICE_ACCOUNT_KEYS = frozenset({"source.serviceAccount"})  # security.CheckServiceAccount
+_WHEN_PLAIN_KEYS = frozenset(
+    {
+        "source.namespace",
+        "source.principal",
+        "request.auth.principal",
+        "request.auth.audiences",
+        "request.auth.presenter",
+        "connection.sni",
+    }
+)
+# Keys that name a header, claim or metadata field: `<prefix>...[name]` (security.validateMapKey).
+_WHEN_MAP_KEY_PREFIXES = (
+    "request.headers",
+    "request.experimental.inline.headers",
+    "request.auth.claims",
+    "experimental.envoy.filters.",
+)
+# Keys Istio refuses with a reason of their own (v1alpha1 attributes).
+_WHEN_REPLACED_KEYS = {
+    "destination.namespace": "is replaced by the metadata.namespace",
+    "destination.name": "is deprecated: only supported in v1alpha1",
+    "destination.user": "is deprecated: only supported in v1alpha1",
+}
+_WHEN_REPLACED_PREFIX = "destination.labels"  # "is replaced by the workload selector"
+# Keys a CUSTOM policy may not use (ValidateAuthorizationPolicy: "<key> is currently not supported
+# with CUSTOM action").
+_WHEN_NOT_WITH_CUSTOM = frozenset({"source.namespace", "source.principal"})
+_WHEN_NOT_WITH_CUSTOM_PREFIX = "request.auth."
+
+
+def _when_key_problem(key: str) -> str | None:
+    """Why Istio's `ValidateAttribute` refuses `key` whatever its values, or None."""
+    for prefix in _WHEN_MAP_KEY_PREFIXES:
+        if key.startswith(prefix):
+            # security.validateMapKey: `a[b]`, with a non-empty a and b.
+            open_at = key.find("[")
+            if key.endswith("]") and 0 < open_at < len(key) - 2:
+                return None
+            return f"bad key {key!r}: should have the form {prefix.rstrip('.')}[name]"
+    if key in _WHEN_IP_KEYS or key in _WHEN_PORT_KEYS or key in _WHEN_SERVICE_ACCOUNT_KEYS:
+        return None
+    if key in _WHEN_PLAIN_KEYS:
+        return None
+    if key in _WHEN_REPLACED_KEYS:
+        return f"attribute {key!r} {_WHEN_REPLACED_KEYS[key]}"
+    if key.startswith(_WHEN_REPLACED_PREFIX):
+        return f"attribute {key!r} is replaced by the workload selector"
+    return f"unknown attribute {key!r}"
+
+
+def _when_value_problem(key: str, values: tuple[str, ...]) -> str | None:
+    """Why Istio's `ValidateAttribute` refuses these values of a known `key`, or None."""
+    if any(not value for value in values):
+        return f"empty value not allowed, found in {key}"
+    if key in _WHEN_IP_KEYS:
+        return next(filter(None, map(_ip_or_cidr_problem, values)), None)
+    if key in _WHEN_PORT_KEYS:
+        for value in values:
+            if _port_number(value) is None:  # ValidatePorts takes 0, as the agent's compiler does
+                return f"port {value!r} must be a number between 0 and 65535"
+    if key in _WHEN_SERVICE_ACCOUNT_KEYS:
+        if len(values) > 16:
+            return "may not have more than 16 values"
+        for value in values:
+            if "*" in value:
+                return f"wildcard not allowed, found in {key}"
+            parts = value.split("/")
+            if len(parts) > 2 or not all(parts):
+                return f"expected format 'serviceAccount' or 'namespace/serviceAccount', found {value!r}"
+            if len(value) > 320:
+                return f"value cannot exceed 320 characters, found {value!r}"
+    return None
+
+
 class Condition(PolicyModel):
-    """`when[]`: an extra condition on a connection attribute (`source.ip`, `destination.port`...)."""
+    """`when[]`: an extra condition on a connection attribute (`source.ip`, `destination.port`...).
+
+    Keys and values are checked as Istio's webhook does (`security.ValidateAttribute`), so a typo
+    in a key or an unreadable address is refused on apply rather than compiled into a rule that
+    fails closed in the agent.
+    """
 
     key: str = Field(min_length=1)
     values: tuple[str, ...] | None = None
     not_values: tuple[str, ...] | None = None
+
+    @field_validator("key")
+    @classmethod
+    def _check_key(cls, key: str) -> str:
+        problem = _when_key_problem(key)
+        if problem:
+            raise ValueError(problem)
+        return key
+
+    @field_validator("values", "not_values")
+    @classmethod
+    def _check_values(cls, values: tuple[str, ...] | None, info: ValidationInfo) -> tuple[str, ...] | None:
+        key = info.data.get("key")  # absent when the key itself was refused
+        problem = _when_value_problem(key, values) if isinstance(key, str) and values else None
+        if problem:
+            raise ValueError(problem)
+        return values
 
     @model_validator(mode="after")
     def _check(self) -> Condition:
@@ -198,12 +339,18 @@ class AuthorizationPolicySpec(PolicyModel):
             raise ValueError("CUSTOM action requires a provider")
         if self.action != "CUSTOM" and self.provider is not None:
             raise ValueError(f"{self.action} action cannot have a provider")
+        if self.action == "CUSTOM":
+            for i, rule in enumerate(self.rules or ()):
+                for j, cond in enumerate(rule.when or ()):
+                    key = cond.key
+                    if key in _WHEN_NOT_WITH_CUSTOM or key.startswith(_WHEN_NOT_WITH_CUSTOM_PREFIX):
+                        where = f"rules[{i}].when[{j}].key"
+                        raise ValueError(f"{where}: {key!r} is currently not supported with CUSTOM action")
         return self
 
 
 class AuthorizationPolicy(PolicyModel):
     """An Istio AuthorizationPolicy: ALLOW/DENY/AUDIT/CUSTOM rules for the selected workloads."""
-
 
     api_version: Literal["security.istio.io/v1", "security.istio.io/v1beta1"]
     kind: Literal["AuthorizationPolicy"]
