@@ -53,6 +53,7 @@ def to_proto(resource: Resource, key: str | None = None, version: str | None = N
                 labels=_labels(resource.labels),
                 protocol=resource.protocol.value,
                 netns=resource.netns,
+                workload_name=resource.workload_name,
             )
         )
     elif isinstance(resource, Service):
@@ -101,6 +102,7 @@ def from_proto(msg: pb.Resource) -> tuple[str, str, Resource]:
             labels=_pairs(w.labels),
             protocol=protocol,
             netns=w.netns,
+            workload_name=w.workload_name,  # empty from a controller without the field: the pod's name
         )
     elif which == "service":
         s = msg.service

@@ -35,6 +35,11 @@ class Workload:
     labels: tuple[tuple[str, str], ...] = ()  # sorted (key, value) pairs
     protocol: TunnelProtocol = TunnelProtocol.HBONE
     netns: str = ""  # netns path hint (lab: annotation nodemesh.io/netns); empty when unknown
+    # The name of the pod's workload (Istio's `source_workload`/`destination_workload`): its
+    # controller (a Deployment, CronJob...) or its own `service.istio.io/workload-name` label, as the
+    # controller's registry derives it; empty when that is the pod's own name. Its own field, not a
+    # label: `labels` are exactly the pod's, since selectors match those only.
+    workload_name: str = ""
 
     def label_map(self) -> dict[str, str]:
         return dict(self.labels)

@@ -138,6 +138,8 @@ def workload_dict(w: Workload) -> dict[str, Any]:
         "ips": list(w.ips),
         "labels": dict(w.labels),
         "protocol": str(w.protocol),
+        # the workload the metrics name (source_workload...): the pod's controller, or the pod
+        "workload_name": w.workload_name or w.name,
     }
 
 

@@ -21,8 +21,8 @@ from api.resources import Service, Workload
 
 UNKNOWN = "unknown"
 DEFAULT_CLUSTER = "Kubernetes"
-# Istio's pod label naming the pod's workload; the controller sets it to the pod's controller
-# (Deployment, StatefulSet, CronJob...: controller.registry.workload_name) when the pod has none.
+# Istio's pod label naming the pod's workload. A controller from before `Workload.workload_name`
+# added it to the labels of pods created by a controller; read it only when that field is empty.
 WORKLOAD_NAME_LABEL = "service.istio.io/workload-name"
 
 TCP_LABELS: tuple[str, ...] = (
@@ -55,9 +55,11 @@ prometheus_client.disable_created_metrics()  # type: ignore[no-untyped-call]
 
 
 def workload_name(workload: Workload) -> str:
-    """The name of the pod's workload (Istio's `source_workload`/`destination_workload`): the
-    `service.istio.io/workload-name` label, else the pod's name (a pod without an owner)."""
-    return workload.label_map().get(WORKLOAD_NAME_LABEL) or workload.name
+    """The name of the pod's workload (Istio's `source_workload`/`destination_workload`): what the
+    controller derived (the pod's `service.istio.io/workload-name` label, else its controller:
+    controller.registry.workload_name), else that label as an older controller sent it, else the
+    pod's name (a pod without an owner)."""
+    return workload.workload_name or workload.label_map().get(WORKLOAD_NAME_LABEL) or workload.name
 
 
 def canonical_service(workload: Workload) -> str:

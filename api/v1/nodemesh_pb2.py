@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15\x61pi/v1/nodemesh.proto\x12\x0bnodemesh.v1\"3\n\x0bSignRequest\x12\x0f\n\x07\x63sr_pem\x18\x01 \x01(\t\x12\x13\n\x0bttl_seconds\x18\x02 \x01(\x03\"@\n\x0cSignResponse\x12\x16\n\x0e\x63\x65rt_chain_pem\x18\x01 \x03(\t\x12\x18\n\x10trust_bundle_pem\x18\x02 \x01(\t\"h\n\rConfigRequest\x12.\n\x07initial\x18\x01 \x01(\x0b\x32\x1b.nodemesh.v1.InitialRequestH\x00\x12\x1f\n\x03\x61\x63k\x18\x02 \x01(\x0b\x32\x10.nodemesh.v1.AckH\x00\x42\x06\n\x04kind\"\x8e\x01\n\x0eInitialRequest\x12\x46\n\x0eknown_versions\x18\x01 \x03(\x0b\x32..nodemesh.v1.InitialRequest.KnownVersionsEntry\x1a\x34\n\x12KnownVersionsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"*\n\x03\x41\x63k\x12\r\n\x05nonce\x18\x01 \x01(\t\x12\x14\n\x0c\x65rror_detail\x18\x02 \x01(\t\"\x9e\x01\n\x0e\x43onfigResponse\x12\r\n\x05nonce\x18\x01 \x01(\t\x12\x1b\n\x13system_version_info\x18\x02 \x01(\t\x12&\n\x07upserts\x18\x03 \x03(\x0b\x32\x15.nodemesh.v1.Resource\x12\x10\n\x08removals\x18\x04 \x03(\t\x12\x10\n\x08snapshot\x18\x05 \x01(\x08\x12\x14\n\x0ctrust_domain\x18\x06 \x01(\t\"\xab\x01\n\x08Resource\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12)\n\x08workload\x18\x03 \x01(\x0b\x32\x15.nodemesh.v1.WorkloadH\x00\x12\'\n\x07service\x18\x04 \x01(\x0b\x32\x14.nodemesh.v1.ServiceH\x00\x12%\n\x06policy\x18\x05 \x01(\x0b\x32\x13.nodemesh.v1.PolicyH\x00\x42\x06\n\x04kind\"#\n\x05Label\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t\"\xb1\x01\n\x08Workload\x12\x0b\n\x03uid\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x11\n\tnamespace\x18\x03 \x01(\t\x12\x17\n\x0fservice_account\x18\x04 \x01(\t\x12\x0c\n\x04node\x18\x05 \x01(\t\x12\x0b\n\x03ips\x18\x06 \x03(\t\x12\"\n\x06labels\x18\x07 \x03(\x0b\x32\x12.nodemesh.v1.Label\x12\x10\n\x08protocol\x18\x08 \x01(\t\x12\r\n\x05netns\x18\t \x01(\t\"P\n\x0bServicePort\x12\x0c\n\x04port\x18\x01 \x01(\x05\x12\x13\n\x0btarget_port\x18\x02 \x01(\x05\x12\x0c\n\x04name\x18\x03 \x01(\t\x12\x10\n\x08protocol\x18\x04 \x01(\t\",\n\x08\x45ndpoint\x12\x14\n\x0cworkload_uid\x18\x01 \x01(\t\x12\n\n\x02ip\x18\x02 \x01(\t\"\xb0\x01\n\x07Service\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x11\n\tnamespace\x18\x02 \x01(\t\x12\x0b\n\x03vip\x18\x03 \x01(\t\x12\'\n\x05ports\x18\x04 \x03(\x0b\x32\x18.nodemesh.v1.ServicePort\x12(\n\tendpoints\x18\x05 \x03(\x0b\x32\x15.nodemesh.v1.Endpoint\x12$\n\x08selector\x18\x06 \x03(\x0b\x32\x12.nodemesh.v1.Label\"E\n\x06Policy\x12\x0c\n\x04kind\x18\x01 \x01(\t\x12\x11\n\tnamespace\x18\x02 \x01(\t\x12\x0c\n\x04name\x18\x03 \x01(\t\x12\x0c\n\x04json\x18\x04 \x01(\t\".\n\x0c\x41pplyRequest\x12\x10\n\x08\x66ilename\x18\x01 \x01(\t\x12\x0c\n\x04yaml\x18\x02 \x01(\t\"\x1f\n\rApplyResponse\x12\x0e\n\x06\x65rrors\x18\x01 \x03(\t\"\x1b\n\x0bListRequest\x12\x0c\n\x04kind\x18\x01 \x01(\t\"8\n\x0cListResponse\x12(\n\tresources\x18\x01 \x03(\x0b\x32\x15.nodemesh.v1.Resource2K\n\x0c\x43\x65rtificates\x12;\n\x04Sign\x12\x18.nodemesh.v1.SignRequest\x1a\x19.nodemesh.v1.SignResponse2O\n\x06\x43onfig\x12\x45\n\x06Stream\x12\x1a.nodemesh.v1.ConfigRequest\x1a\x1b.nodemesh.v1.ConfigResponse(\x01\x30\x01\x32\x84\x01\n\x05\x41\x64min\x12>\n\x05\x41pply\x12\x19.nodemesh.v1.ApplyRequest\x1a\x1a.nodemesh.v1.ApplyResponse\x12;\n\x04List\x12\x18.nodemesh.v1.ListRequest\x1a\x19.nodemesh.v1.ListResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15\x61pi/v1/nodemesh.proto\x12\x0bnodemesh.v1\"3\n\x0bSignRequest\x12\x0f\n\x07\x63sr_pem\x18\x01 \x01(\t\x12\x13\n\x0bttl_seconds\x18\x02 \x01(\x03\"@\n\x0cSignResponse\x12\x16\n\x0e\x63\x65rt_chain_pem\x18\x01 \x03(\t\x12\x18\n\x10trust_bundle_pem\x18\x02 \x01(\t\"h\n\rConfigRequest\x12.\n\x07initial\x18\x01 \x01(\x0b\x32\x1b.nodemesh.v1.InitialRequestH\x00\x12\x1f\n\x03\x61\x63k\x18\x02 \x01(\x0b\x32\x10.nodemesh.v1.AckH\x00\x42\x06\n\x04kind\"\x8e\x01\n\x0eInitialRequest\x12\x46\n\x0eknown_versions\x18\x01 \x03(\x0b\x32..nodemesh.v1.InitialRequest.KnownVersionsEntry\x1a\x34\n\x12KnownVersionsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"*\n\x03\x41\x63k\x12\r\n\x05nonce\x18\x01 \x01(\t\x12\x14\n\x0c\x65rror_detail\x18\x02 \x01(\t\"\x9e\x01\n\x0e\x43onfigResponse\x12\r\n\x05nonce\x18\x01 \x01(\t\x12\x1b\n\x13system_version_info\x18\x02 \x01(\t\x12&\n\x07upserts\x18\x03 \x03(\x0b\x32\x15.nodemesh.v1.Resource\x12\x10\n\x08removals\x18\x04 \x03(\t\x12\x10\n\x08snapshot\x18\x05 \x01(\x08\x12\x14\n\x0ctrust_domain\x18\x06 \x01(\t\"\xab\x01\n\x08Resource\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12)\n\x08workload\x18\x03 \x01(\x0b\x32\x15.nodemesh.v1.WorkloadH\x00\x12\'\n\x07service\x18\x04 \x01(\x0b\x32\x14.nodemesh.v1.ServiceH\x00\x12%\n\x06policy\x18\x05 \x01(\x0b\x32\x13.nodemesh.v1.PolicyH\x00\x42\x06\n\x04kind\"#\n\x05Label\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t\"\xc8\x01\n\x08Workload\x12\x0b\n\x03uid\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x11\n\tnamespace\x18\x03 \x01(\t\x12\x17\n\x0fservice_account\x18\x04 \x01(\t\x12\x0c\n\x04node\x18\x05 \x01(\t\x12\x0b\n\x03ips\x18\x06 \x03(\t\x12\"\n\x06labels\x18\x07 \x03(\x0b\x32\x12.nodemesh.v1.Label\x12\x10\n\x08protocol\x18\x08 \x01(\t\x12\r\n\x05netns\x18\t \x01(\t\x12\x15\n\rworkload_name\x18\n \x01(\t\"P\n\x0bServicePort\x12\x0c\n\x04port\x18\x01 \x01(\x05\x12\x13\n\x0btarget_port\x18\x02 \x01(\x05\x12\x0c\n\x04name\x18\x03 \x01(\t\x12\x10\n\x08protocol\x18\x04 \x01(\t\",\n\x08\x45ndpoint\x12\x14\n\x0cworkload_uid\x18\x01 \x01(\t\x12\n\n\x02ip\x18\x02 \x01(\t\"\xb0\x01\n\x07Service\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x11\n\tnamespace\x18\x02 \x01(\t\x12\x0b\n\x03vip\x18\x03 \x01(\t\x12\'\n\x05ports\x18\x04 \x03(\x0b\x32\x18.nodemesh.v1.ServicePort\x12(\n\tendpoints\x18\x05 \x03(\x0b\x32\x15.nodemesh.v1.Endpoint\x12$\n\x08selector\x18\x06 \x03(\x0b\x32\x12.nodemesh.v1.Label\"E\n\x06Policy\x12\x0c\n\x04kind\x18\x01 \x01(\t\x12\x11\n\tnamespace\x18\x02 \x01(\t\x12\x0c\n\x04name\x18\x03 \x01(\t\x12\x0c\n\x04json\x18\x04 \x01(\t\".\n\x0c\x41pplyRequest\x12\x10\n\x08\x66ilename\x18\x01 \x01(\t\x12\x0c\n\x04yaml\x18\x02 \x01(\t\"\x1f\n\rApplyResponse\x12\x0e\n\x06\x65rrors\x18\x01 \x03(\t\"\x1b\n\x0bListRequest\x12\x0c\n\x04kind\x18\x01 \x01(\t\"8\n\x0cListResponse\x12(\n\tresources\x18\x01 \x03(\x0b\x32\x15.nodemesh.v1.Resource2K\n\x0c\x43\x65rtificates\x12;\n\x04Sign\x12\x18.nodemesh.v1.SignRequest\x1a\x19.nodemesh.v1.SignResponse2O\n\x06\x43onfig\x12\x45\n\x06Stream\x12\x1a.nodemesh.v1.ConfigRequest\x1a\x1b.nodemesh.v1.ConfigResponse(\x01\x30\x01\x32\x84\x01\n\x05\x41\x64min\x12>\n\x05\x41pply\x12\x19.nodemesh.v1.ApplyRequest\x1a\x1a.nodemesh.v1.ApplyResponse\x12;\n\x04List\x12\x18.nodemesh.v1.ListRequest\x1a\x19.nodemesh.v1.ListResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -52,27 +52,27 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_LABEL']._serialized_start=787
   _globals['_LABEL']._serialized_end=822
   _globals['_WORKLOAD']._serialized_start=825
-  _globals['_WORKLOAD']._serialized_end=1002
-  _globals['_SERVICEPORT']._serialized_start=1004
-  _globals['_SERVICEPORT']._serialized_end=1084
-  _globals['_ENDPOINT']._serialized_start=1086
-  _globals['_ENDPOINT']._serialized_end=1130
-  _globals['_SERVICE']._serialized_start=1133
-  _globals['_SERVICE']._serialized_end=1309
-  _globals['_POLICY']._serialized_start=1311
-  _globals['_POLICY']._serialized_end=1380
-  _globals['_APPLYREQUEST']._serialized_start=1382
-  _globals['_APPLYREQUEST']._serialized_end=1428
-  _globals['_APPLYRESPONSE']._serialized_start=1430
-  _globals['_APPLYRESPONSE']._serialized_end=1461
-  _globals['_LISTREQUEST']._serialized_start=1463
-  _globals['_LISTREQUEST']._serialized_end=1490
-  _globals['_LISTRESPONSE']._serialized_start=1492
-  _globals['_LISTRESPONSE']._serialized_end=1548
-  _globals['_CERTIFICATES']._serialized_start=1550
-  _globals['_CERTIFICATES']._serialized_end=1625
-  _globals['_CONFIG']._serialized_start=1627
-  _globals['_CONFIG']._serialized_end=1706
-  _globals['_ADMIN']._serialized_start=1709
-  _globals['_ADMIN']._serialized_end=1841
+  _globals['_WORKLOAD']._serialized_end=1025
+  _globals['_SERVICEPORT']._serialized_start=1027
+  _globals['_SERVICEPORT']._serialized_end=1107
+  _globals['_ENDPOINT']._serialized_start=1109
+  _globals['_ENDPOINT']._serialized_end=1153
+  _globals['_SERVICE']._serialized_start=1156
+  _globals['_SERVICE']._serialized_end=1332
+  _globals['_POLICY']._serialized_start=1334
+  _globals['_POLICY']._serialized_end=1403
+  _globals['_APPLYREQUEST']._serialized_start=1405
+  _globals['_APPLYREQUEST']._serialized_end=1451
+  _globals['_APPLYRESPONSE']._serialized_start=1453
+  _globals['_APPLYRESPONSE']._serialized_end=1484
+  _globals['_LISTREQUEST']._serialized_start=1486
+  _globals['_LISTREQUEST']._serialized_end=1513
+  _globals['_LISTRESPONSE']._serialized_start=1515
+  _globals['_LISTRESPONSE']._serialized_end=1571
+  _globals['_CERTIFICATES']._serialized_start=1573
+  _globals['_CERTIFICATES']._serialized_end=1648
+  _globals['_CONFIG']._serialized_start=1650
+  _globals['_CONFIG']._serialized_end=1729
+  _globals['_ADMIN']._serialized_start=1732
+  _globals['_ADMIN']._serialized_end=1864
 # @@protoc_insertion_point(module_scope)

@@ -272,6 +272,7 @@ class Workload(_message.Message):
     LABELS_FIELD_NUMBER: _builtins.int
     PROTOCOL_FIELD_NUMBER: _builtins.int
     NETNS_FIELD_NUMBER: _builtins.int
+    WORKLOAD_NAME_FIELD_NUMBER: _builtins.int
     uid: _builtins.str
     name: _builtins.str
     namespace: _builtins.str
@@ -279,6 +280,11 @@ class Workload(_message.Message):
     node: _builtins.str
     protocol: _builtins.str
     netns: _builtins.str
+    workload_name: _builtins.str
+    """The pod's workload (its controller, or its service.istio.io/workload-name label), as the
+    metrics' source_workload/destination_workload name it; empty: the pod's name (and what a
+    controller from before this field sends).
+    """
     @_builtins.property
     def ips(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     @_builtins.property
@@ -295,10 +301,11 @@ class Workload(_message.Message):
         labels: _abc.Iterable[Global___Label] | None = ...,
         protocol: _builtins.str = ...,
         netns: _builtins.str = ...,
+        workload_name: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["ips", b"ips", "labels", b"labels", "name", b"name", "namespace", b"namespace", "netns", b"netns", "node", b"node", "protocol", b"protocol", "service_account", b"service_account", "uid", b"uid"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["ips", b"ips", "labels", b"labels", "name", b"name", "namespace", b"namespace", "netns", b"netns", "node", b"node", "protocol", b"protocol", "service_account", b"service_account", "uid", b"uid", "workload_name", b"workload_name"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

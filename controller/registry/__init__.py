@@ -298,8 +298,9 @@ def _segment_problem(value: str) -> str | None:
     return None
 
 
-# Istio's pod label naming the pod's workload (the metrics' source_workload/destination_workload);
-# the agent reads it (agent/proxy/metrics.py), the registry sets it to the pod's controller.
+# Istio's pod label naming the pod's workload (the metrics' source_workload/destination_workload).
+# Only read: the name derived from it or from the pod's controller travels as
+# `Workload.workload_name`, never as a label the pod does not have (selectors match real labels).
 WORKLOAD_NAME_LABEL = "service.istio.io/workload-name"
 # A CronJob's Jobs are named `<cronjob>-<scheduled time in minutes>` (Istio: 8 to 10 digits)
 _CRONJOB_JOB_NAME = re.compile(r"(.+)-[0-9]{8,10}")
@@ -343,12 +344,11 @@ def _workload(pod: Pod) -> Workload | None:
         log.info("registry.pod_skipped pod=%s reason=no_ip detail=%r", uid, "no status.podIP(s)")
         return None
     opted_out = meta.labels.get(DATAPLANE_MODE_LABEL) == "none"
-    labels = dict(meta.labels)
-    # The Workload's name stays the pod's (flows, `nodemesh conns`, logs name pods); the workload
-    # name the metrics report travels as Istio's label, added only when the pod has no such label
-    # and its workload is not named after the pod (a pod without owner keeps its labels as they are).
-    if WORKLOAD_NAME_LABEL not in labels and (derived := workload_name(pod)) != meta.name:
-        labels[WORKLOAD_NAME_LABEL] = derived
+    # The Workload's name stays the pod's (flows, `nodemesh conns`, logs name pods) and its labels
+    # stay exactly the pod's: a selector on `service.istio.io/workload-name` matches only pods that
+    # carry it, as in Istio. The workload name the metrics report has its own field, empty when it
+    # is the pod's name (a pod without owner, as the lab's).
+    derived = workload_name(pod)
     return Workload(
         uid=uid,
         name=meta.name,
@@ -356,9 +356,10 @@ def _workload(pod: Pod) -> Workload | None:
         service_account=pod.spec.service_account_name or "default",
         node=pod.spec.node_name,
         ips=ips,
-        labels=tuple(sorted(labels.items())),
+        labels=tuple(sorted(meta.labels.items())),
         protocol=TunnelProtocol.NONE if opted_out else TunnelProtocol.HBONE,
         netns=meta.annotations.get(NETNS_ANNOTATION, ""),
+        workload_name="" if derived == meta.name else derived,
     )
 
 

@@ -37,6 +37,7 @@ workloads = st.builds(
     labels=label_pairs,
     protocol=st.sampled_from(list(TunnelProtocol)),
     netns=st.text(max_size=20),
+    workload_name=st.just("") | names,
 )
 services = st.builds(
     Service,

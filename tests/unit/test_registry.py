@@ -177,16 +177,19 @@ WEB_POD, WEB_RS, WEB_HASH = "web-7d9f8c6b5-x2x4q", "web-7d9f8c6b5", {"pod-templa
 
 def test_a_deployment_pods_workload_name_is_its_deployment_and_its_name_stays_the_pods() -> None:
     (workload,) = state_of(owned_pod(WEB_POD, "ReplicaSet", WEB_RS, WEB_HASH)).workloads.values()
-    # flows, `nodemesh conns` and the uid keep naming the pod; the metrics read Istio's label
-    assert (workload.uid, workload.name) == (f"shop/{WEB_POD}", WEB_POD)
-    assert workload.labels == (("pod-template-hash", "7d9f8c6b5"), (WORKLOAD_NAME_LABEL, "web"))
+    # flows, `nodemesh conns` and the uid keep naming the pod; the metrics read workload_name
+    assert (workload.uid, workload.name, workload.workload_name) == (f"shop/{WEB_POD}", WEB_POD, "web")
+    # no label the pod does not have: selectors match the pod's own labels only, as in Istio
+    assert workload.labels == (("pod-template-hash", "7d9f8c6b5"),)
 
 
 def test_a_pods_own_workload_name_label_is_kept_as_it_is() -> None:
-    for value in ("storefront", ""):
+    for value, expected in (("storefront", "storefront"), ("", "web")):
         labels = WEB_HASH | {WORKLOAD_NAME_LABEL: value}
         (workload,) = state_of(owned_pod(WEB_POD, "ReplicaSet", WEB_RS, labels)).workloads.values()
         assert workload.label_map() == labels
+        # nodemesh: an empty label names no workload, the controller does (Istio would report "")
+        assert workload.workload_name == expected
 
 
 @pytest.mark.parametrize(
@@ -214,6 +217,9 @@ def test_workload_name_is_derived_from_the_pods_controller_as_istio_does(
     parsed, errors = parse_config_object(body)
     assert parsed is not None and isinstance(parsed.model, Pod), errors
     assert workload_name(parsed.model) == expected
+    (workload,) = build_state([parsed], "cluster.local").workloads.values()
+    # the Workload carries it, empty when it is the pod's own name
+    assert workload.workload_name == ("" if expected == workload.name else expected)
 
 
 def test_a_hand_named_pod_is_its_own_workload_whatever_its_owner() -> None:
@@ -222,6 +228,7 @@ def test_a_hand_named_pod_is_its_own_workload_whatever_its_owner() -> None:
     del body["metadata"]["generateName"]
     (workload,) = state_of(body).workloads.values()
     assert WORKLOAD_NAME_LABEL not in workload.label_map()
+    assert workload.workload_name == ""  # the pod's own name
 
 
 @pytest.mark.parametrize(
