@@ -3,7 +3,9 @@
 Every proxied connection is a `Tracked` from the moment it is established until it closes: the
 tracker increments Istio's opened/closed counters, counts bytes as they are written, adds the
 open/close/deny flow records, and keeps the authorization input of inbound connections so that a
-policy push can re-decide them and close the ones now denied (as ztunnel does).
+policy push can re-decide them and close the ones now denied (as ztunnel does). A refused
+connection is a `Tracked` too: one `deny` record and, when refused after ztunnel would have counted
+it, one open and one close in the counters, the close with the refusal's `response_flags`.
 """
 
 from __future__ import annotations
@@ -50,7 +52,7 @@ def new_connection_id() -> str:
 
 @dataclass(slots=True, eq=False)
 class Tracked:
-    """One established, proxied connection."""
+    """One proxied connection: established, or refused while being set up."""
 
     id: str
     path: ConnPath
@@ -62,7 +64,7 @@ class Tracked:
     src_identity: str = ""  # spiffe://...; "" for plaintext or unknown
     service: Service | None = None
     authz: Connection | None = None  # inbound side: what the policy decided on
-    series: tuple[TcpSeries, ...] = ()
+    series: tuple[TcpSeries, ...] = ()  # the label sets it is counted under (response_flags `-`)
     opened_at: float = field(default_factory=time.time)
     started: float = field(default_factory=time.monotonic)
     bytes_up: int = 0  # client → server (Istio: received)
@@ -256,9 +258,20 @@ class ConnTracker:
             return fallback
         return str(t.deciding.reason) if t.deciding is not None else ""
 
-    def denied(self, t: Tracked, reason: str) -> None:
-        """A connection refused before it was established (policy, STRICT, fail closed...)."""
+    def denied(self, t: Tracked, reason: str, closed: tuple[TcpSeries, ...] = ()) -> None:
+        """A connection refused before it was established (policy, STRICT, fail closed...): one
+        `deny` flow record, never an open or close one.
+
+        `closed`: refused after ztunnel would have counted it (its `ConnectionResult` exists once
+        both ends are known, before authorization and the dial): opened under `t.series` (`-`) and
+        closed under these, the same label sets with the refusal's `response_flags`. Without them,
+        an early refusal (ztunnel's `log_early_deny`), it is not in the metrics.
+        """
         self.stats["denied"] += 1
+        for s in t.series if closed else ():
+            s.opened.inc()
+        for s in closed:
+            s.closed.inc()
         self.flows.add(self._record(t, FlowEvent.DENY, Verdict.DENIED, reason=reason))
 
     # -- policy pushes and pod removal --

@@ -10,7 +10,9 @@ then bytes both ways. They differ in what they know about the peer:
   workload's, picked by the local IP the TLS connection was accepted on (no SNI). Answers
   200 / 401 (denied) / 503 (app unreachable) on the CONNECT stream; 400s are `HboneServer`'s.
 - 15006 (plaintext): no identity. PeerAuthentication STRICT refuses it; PERMISSIVE and DISABLE
-  admit it under the same authorization (principals and namespaces cannot match).
+  admit it under the same authorization (principals and namespaces cannot match). The workload
+  owning the peer IP labels its metrics and flow records (ztunnel's inbound passthrough does the
+  same), never its authorization: a plaintext source address can be spoofed.
 - same node: the outbound side hands the connection over in-process with the source pod's identity.
 """
 
@@ -29,7 +31,7 @@ from agent.datapath.interface import EnrolledPod
 from agent.proxy.conns import REASON_STRICT, Tracked, new_connection_id, refusal
 from agent.proxy.core import ProxyCore, ProxyError
 from agent.proxy.hbone import ConnectTarget, IpAddress, Status, canonical_ip
-from agent.proxy.metrics import TcpPeers
+from agent.proxy.metrics import ResponseFlags, TcpPeers
 from agent.proxy.pipe import End, SocketEnd, StreamEnd
 from agent.proxy.tunnel import HboneServer, ServerStream
 from api.authz import MtlsMode
@@ -174,21 +176,20 @@ class Inbound:
             return
         try:
             dst_wl = core.workload_of(ep)  # its own workload, never another one with its IP
-            t = Tracked(
-                new_connection_id(),
-                ConnPath.PLAINTEXT_INBOUND,
-                (ep.pod.uid,),
-                peer,
-                (ep.pod.ip, local[1]),
-                dst_workload=dst_wl,
-            )
+            # For metrics and flow records only, as ztunnel's inbound passthrough (the source
+            # workload fetched by the connection's source address): whoever can send from that
+            # address gets these labels, so it stays identity-less (`src_identity=None`) to policy.
+            src_wl = core.index.workload_by_ip(peer[0])
             if dst_wl is None:
+                t = Tracked(
+                    new_connection_id(),
+                    ConnPath.PLAINTEXT_INBOUND,
+                    (ep.pod.uid,),
+                    peer,
+                    (ep.pod.ip, local[1]),
+                    src_workload=src_wl,
+                )
                 core.tracker.denied(t, REASON_UNKNOWN_DST)
-                client.close()
-                return
-            mode = core.index.peer_auth(dst_wl, local[1])
-            if mode is MtlsMode.STRICT:
-                core.tracker.denied(t, REASON_STRICT)
                 client.close()
                 return
 
@@ -202,7 +203,7 @@ class Inbound:
                 port=local[1],
                 src=peer,
                 src_identity=None,
-                src_workload=None,
+                src_workload=src_wl,
                 service=None,
                 path=ConnPath.PLAINTEXT_INBOUND,
                 client=client,
@@ -229,16 +230,28 @@ class Inbound:
         mtls: bool,
         extra_series: tuple[TcpPeers, ...] = (),
     ) -> None:
-        """Authorize, connect to the app in the pod netns, answer (`answer(200|401|503)`), pipe."""
+        """Refuse a proxy port, refuse plaintext under STRICT, authorize, connect to the app in the
+        pod netns, answer (`answer(200|401|503)`), pipe.
+
+        Counted in the metrics as ztunnel's inbound counts (`inbound.rs` `serve_connect`,
+        `inbound_passthrough.rs` `proxy_inbound_plaintext`): not when refused before it knows the
+        connection well enough (a proxy port: its `log_early_deny`); from then on opened, with a
+        refusal closing it under `response_flags` `DENY` (authorization, STRICT) or, over HBONE
+        and same node, `CONNECT` (the app could not be connected to; the passthrough records that
+        without a flag), else `-`. A same-node connection's source side (`extra_series`) is
+        counted as ztunnel's outbound records a CONNECT the destination refused: closed with `-`.
+        """
         core = self.core
         dst = (ep.pod.ip, port)
         index = core.index
         if service is None:  # HBONE and 15006 do not carry the Service the client dialled
             service = index.inbound_service(dst_workload, port)
+        # a plaintext peer's workload is only its IP's: it must not tie the connection to that pod
+        src_pods = self._src_pod(src_workload) if src_identity is not None else ()
         t = Tracked(
             new_connection_id(),
             path,
-            tuple(dict.fromkeys(p for p in (ep.pod.uid, *self._src_pod(src_workload)) if p)),
+            tuple(dict.fromkeys(p for p in (ep.pod.uid, *src_pods) if p)),
             src,
             dst,
             src_workload=src_workload,
@@ -246,26 +259,49 @@ class Inbound:
             src_identity=str(src_identity) if src_identity is not None else "",
             service=service,
         )
+        src_side = tuple(core.metrics.series(p) for p in extra_series)
         if port in (PORT_OUTBOUND, PORT_INBOUND, core.hbone_port):
             # Dialling it would be accepted by the proxy again (15006 listens on the pod IP), which
             # dials it again: one connection from anyone who reaches the pod took every slot.
-            core.tracker.denied(t, REASON_PROXY_PORT)
+            t.series = src_side
+            core.tracker.denied(t, REASON_PROXY_PORT, src_side)
             answer(Status.SERVICE_UNAVAILABLE)
+            return
+        peers = TcpPeers(
+            reporter="destination",
+            src_workload=src_workload,
+            src_principal=str(src_identity) if src_identity is not None else None,
+            dst_workload=dst_workload,
+            dst_principal=str(index.identity(dst_workload)),
+            service=service,
+            mtls=mtls,
+        )
+        t.series = (*src_side, core.metrics.series(peers))
+        plaintext = path is ConnPath.PLAINTEXT_INBOUND
+
+        def refuse(reason: str, status: int, flags: ResponseFlags) -> None:
+            core.tracker.denied(t, reason, (*src_side, core.metrics.series(peers, flags)))
+            answer(status)
+
+        # istiod hands STRICT to ztunnel as an authorization rule: refused like a policy deny
+        if plaintext and index.peer_auth(dst_workload, port) is MtlsMode.STRICT:
+            refuse(REASON_STRICT, Status.UNAUTHORIZED, ResponseFlags.DENY)
             return
         authz, decision = index.authorize(
             dst_workload=dst_workload, src_ip=src[0], src_identity=src_identity, dst_ip=dst[0], dst_port=port
         )
         t.authz, t.deciding = authz, decision
         if not decision.allowed:
-            core.tracker.denied(t, str(decision.reason))
-            answer(Status.UNAUTHORIZED)
+            refuse(str(decision.reason), Status.UNAUTHORIZED, ResponseFlags.DENY)
             return
         try:
             # from the peer's IP (the app sees who called); a pod calling itself already does
             source_ip = src[0] if ep.source_ip and src[0] != ep.pod.ip else None
             app = await core.dial(ep.pod.netns_path, dst, source_ip)
         except asyncio.CancelledError:
-            core.tracker.denied(t, REASON_ABANDONED)  # the record a dial that ran out would have left
+            # the record a dial that ran out would have left; closed unflagged, as ztunnel's
+            # ConnectionResult dropped unrecorded
+            core.tracker.denied(t, REASON_ABANDONED, t.series)
             raise
         except ProxyError as exc:
             core.tracker.stats["upstream_error"] += 1
@@ -277,36 +313,26 @@ class Inbound:
                 exc.reason,
                 exc.detail,
             )
-            core.tracker.denied(t, exc.reason)
-            answer(Status.SERVICE_UNAVAILABLE)
+            refuse(
+                exc.reason,
+                Status.SERVICE_UNAVAILABLE,
+                ResponseFlags.NONE if plaintext else ResponseFlags.CONNECT,
+            )
             return
         # The dial can take up to the connect timeout, and the connection is not open yet, so a push
         # or a pod stop in the meantime could not reach it (`tracker.recheck`, `kill_pods`): it
         # must not open on what no longer holds.
-        reason: str | None
         if core.served.get(ep.pod.ip) is not ep:
-            reason, status = REASON_POD_STOPPED, Status.SERVICE_UNAVAILABLE
-        elif core.index is not index:
-            reason, status = refusal(core.index, t), Status.UNAUTHORIZED
-        else:
-            reason = None
-        if reason is not None:
             app.close()
-            core.tracker.denied(t, reason)
-            answer(status)
+            refuse(REASON_POD_STOPPED, Status.SERVICE_UNAVAILABLE, ResponseFlags.NONE)
             return
+        if core.index is not index:
+            reason = refusal(core.index, t)
+            if reason is not None:
+                app.close()
+                refuse(reason, Status.UNAUTHORIZED, ResponseFlags.DENY)
+                return
         answer(Status.OK)
-        dst_principal = str(core.index.identity(dst_workload))
-        peers = TcpPeers(
-            reporter="destination",
-            src_workload=src_workload,
-            src_principal=str(src_identity) if src_identity is not None else None,
-            dst_workload=dst_workload,
-            dst_principal=dst_principal,
-            service=service,
-            mtls=mtls,
-        )
-        t.series = tuple(core.metrics.series(p) for p in (*extra_series, peers))
         await core.pipe(t, client, app)
 
     def _src_pod(self, src_workload: Workload | None) -> tuple[str, ...]:

@@ -5,12 +5,18 @@ Counters `istio_tcp_connections_opened_total`, `istio_tcp_connections_closed_tot
 `istio_tcp_received_bytes_total` (bytes received from the client: the request direction), as Istio's
 "Standard Metrics" reference defines them, so Grafana's Istio dashboards and Kiali work unchanged.
 `tcp_labels` is pure (label values from workloads); `ProxyMetrics` owns a per-proxy registry.
+
+`response_flags` are ztunnel's (`src/proxy/metrics.rs` `ResponseFlags`): a connection refused once
+ztunnel has counted it open (after it knows both ends, before authorizing and dialling) is counted
+opened with `-` and closed with the flag that says why (`DENY`, `CONNECT`), as ztunnel's
+`ConnectionResult::record_with_flag`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from enum import StrEnum
 
 import prometheus_client
 from prometheus_client import CollectorRegistry, Counter
@@ -52,6 +58,14 @@ TCP_LABELS: tuple[str, ...] = (
 )
 
 prometheus_client.disable_created_metrics()  # type: ignore[no-untyped-call]
+
+
+class ResponseFlags(StrEnum):
+    """The `response_flags` label values ztunnel reports (its `ResponseFlags` and their encoding)."""
+
+    NONE = "-"
+    DENY = "DENY"  # AuthorizationPolicyDenied: refused by authorization (STRICT included)
+    CONNECT = "CONNECT"  # ConnectionFailure: the app could not be connected to (HBONE inbound)
 
 
 def workload_name(workload: Workload) -> str:
@@ -119,7 +133,7 @@ class TcpPeers:
     mtls: bool
 
 
-def tcp_labels(peers: TcpPeers) -> dict[str, str]:
+def tcp_labels(peers: TcpPeers, flags: ResponseFlags = ResponseFlags.NONE) -> dict[str, str]:
     """The label values of one connection's series (missing values are `unknown`, as Istio's)."""
     labels = {"reporter": peers.reporter}
     labels |= _side("source", peers.src_workload, peers.src_principal)
@@ -137,7 +151,7 @@ def tcp_labels(peers: TcpPeers) -> dict[str, str]:
             peers.dst_workload.namespace if peers.dst_workload is not None else UNKNOWN
         )
     labels["request_protocol"] = "tcp"
-    labels["response_flags"] = "-"
+    labels["response_flags"] = str(flags)
     labels["connection_security_policy"] = _security_policy(peers)
     return labels
 
@@ -187,7 +201,7 @@ class ProxyMetrics:
         self._before_collect: list[Callable[[], None]] = []
         # registered before the counters, so a collection runs the hooks first (registration order)
         self.registry.register(_BeforeCollect(self._before_collect))
-        self._series: dict[TcpPeers, TcpSeries] = {}
+        self._series: dict[tuple[TcpPeers, ResponseFlags], TcpSeries] = {}
         self.opened = Counter(
             "istio_tcp_connections_opened", "Total TCP connections opened", TCP_LABELS, registry=self.registry
         )
@@ -211,14 +225,15 @@ class ProxyMetrics:
         """Run `hook` at the start of every collection (a scrape, `text()`), in the collecting thread."""
         self._before_collect.append(hook)
 
-    def series(self, peers: TcpPeers) -> TcpSeries:
-        """The counters of a label set; resolved once per distinct `peers` (the label children live in
-        the registry for good anyway), so a new connection costs one dict lookup here."""
-        hit = self._series.get(peers)
+    def series(self, peers: TcpPeers, flags: ResponseFlags = ResponseFlags.NONE) -> TcpSeries:
+        """The counters of a label set; resolved once per distinct (`peers`, `flags`) (the label
+        children live in the registry for good anyway), so a new connection costs one dict lookup here."""
+        key = (peers, flags)
+        hit = self._series.get(key)
         if hit is None:
             if len(self._series) >= SERIES_CACHE:  # bounded: pod churn makes new keys forever
                 self._series.clear()
-            hit = self._series[peers] = TcpSeries(self, tcp_labels(peers))
+            hit = self._series[key] = TcpSeries(self, tcp_labels(peers, flags))
         return hit
 
     def text(self) -> str:

@@ -5,6 +5,12 @@ decides where it goes: a Service VIP picks an endpoint (round robin, targetPort)
 another node is reached over HBONE (TLS from inside the source pod's netns with the source
 workload's certificate, server identity checked, CONNECT `<pod ip>:<port>`, pooled); one on this
 node is handed to the inbound side in-process; anything else is passed through in plaintext.
+
+Metrics as ztunnel's outbound (`outbound.rs` `proxy_to`): a connection refused before it is routed
+(no original destination, no endpoint, no source workload: its `log_early_deny`) is not counted; one
+routed is counted opened, and closed with `response_flags` `-` whatever ends it, a failed dial or
+HBONE connection and a CONNECT the destination refused included (ztunnel records those with
+`record`, no flag).
 """
 
 from __future__ import annotations
@@ -175,6 +181,7 @@ class Outbound:
 
     async def _passthrough(self, ep: EnrolledPod, route: Route, t: Tracked, client: SocketEnd) -> None:
         core = self.core
+        t.series = (core.metrics.series(self._source_peers(route, t.src_workload, mtls=False)),)
         try:
             upstream = await core.dial(ep.pod.netns_path, route.dst)
         except ProxyError as exc:
@@ -186,10 +193,9 @@ class Outbound:
                 exc.reason,
                 exc.detail,
             )
-            core.tracker.denied(t, exc.reason)
+            core.tracker.denied(t, exc.reason, t.series)
             client.close()
             return
-        t.series = (core.metrics.series(self._source_peers(route, t.src_workload, mtls=False)),)
         await core.pipe(t, client, upstream)
 
     async def _hbone(
@@ -200,12 +206,13 @@ class Outbound:
         src_id = core.index.identity(src_wl)
         dst_id = core.index.identity(route.workload)
         key = PoolKey(src_id, dst_id, (route.dst[0], core.hbone_port))
+        t.series = (core.metrics.series(self._source_peers(route, src_wl, mtls=True)),)
         try:
             stream = await self.pool(ep).open_stream(key, route.dst, t.src)
         except HboneError as exc:
             reason = "DENIED_BY_DESTINATION" if exc.status == Status.UNAUTHORIZED else f"HBONE_{exc.status}"
             log.info("event=outbound_hbone_refused conn=%s dst=%s:%d status=%d", t.id, *route.dst, exc.status)
-            core.tracker.denied(t, reason)
+            core.tracker.denied(t, reason, t.series)
             client.close()
             return
         except (ProxyError, TunnelError, PeerIdentityError, OSError, TimeoutError) as exc:
@@ -224,10 +231,9 @@ class Outbound:
                 reason,
                 exc,
             )
-            core.tracker.denied(t, reason)
+            core.tracker.denied(t, reason, t.series)
             client.close()
             return
-        t.series = (core.metrics.series(self._source_peers(route, src_wl, mtls=True)),)
         await core.pipe(t, client, StreamEnd(stream))
 
     async def _same_node(self, route: Route, src: Addr, src_wl: Workload, client: SocketEnd) -> None:

@@ -8,9 +8,11 @@ enrolled)}, Service httpbin 10.96.0.10:8000.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -189,8 +191,10 @@ spec:
 """
 
 
-@pytest.fixture
-def deny_policies(lab: LabHandle):  # type: ignore[no-untyped-def]
+@contextlib.contextmanager
+def denying(lab: LabHandle) -> Iterator[None]:
+    """deny-outsider (plaintext from the outsider to httpbin) and deny-client-to-v2 (HBONE) held by
+    both agents."""
     files = {"cli-deny-outsider.yaml": DENY_OUTSIDER.format(ip=lab.plan.pod("outsider").ip),
              "cli-deny-client-v2.yaml": DENY_CLIENT_V2}
     try:
@@ -202,6 +206,12 @@ def deny_policies(lab: LabHandle):  # type: ignore[no-untyped-def]
         for name in files:
             remove_policy(lab.state_dir, name)
         wait_policies(["node1", "node2"], set())
+
+
+@pytest.fixture
+def deny_policies(lab: LabHandle) -> Iterator[None]:
+    with denying(lab):
+        yield
 
 
 def test_policies_and_denied_flows_name_the_policy(lab: LabHandle, deny_policies: None) -> None:
@@ -386,15 +396,17 @@ def test_metrics_15020_counts_the_bytes_sent_with_istio_labels(lab: LabHandle, t
 
     hbone = {"reporter": "destination", "source_workload": "client", "destination_workload": "httpbin-v2",
              "source_principal": CLIENT_ID, "connection_security_policy": "mutual_tls"}
-    plain = {"reporter": "destination", "source_workload": "unknown", "destination_workload": "httpbin-v2",
-             "source_principal": "unknown", "connection_security_policy": "none"}
+    # plaintext: the source workload is the one owning the peer IP (telemetry only), with no principal
+    plain = {"reporter": "destination", "source_workload": "outsider", "destination_workload": "httpbin-v2",
+             "source_principal": "unknown", "connection_security_policy": "none", "source_app": "outsider"}
     for labels, up, down in ((hbone, hb_up, hb_down), (plain, pt_up, pt_down)):
         assert delta(m2a, m2b, "istio_tcp_connections_opened_total", **labels) == 1, labels
         assert delta(m2a, m2b, "istio_tcp_connections_closed_total", **labels) == 1, labels
         # the proxy counts application bytes (HBONE framing is not in them): exactly what curl sent
         assert delta(m2a, m2b, "istio_tcp_received_bytes_total", **labels) == up, labels
         assert delta(m2a, m2b, "istio_tcp_sent_bytes_total", **labels) == down, labels
-    (s,) = series(m2b, "istio_tcp_received_bytes_total", **hbone)
+    # (other tests' denied connections have series of their own, response_flags="DENY")
+    (s,) = series(m2b, "istio_tcp_received_bytes_total", **hbone, response_flags="-")
     assert s["destination_principal"] == HTTPBIN_ID and s["source_workload_namespace"] == "default"
     assert s["destination_app"] == "httpbin" and s["destination_version"] == "v2"
     assert s["request_protocol"] == "tcp" and s["source_app"] == "client"
@@ -430,3 +442,29 @@ def test_metrics_15020_counts_the_bytes_sent_with_istio_labels(lab: LabHandle, t
     assert metric_sum(via_cli, "istio_tcp_received_bytes_total", **hbone) == metric_sum(
         m2b, "istio_tcp_received_bytes_total", **hbone)
 
+    # refused connections are counted as ztunnel counts them: opened with response_flags="-", closed
+    # with DENY where authorization refused them; the source side got a 401, recorded without a flag
+    with denying(lab):
+        r1a, r2a = parse_metrics(scrape_15020(node1)), parse_metrics(scrape_15020(node2))
+        (o,) = try_connect(lab, "outsider", f"{v2}:8000")  # plaintext: deny-outsider
+        (c,) = try_connect(lab, "client", f"{v2}:8000")  # HBONE: deny-client-to-v2
+        assert not o["ok"] and not c["ok"], (o, c)
+        plain_denied = plain | {"response_flags": "DENY"}
+        hbone_denied = hbone | {"response_flags": "DENY"}
+
+        def node2_counted() -> Samples | None:
+            m = parse_metrics(scrape_15020(node2))
+            return m if delta(r2a, m, "istio_tcp_connections_closed_total", **hbone_denied) == 1 else None
+
+        r2b = wait_for(node2_counted, 5, "node2 to count the denied HBONE connection")
+        r1b = parse_metrics(scrape_15020(node1))
+    for labels in (plain, hbone):
+        opened = delta(r2a, r2b, "istio_tcp_connections_opened_total", **labels, response_flags="-")
+        closed = delta(r2a, r2b, "istio_tcp_connections_closed_total", **labels, response_flags="-")
+        assert (opened, closed) == (1, 0), labels
+    for labels in (plain_denied, hbone_denied):
+        assert delta(r2a, r2b, "istio_tcp_connections_closed_total", **labels) == 1, labels
+        assert delta(r2a, r2b, "istio_tcp_received_bytes_total", **labels) == 0, labels
+    src_refused = src | {"response_flags": "-"}
+    assert delta(r1a, r1b, "istio_tcp_connections_opened_total", **src_refused) == 1
+    assert delta(r1a, r1b, "istio_tcp_connections_closed_total", **src_refused) == 1

@@ -582,7 +582,6 @@ async def test_policy_update_closes_a_now_denied_open_connection(mesh: Mesh) -> 
     w2.close()
 
 
-
 DENY_A = {"action": "DENY", "rules": [{"from": [{"source": {"principals": [_A_PRINCIPAL]}}]}]}
 
 
@@ -651,6 +650,7 @@ async def test_a_pod_stopped_while_its_app_is_dialled_gets_no_connection(mesh: M
     deny = [f for f in mesh.flows("node2") if f.event is FlowEvent.DENY]
     assert [f.reason for f in deny] == ["DESTINATION_POD_STOPPED"]
     w.close()
+
 
 # --- plaintext inbound (15006) ------------------------------------------------------------------
 
@@ -733,6 +733,155 @@ async def test_permissive_plaintext_cannot_match_an_allow_on_principals(mesh: Me
     assert await refused(r, w)
     f = next(f for f in mesh.flows("node2") if f.event is FlowEvent.DENY)
     assert f.reason == "NOT_ALLOWED"
+
+
+# --- refused connections in the metrics, plaintext sources ---------------------------------------
+# As ztunnel (inbound.rs, inbound_passthrough.rs, outbound.rs): opened with response_flags="-" once
+# both ends are known, closed with DENY (authorization, STRICT), CONNECT (HBONE inbound, the app
+# could not be connected to) or "-" (the source side, the plaintext inbound's failed dial).
+
+OPENED, CLOSED = "istio_tcp_connections_opened_total", "istio_tcp_connections_closed_total"
+
+
+def by_flag(mesh: Mesh, node: str, name: str, **labels: str) -> dict[str, float]:
+    """{response_flags: value} of `name`'s series with these labels (zeros left out)."""
+    out: dict[str, float] = {}
+    for metric in mesh.proxies[node].metrics.registry.collect():
+        for s in metric.samples:
+            if s.name == name and s.value and all(s.labels.get(k) == v for k, v in labels.items()):
+                out[s.labels["response_flags"]] = out.get(s.labels["response_flags"], 0.0) + s.value
+    return out
+
+
+async def test_hbone_denied_by_policy_is_counted_closed_with_deny_at_the_destination(mesh: Mesh) -> None:
+    a, b = mesh.pods["a"], mesh.pods["b"]
+    mesh.set_policies(policy("no-a", "back", DENY_A))
+    r, w = await mesh.connect("a", (b.ip, APP_PORT))
+    assert await refused(r, w)
+    w.close()
+    dst = {"reporter": "destination", "source_principal": str(a.identity), "destination_workload": "b"}
+    await assert_eventually(lambda: by_flag(mesh, "node2", CLOSED, **dst) == {"DENY": 1.0})
+    assert by_flag(mesh, "node2", OPENED, **dst) == {"-": 1.0}
+    # the source side records the 401 it got without a flag, as ztunnel's outbound
+    src = {"reporter": "source", "destination_workload": "b", "connection_security_policy": "mutual_tls"}
+    await assert_eventually(lambda: by_flag(mesh, "node1", CLOSED, **src) == {"-": 1.0})
+    assert by_flag(mesh, "node1", OPENED, **src) == {"-": 1.0}
+    # one deny record on each node, no open or close records
+    assert [f.event for f in mesh.flows("node2")] == [FlowEvent.DENY]
+    assert [f.event for f in mesh.flows("node1")] == [FlowEvent.DENY]
+
+
+async def test_strict_plaintext_is_counted_closed_with_deny(mesh: Mesh) -> None:
+    mesh.set_policies(peer_authentication("strict", "back", "STRICT"))
+    r, w = await plaintext_to(mesh, "b")
+    assert await refused(r, w)
+    w.close()
+    labels = {"reporter": "destination", "connection_security_policy": "none", "destination_workload": "b"}
+    await assert_eventually(lambda: by_flag(mesh, "node2", CLOSED, **labels) == {"DENY": 1.0})
+    assert by_flag(mesh, "node2", OPENED, **labels) == {"-": 1.0}
+
+
+async def test_hbone_to_a_closed_app_port_is_counted_closed_with_connect(mesh: Mesh) -> None:
+    b = mesh.pods["b"]
+    r, w = await mesh.connect("a", (b.ip, APP_PORT + 1))  # nothing listens there
+    assert await refused(r, w)
+    w.close()
+    dst = {"reporter": "destination", "destination_workload": "b"}
+    await assert_eventually(lambda: by_flag(mesh, "node2", CLOSED, **dst) == {"CONNECT": 1.0})
+    assert by_flag(mesh, "node2", OPENED, **dst) == {"-": 1.0}
+    await assert_eventually(lambda: by_flag(mesh, "node1", CLOSED, reporter="source") == {"-": 1.0})
+    assert any(f.reason == "UPSTREAM_CONNECT_FAILED" for f in mesh.flows("node2"))
+
+
+async def test_plaintext_to_a_closed_app_port_is_counted_closed_without_a_flag(mesh: Mesh) -> None:
+    server = mesh.apps["b"].server
+    assert server is not None
+    server.close()  # b's app stops listening
+    await server.wait_closed()
+    r, w = await plaintext_to(mesh, "b")
+    assert await refused(r, w)
+    w.close()
+    await assert_eventually(lambda: by_flag(mesh, "node2", CLOSED, reporter="destination") == {"-": 1.0})
+    assert by_flag(mesh, "node2", OPENED, reporter="destination") == {"-": 1.0}
+    assert [f.reason for f in mesh.flows("node2")] == ["UPSTREAM_CONNECT_FAILED"]
+
+
+async def test_passthrough_to_a_closed_port_is_counted_at_the_source(mesh: Mesh) -> None:
+    r, w = await mesh.connect("a", (mesh.net + "201", APP_PORT))  # outside the mesh, nothing listens
+    assert await refused(r, w)
+    w.close()
+    src = {"reporter": "source", "destination_workload": "unknown", "connection_security_policy": "unknown"}
+    await assert_eventually(lambda: by_flag(mesh, "node1", CLOSED, **src) == {"-": 1.0})
+    assert by_flag(mesh, "node1", OPENED, **src) == {"-": 1.0}
+
+
+async def plaintext_from(
+    mesh: Mesh, src_ip: str, pod: str
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """A plaintext connection to `pod`'s 15006 from `src_ip`."""
+    ep = mesh.pods[pod].ep
+    assert ep is not None and ep.inbound is not None
+    s = socket.socket()
+    s.bind((src_ip, 0))
+    s.setblocking(False)
+    await asyncio.get_running_loop().sock_connect(s, ep.inbound.getsockname())
+    return await asyncio.open_connection(sock=s)
+
+
+def legacy_workload(mesh: Mesh) -> Workload:
+    """A pod outside the mesh (not captured) at `<net>.50`, in the registry."""
+    return Workload(
+        uid="legacy",
+        name="legacy",
+        namespace="old",
+        service_account="legacy",
+        node="node3",
+        ips=(mesh.net + "50",),
+        labels=(("app", "legacy"),),
+        protocol=TunnelProtocol.NONE,
+    )
+
+
+async def test_plaintext_source_is_labelled_with_the_workload_of_its_ip(mesh: Mesh) -> None:
+    legacy = legacy_workload(mesh)
+    mesh.extra_workloads = [legacy]
+    mesh.push()
+    r, w = await plaintext_from(mesh, legacy.ips[0], "b")
+    assert await exchange(r, w, b"old", 5) == b"b:old"
+    w.close()
+    await assert_eventually(lambda: mesh.sample("node2", CLOSED) == 1)
+    labels = {"reporter": "destination", "source_workload": "legacy", "source_workload_namespace": "old"}
+    assert mesh.sample("node2", OPENED, **labels, source_principal="unknown", source_app="legacy") == 1
+    assert mesh.sample("node2", OPENED, **labels, connection_security_policy="none") == 1
+    opened = next(f for f in mesh.flows("node2") if f.event is FlowEvent.OPEN)
+    assert (opened.src_ip, opened.src_pod, opened.src_namespace) == (legacy.ips[0], "legacy", "old")
+    assert opened.src_identity == ""
+
+
+async def test_plaintext_source_ip_is_no_identity_to_authorization(mesh: Mesh) -> None:
+    """The workload a plaintext source IP names labels the telemetry only: an ALLOW on its namespace
+    still cannot match (a plaintext source address can be spoofed)."""
+    legacy = legacy_workload(mesh)
+    mesh.extra_workloads = [legacy]
+    mesh.set_policies(
+        policy(
+            "only-old",
+            "back",
+            {"action": "ALLOW", "rules": [{"from": [{"source": {"namespaces": ["old"]}}]}]},
+        )
+    )
+    r, w = await plaintext_from(mesh, legacy.ips[0], "b")
+    assert await refused(r, w)
+    w.close()
+    (deny,) = mesh.flows("node2")
+    assert (deny.reason, deny.src_pod, deny.src_identity) == ("NOT_ALLOWED", "legacy", "")
+    await assert_eventually(
+        lambda: (
+            by_flag(mesh, "node2", CLOSED, source_workload="legacy", source_principal="unknown")
+            == {"DENY": 1.0}
+        )
+    )
+    assert mesh.apps["b"].peers == []
 
 
 # --- same node, services, passthrough, failures -----------------------------------------------------
