@@ -3,9 +3,11 @@
 Field names and enums mirror the upstream CRDs (istio/api `security/v1beta1/authorization.proto`,
 `peer_authentication.proto`); unknown fields are rejected so a typo (`principal:`) is an error, not a
 silently ignored rule. Besides the OpenAPI schema we enforce the CRD's CEL rule on serviceAccounts
-and the checks of Istio's validation webhook that users hit most (empty `source`/`operation`,
-addresses and ports, `when` keys and values, provider vs action, port-level mTLS without a
-selector). See docs/authorization.md, "Invalid values".
+and the checks of Istio's validation webhook (istio/istio pkg/config/validation
+`ValidateAuthorizationPolicy`, `ValidatePeerAuthentication`; pkg/config/security): empty
+`source`/`operation` and empty strings in their lists, addresses, ports, service accounts and path
+templates, `when` keys and values, provider vs action, what a CUSTOM policy may not match on, and
+port-level mTLS without a selector. See docs/authorization.md, "Invalid values".
 """
 
 from __future__ import annotations
@@ -99,8 +101,17 @@ def _port_number(value: str) -> int | None:
     return port if port <= 65535 else None
 
 
+def _check_not_empty(values: tuple[str, ...] | None) -> tuple[str, ...] | None:
+    # security.CheckEmptyValues, which ValidateAuthorizationPolicy runs on the lists of a source
+    # (but trustDomains) and of an operation.
+    for i, value in enumerate(values or ()):
+        if not value:
+            raise ValueError(f"empty value not allowed, found at index {i}")
+    return values
+
+
 def _check_blocks(values: tuple[str, ...] | None) -> tuple[str, ...] | None:
-    for value in values or ():
+    for value in _check_not_empty(values) or ():
         problem = _ip_or_cidr_problem(value)
         if problem:
             raise ValueError(problem)
@@ -108,9 +119,68 @@ def _check_blocks(values: tuple[str, ...] | None) -> tuple[str, ...] | None:
 
 
 def _check_ports(values: tuple[str, ...] | None) -> tuple[str, ...] | None:
-    for value in values or ():
+    for value in _check_not_empty(values) or ():
         if not _port_number(value):  # None, or 0: refused here although Istio's ValidatePorts takes it
             raise ValueError(f"port {value!r} must be a number between 1 and 65535")
+    return values
+
+
+def _service_account_problem(values: tuple[str, ...], where: str) -> str | None:
+    """Why Istio's `security.CheckServiceAccount` refuses these `<sa>` / `<ns>/<sa>` values, or None.
+
+    Used for `serviceAccounts`/`notServiceAccounts` and for the `source.serviceAccount` condition;
+    `where` names the field or key in the message, as Istio does.
+    """
+    if len(values) > 16:  # "arbitrary limit to avoid unbounded configuration sizes"
+        return "may not have more than 16 values"
+    for value in values:
+        if not value:
+            return f"empty value not allowed, found in {where}"
+        if "*" in value:
+            return f"wildcard not allowed, found in {where}"
+        parts = value.split("/")
+        if len(parts) > 2 or not all(parts):
+            return f"expected format 'serviceAccount' or 'namespace/serviceAccount', found {value!r}"
+        if len(value) > 320:
+            return f"value cannot exceed 320 characters, found {value!r}"
+    return None
+
+
+# Path templates as Istio's webhook reads them (security.CheckValidPathTemplate): a segment is `{*}`,
+# `{**}` (only as the last operator) or, in a path that uses a template, an RFC 3986 pchar literal.
+_MATCH_ONE_TEMPLATE = "{*}"
+_MATCH_ANY_TEMPLATE = "{**}"
+_PATH_LITERAL = re.compile(r"[a-zA-Z0-9\-._~%!$&'()+,;:@=]+")  # security.validLiteral
+
+
+def _path_template_problem(path: str) -> str | None:
+    """Why Istio's `security.CheckValidPathTemplate` refuses `path`, or None.
+
+    Any `{` or `}` outside a whole `{*}`/`{**}` segment is refused, template or not ("/{id}",
+    "/a/{*}.txt"); once a path uses a template, its other segments must be plain literals
+    (no `*`, `?` or empty segment).
+    """
+    has_template = _MATCH_ONE_TEMPLATE in path or _MATCH_ANY_TEMPLATE in path
+    found_match_any = False
+    invalid = f"invalid or unsupported path {path!r}"
+    for segment in path.strip("/").split("/"):
+        if segment in (_MATCH_ONE_TEMPLATE, _MATCH_ANY_TEMPLATE):
+            if found_match_any:
+                return f"{invalid}: {{**}} is not the last operator"
+            found_match_any = segment == _MATCH_ANY_TEMPLATE
+            continue
+        if "{" in segment or "}" in segment:
+            return f"{invalid}: contains '{{' or '}}' beyond a supported path template"
+        if has_template and not _PATH_LITERAL.fullmatch(segment):
+            return f"{invalid}: contains segment {segment!r} with invalid string literal"
+    return None
+
+
+def _check_paths(values: tuple[str, ...] | None) -> tuple[str, ...] | None:
+    for value in _check_not_empty(values) or ():
+        problem = _path_template_problem(value)
+        if problem:
+            raise ValueError(problem)
     return values
 
 
@@ -135,12 +205,23 @@ class Source(PolicyModel):
     _blocks = field_validator("ip_blocks", "not_ip_blocks", "remote_ip_blocks", "not_remote_ip_blocks")(
         _check_blocks
     )
+    _not_empty = field_validator(
+        "principals",
+        "not_principals",
+        "request_principals",
+        "not_request_principals",
+        "namespaces",
+        "not_namespaces",
+    )(_check_not_empty)
 
     @field_validator("service_accounts", "not_service_accounts")
     @classmethod
-    def _check_sa_length(cls, values: tuple[str, ...] | None) -> tuple[str, ...] | None:
-        if any(len(v) > 320 for v in values or ()):
-            raise ValueError("service account names are limited to 320 characters")
+    def _check_service_accounts(
+        cls, values: tuple[str, ...] | None, info: ValidationInfo
+    ) -> tuple[str, ...] | None:
+        problem = _service_account_problem(values, to_camel(info.field_name or "")) if values else None
+        if problem:
+            raise ValueError(problem)
         return values
 
     @model_validator(mode="after")
@@ -174,6 +255,8 @@ class Operation(PolicyModel):
     not_paths: tuple[str, ...] | None = None
 
     _ports = field_validator("ports", "not_ports")(_check_ports)
+    _paths = field_validator("paths", "not_paths")(_check_paths)
+    _not_empty = field_validator("hosts", "not_hosts", "methods", "not_methods")(_check_not_empty)
 
     @model_validator(mode="after")
     def _check(self) -> Operation:
@@ -219,8 +302,20 @@ _WHEN_REPLACED_KEYS = {
 _WHEN_REPLACED_PREFIX = "destination.labels"  # "is replaced by the workload selector"
 # Keys a CUSTOM policy may not use (ValidateAuthorizationPolicy: "<key> is currently not supported
 # with CUSTOM action").
-_WHEN_NOT_WITH_CUSTOM = frozenset({"source.namespace", "source.principal"})
+_WHEN_NOT_WITH_CUSTOM = frozenset({"source.namespace", "source.principal", "source.serviceAccount"})
 _WHEN_NOT_WITH_CUSTOM_PREFIX = "request.auth."
+# Source fields a CUSTOM policy may not set (ValidateAuthorizationPolicy: "From.Principals is currently
+# not supported with CUSTOM action").
+_SOURCE_FIELDS_NOT_WITH_CUSTOM = (
+    "principals",
+    "not_principals",
+    "request_principals",
+    "not_request_principals",
+    "namespaces",
+    "not_namespaces",
+    "service_accounts",
+    "not_service_accounts",
+)
 
 
 def _when_key_problem(key: str) -> str | None:
@@ -254,16 +349,7 @@ def _when_value_problem(key: str, values: tuple[str, ...]) -> str | None:
             if _port_number(value) is None:  # ValidatePorts takes 0, as the agent's compiler does
                 return f"port {value!r} must be a number between 0 and 65535"
     if key in _WHEN_SERVICE_ACCOUNT_KEYS:
-        if len(values) > 16:
-            return "may not have more than 16 values"
-        for value in values:
-            if "*" in value:
-                return f"wildcard not allowed, found in {key}"
-            parts = value.split("/")
-            if len(parts) > 2 or not all(parts):
-                return f"expected format 'serviceAccount' or 'namespace/serviceAccount', found {value!r}"
-            if len(value) > 320:
-                return f"value cannot exceed 320 characters, found {value!r}"
+        return _service_account_problem(values, key)
     return None
 
 
@@ -339,14 +425,35 @@ class AuthorizationPolicySpec(PolicyModel):
             raise ValueError("CUSTOM action requires a provider")
         if self.action != "CUSTOM" and self.provider is not None:
             raise ValueError(f"{self.action} action cannot have a provider")
+        # Istio webhook: a DENY or CUSTOM policy without rules is never triggered. It tests
+        # `Rules == nil`, and its JSON decoder leaves `rules: []` nil too, so [] is refused like an
+        # absent list.
+        if self.action in ("DENY", "CUSTOM") and not self.rules:
+            raise ValueError(
+                f"{self.action} action without `rules` is meaningless as it will never be triggered, "
+                "add an empty rule `{}` if you want it to be triggered for every connection"
+            )
         if self.action == "CUSTOM":
-            for i, rule in enumerate(self.rules or ()):
-                for j, cond in enumerate(rule.when or ()):
-                    key = cond.key
-                    if key in _WHEN_NOT_WITH_CUSTOM or key.startswith(_WHEN_NOT_WITH_CUSTOM_PREFIX):
-                        where = f"rules[{i}].when[{j}].key"
-                        raise ValueError(f"{where}: {key!r} is currently not supported with CUSTOM action")
+            problem = self._custom_problem()
+            if problem:
+                raise ValueError(problem)
         return self
+
+    def _custom_problem(self) -> str | None:
+        """What ValidateAuthorizationPolicy refuses in a CUSTOM policy with rules, or None."""
+        if self.provider is not None and not self.provider.name:
+            return "`provider.name` must not be empty"
+        for i, rule in enumerate(self.rules or ()):
+            for j, from_ in enumerate(rule.from_ or ()):
+                for name in _SOURCE_FIELDS_NOT_WITH_CUSTOM:
+                    if getattr(from_.source, name):  # Istio: len() != 0
+                        where = f"rules[{i}].from[{j}].source.{to_camel(name)}"
+                        return f"{where} is currently not supported with CUSTOM action"
+            for j, cond in enumerate(rule.when or ()):
+                key = cond.key
+                if key in _WHEN_NOT_WITH_CUSTOM or key.startswith(_WHEN_NOT_WITH_CUSTOM_PREFIX):
+                    return f"rules[{i}].when[{j}].key: {key!r} is currently not supported with CUSTOM action"
+        return None
 
 
 class AuthorizationPolicy(PolicyModel):

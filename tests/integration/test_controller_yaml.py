@@ -60,7 +60,7 @@ def policy_yaml(ns: str, name: str, action: str) -> str:
 apiVersion: security.istio.io/v1
 kind: AuthorizationPolicy
 metadata: {{name: {name}, namespace: {ns}}}
-spec: {{action: {action}}}
+spec: {{action: {action}, rules: [{{}}]}}
 """
 
 

@@ -31,7 +31,10 @@ GOOD = [
     _with(
         AP, {"selector": {"matchLabels": {"app": "x"}}, "rules": [{"to": [{"operation": {"ports": ["80"]}}]}]}
     ),
-    _with(AP, {"action": "CUSTOM", "provider": {"name": "ext"}}),
+    _with(AP, {"action": "CUSTOM", "provider": {"name": "ext"}, "rules": [{}]}),
+    _with(AP, {"action": "DENY", "rules": [{}]}),
+    _with(AP, {"action": "ALLOW"}),
+    _with(AP, {"action": "AUDIT"}),
     _with(PA, {"mtls": {"mode": "STRICT"}}),
     _with(PA, {"selector": {"matchLabels": {"app": "x"}}, "portLevelMtls": {8080: {"mode": "DISABLE"}}}),
     _with(PA, {"selector": {"matchLabels": {"app": "x"}}, "portLevelMtls": {"8080": {"mode": "DISABLE"}}}),
@@ -44,6 +47,22 @@ GOOD = [
 BAD = [
     (_with(AP, {"action": "DENYY"}), "spec.action", "Input should be"),
     (_with(AP, {"action": "CUSTOM"}), "spec", "requires a provider"),
+    (_with(AP, {"action": "CUSTOM", "rules": [{}]}), "spec", "requires a provider"),
+    # ValidateAuthorizationPolicy: a CUSTOM policy needs rules (`rules: []` decodes to nil there too)
+    # and, once it has some, a provider name. Istio refuses these; this case was a GOOD one before.
+    (_with(AP, {"action": "CUSTOM", "provider": {"name": "ext"}}), "spec", "CUSTOM action without `rules`"),
+    (_with(AP, {"action": "CUSTOM", "provider": {"name": "ext"}, "rules": []}), "spec", "without `rules`"),
+    # likewise a DENY policy ("meaningless as it will never be triggered"); ALLOW without rules denies all
+    (_with(AP, {"action": "DENY"}), "spec", "DENY action without `rules`"),
+    (_with(AP, {"action": "DENY", "rules": []}), "spec", "DENY action without `rules`"),
+    (_with(AP, {"action": "DENY", "rules": None}), "spec", "DENY action without `rules`"),
+    (
+        _with(AP, {"action": "CUSTOM", "provider": {"name": ""}, "rules": [{}]}),
+        "spec",
+        "`provider.name` must",
+    ),
+    (_with(AP, {"action": "CUSTOM", "provider": {}, "rules": [{}]}), "spec", "`provider.name` must not be"),
+    (_with(AP, {"provider": {"name": ""}}), "spec", "ALLOW action cannot have a provider"),
     (_with(AP, {"action": "DENY", "provider": {"name": "x"}}), "spec", "cannot have a provider"),
     (_with(AP, {"rules": [{"from": [{"source": {}}]}]}), "spec.rules.0.from.0.source", "must not be empty"),
     # Istio's webhook compares len() == 0: a list written as [] is empty too
@@ -56,10 +75,16 @@ BAD = [
     (_with(AP, {"rules": [{"from": []}]}), "spec.rules.0", "`from` must not be empty"),
     (_with(AP, {"rules": [{"to": []}]}), "spec.rules.0", "`to` must not be empty"),
     # ports as the agent reads them: digits only (pydantic alone would take "+8080" or "8_080")
-    (_with(PA, {"selector": {"matchLabels": {"a": "b"}}, "portLevelMtls": {"+8080": {"mode": "STRICT"}}}),
-     "spec.portLevelMtls", "not a number"),
-    (_with(PA, {"selector": {"matchLabels": {"a": "b"}}, "portLevelMtls": {"8_080": {"mode": "STRICT"}}}),
-     "spec.portLevelMtls", "not a number"),
+    (
+        _with(PA, {"selector": {"matchLabels": {"a": "b"}}, "portLevelMtls": {"+8080": {"mode": "STRICT"}}}),
+        "spec.portLevelMtls",
+        "not a number",
+    ),
+    (
+        _with(PA, {"selector": {"matchLabels": {"a": "b"}}, "portLevelMtls": {"8_080": {"mode": "STRICT"}}}),
+        "spec.portLevelMtls",
+        "not a number",
+    ),
     (_with(PA, {"selector": {"matchLabels": {"a": "b"}}, "portLevelMtls": {}}), "portLevel", "at least one"),
     (_with(AP, {"rules": [{"to": [{"operation": {"ports": ["0"]}}]}]}), "spec.rules.0.to.0", "between 1"),
     # ports as Go's strconv.ParseUint reads them: ASCII digits (fullwidth "80" and "²" are str.isdigit())
@@ -73,6 +98,45 @@ BAD = [
     (_with(AP, {"rules": [{"from": [{"source": {"principal": ["a"]}}]}]}), "principal", "Extra inputs"),
     (_with(AP, {"targetRef": {"kind": "Service", "name": "s"}}), "spec", "not supported"),
     (_with(PA, {"portLevelMtls": {80: {"mode": "STRICT"}}}), "spec", "requires selector"),
+    # ValidatePeerAuthentication: "mesh/namespace peer authentication cannot have port level mTLS"
+    # (a selector without labels is namespace-wide), ports 1-65535, the selector's label rules
+    (_with(PA, {"selector": {}, "portLevelMtls": {80: {"mode": "STRICT"}}}), "spec", "requires selector"),
+    (
+        _with(PA, {"selector": {"matchLabels": {}}, "portLevelMtls": {80: {"mode": "STRICT"}}}),
+        "spec",
+        "requires selector",
+    ),
+    (
+        _with(PA, {"selector": {"matchLabels": {"a": "b"}}, "portLevelMtls": {0: {}}}),
+        "portLevelMtls",
+        "1-65535",
+    ),
+    (
+        _with(PA, {"selector": {"matchLabels": {"a": "b"}}, "portLevelMtls": {"65536": {}}}),
+        "portLevel",
+        "1-65535",
+    ),
+    (
+        _with(PA, {"selector": {"matchLabels": {"": "b"}}}),
+        "spec.selector.matchLabels",
+        "key must not be empty",
+    ),
+    (
+        _with(PA, {"selector": {"matchLabels": {"a*": "b"}}}),
+        "spec.selector.matchLabels",
+        "wildcard not allowed",
+    ),
+    (
+        _with(PA, {"selector": {"matchLabels": {"a": "b*"}}}),
+        "spec.selector.matchLabels",
+        "wildcard not allowed",
+    ),
+    (_with(PA, {"mtls": {"mode": "MUTUAL"}}), "spec.mtls.mode", "Input should be"),
+    (
+        _with(PA, {"selector": {"matchLabels": {"a": "b"}}, "portLevelMtls": {80: {"mode": "ISTIO_MUTUAL"}}}),
+        "spec.portLevelMtls.80.mode",
+        "Input should be",
+    ),
     (_with(PA, {"mtls": {"mode": "strict"}}), "spec.mtls.mode", "Input should be"),
     (
         _with(HR, {"rules": [{"backendRefs": [{"name": "s", "port": 80, "weight": 1_000_001}]}]}),
@@ -189,7 +253,9 @@ def test_when_conditions_istio_refuses_are_rejected(
     assert any(path == want and message in msg for path, msg in rendered), rendered
 
 
-@pytest.mark.parametrize("key", ["source.namespace", "source.principal", "request.auth.claims[iss]"])
+@pytest.mark.parametrize(
+    "key", ["source.namespace", "source.principal", "source.serviceAccount", "request.auth.claims[iss]"]
+)
 def test_custom_policies_refuse_the_when_keys_istio_refuses_with_custom(key: str) -> None:
     # ValidateAuthorizationPolicy: "<key> is currently not supported with CUSTOM action"
     with pytest.raises(ValidationError, match=r"rules\[0\]\.when\[1\]\.key: .* not supported with CUSTOM"):
@@ -201,6 +267,201 @@ def test_custom_policies_refuse_the_when_keys_istio_refuses_with_custom(key: str
 def test_custom_policies_accept_the_other_when_keys() -> None:
     parse_object(_when(SOURCE_IP, action="CUSTOM"))
     parse_object(_when({"key": "request.headers[x-user]", "values": ["alice"]}, action="CUSTOM"))
+
+
+# One valid value per list field of a source / an operation.
+SOURCE_VALUES = {
+    "principals": "cluster.local/ns/shop/sa/client",
+    "notPrincipals": "cluster.local/ns/shop/sa/client",
+    "requestPrincipals": "issuer/subject",
+    "notRequestPrincipals": "issuer/subject",
+    "namespaces": "shop",
+    "notNamespaces": "shop",
+    "serviceAccounts": "shop/client",
+    "notServiceAccounts": "client",
+    "ipBlocks": "10.0.0.0/8",
+    "notIpBlocks": "10.0.0.1",
+    "remoteIpBlocks": "10.0.0.0/8",
+    "notRemoteIpBlocks": "fd00::/8",
+}
+OPERATION_VALUES = {
+    "hosts": "example.com",
+    "notHosts": "*.example.com",
+    "ports": "8080",
+    "notPorts": "9090",
+    "methods": "GET",
+    "notMethods": "POST",
+    "paths": "/api/*",
+    "notPaths": "/{*}/admin",
+}
+
+
+def _rule(*, field: str, values: list[str], action: str = "ALLOW") -> dict[str, Any]:
+    """A policy whose rule has one source or operation field set to `values`."""
+    if field in SOURCE_VALUES:
+        rule: dict[str, Any] = {"from": [{"source": {field: values}}]}
+    else:
+        rule = {"to": [{"operation": {field: values}}]}
+    spec: dict[str, Any] = {"action": action, "rules": [rule]}
+    if action == "CUSTOM":
+        spec["provider"] = {"name": "ext"}
+    return _with(AP, spec)
+
+
+def _errors(body: dict[str, Any]) -> list[tuple[str, str]]:
+    with pytest.raises(ValidationError) as info:
+        parse_object(body)
+    return [(".".join(str(p) for p in e["loc"]), e["msg"]) for e in info.value.errors()]
+
+
+@pytest.mark.parametrize("field", [*SOURCE_VALUES, *OPERATION_VALUES])
+def test_an_empty_string_in_a_source_or_operation_list_is_refused(field: str) -> None:
+    # ValidateAuthorizationPolicy: security.CheckEmptyValues on every list of a source and an
+    # operation ("empty value not allowed"), CheckServiceAccount on serviceAccounts
+    valid = SOURCE_VALUES.get(field) or OPERATION_VALUES[field]
+    parse_object(_rule(field=field, values=[valid]))
+    where = "from.0.source" if field in SOURCE_VALUES else "to.0.operation"
+    rendered = _errors(_rule(field=field, values=[valid, ""]))
+    assert any(
+        path == f"spec.rules.0.{where}.{field}" and "empty value not allowed" in msg for path, msg in rendered
+    ), rendered
+
+
+# security.CheckServiceAccount, which the webhook runs on serviceAccounts and notServiceAccounts as on
+# the source.serviceAccount condition.
+SERVICE_ACCOUNTS_BAD = [
+    (["a/b/c"], "namespace/serviceAccount"),
+    (["/client"], "namespace/serviceAccount"),
+    (["shop/"], "namespace/serviceAccount"),
+    (["*"], "wildcard not allowed, found in"),
+    (["shop/*"], "wildcard not allowed, found in"),
+    (["s" * 321], "320 characters"),
+]
+
+
+@pytest.mark.parametrize("field", ["serviceAccounts", "notServiceAccounts"])
+@pytest.mark.parametrize(("values", "message"), SERVICE_ACCOUNTS_BAD)
+def test_service_accounts_istio_refuses_are_refused(field: str, values: list[str], message: str) -> None:
+    rendered = _errors(_rule(field=field, values=values))
+    assert any(path == f"spec.rules.0.from.0.source.{field}" and message in msg for path, msg in rendered), (
+        rendered
+    )
+
+
+@pytest.mark.parametrize("field", ["serviceAccounts", "notServiceAccounts"])
+def test_service_accounts_istio_accepts_parse(field: str) -> None:
+    parse_object(_rule(field=field, values=["client", "shop/client", "s" * 320, "a.b-c/d_e"]))
+
+
+# istio/istio pkg/config/security/security_test.go TestCheckValidPathTemplate, plus paths without a
+# template (Envoy's prefix, suffix and presence matches) that must stay valid.
+PATHS_GOOD = [
+    "/{*}/foo",
+    "/{*}/foo/",
+    "/foo/{**}/bar",
+    "/foo/bar/{**}",
+    "/{*}",
+    "/{**}",
+    "{*}/bar/{**}",
+    "/{*}/-._~%20!$&'()+,;:@=/a=c",
+    "/foo/bar/*",
+    "*/bar",
+    "*",
+    "/foo?bar",  # no template: the literal check does not apply
+    "/a//b",
+]
+PATHS_BAD = [
+    ("/foo/{**}buzz/bar", "beyond a supported path template"),
+    ("/{*}/foo/{}/bar", "beyond a supported path template"),
+    ("/foo/{*}/bar/*", "with invalid string literal"),
+    ("/foo/{*}/bar/**/buzz", "with invalid string literal"),
+    ("/foo/{buzz}/bar", "beyond a supported path template"),
+    ("/{buzz}", "beyond a supported path template"),
+    ("/foo/{buzz}/bar/{**}", "beyond a supported path template"),
+    ("/foo/{buzz=*}/bar/{**}", "beyond a supported path template"),
+    ("/{*}/foo/{buzz=**}/bar", "beyond a supported path template"),
+    ("/{*}/foo/{**}bar", "beyond a supported path template"),
+    ("/{*}/foo/{*}.txt", "beyond a supported path template"),
+    ("/{*}/foo/{temp", "beyond a supported path template"),
+    ("/{*}/foo/temp}/bar", "beyond a supported path template"),
+    ("/{*}/foo/temp}/*", "beyond a supported path template"),
+    ("/{**}/foo/temp/{*}/bar", "{**} is not the last operator"),
+    ("/{**}/{**}", "{**} is not the last operator"),
+    ("/{**}/foo/temp/{**}/bar", "{**} is not the last operator"),
+    ("/{*}/foo/?abc", "with invalid string literal"),
+    ("/{*}//foo", "segment '' with invalid string literal"),
+    ("/{*}/caf\u00e9", "with invalid string literal"),  # the literal is ASCII, as in Go's regexp
+]
+
+
+@pytest.mark.parametrize("field", ["paths", "notPaths"])
+def test_paths_istio_accepts_parse(field: str) -> None:
+    parse_object(_rule(field=field, values=PATHS_GOOD))
+
+
+@pytest.mark.parametrize("field", ["paths", "notPaths"])
+@pytest.mark.parametrize(("path", "message"), PATHS_BAD)
+def test_path_templates_istio_refuses_are_refused(field: str, path: str, message: str) -> None:
+    # ValidateAuthorizationPolicy: security.CheckValidPathTemplate on paths and notPaths
+    rendered = _errors(_rule(field=field, values=["/ok", path]))
+    assert any(
+        path_ == f"spec.rules.0.to.0.operation.{field}"
+        and "invalid or unsupported path" in msg
+        and message in msg
+        for path_, msg in rendered
+    ), rendered
+
+
+CUSTOM_REFUSED_SOURCE_FIELDS = [
+    "principals",
+    "notPrincipals",
+    "requestPrincipals",
+    "notRequestPrincipals",
+    "namespaces",
+    "notNamespaces",
+    "serviceAccounts",
+    "notServiceAccounts",
+]
+
+
+@pytest.mark.parametrize("field", CUSTOM_REFUSED_SOURCE_FIELDS)
+def test_custom_policies_refuse_the_source_fields_istio_refuses_with_custom(field: str) -> None:
+    # ValidateAuthorizationPolicy: "From.<Field> is currently not supported with CUSTOM action"
+    body = _rule(field=field, values=[SOURCE_VALUES[field]], action="CUSTOM")
+    body["spec"]["rules"] = [
+        {"when": [SOURCE_IP]},
+        {"from": [{"source": {"ipBlocks": ["10.0.0.1"]}}, *body["spec"]["rules"][0]["from"]]},
+    ]
+    with pytest.raises(
+        ValidationError,
+        match=rf"rules\[1\]\.from\[1\]\.source\.{field} is currently not supported with CUSTOM",
+    ):
+        parse_object(body)
+    for action in ("ALLOW", "DENY", "AUDIT"):
+        parse_object(_rule(field=field, values=[SOURCE_VALUES[field]], action=action))
+
+
+def test_custom_policies_accept_the_other_source_and_operation_fields() -> None:
+    for field in (*SOURCE_VALUES, *OPERATION_VALUES):
+        if field not in CUSTOM_REFUSED_SOURCE_FIELDS:
+            parse_object(
+                _rule(
+                    field=field, values=[SOURCE_VALUES.get(field) or OPERATION_VALUES[field]], action="CUSTOM"
+                )
+            )
+    # Istio counts len() != 0: an unset identity list next to a set field is fine
+    parse_object(
+        _with(
+            AP,
+            {
+                "action": "CUSTOM",
+                "provider": {"name": "ext"},
+                "rules": [
+                    {"from": [{"source": {"principals": [], "namespaces": None, "ipBlocks": ["10.0.0.1"]}}]}
+                ],
+            },
+        )
+    )
 
 
 @pytest.mark.parametrize("body", GOOD)

@@ -69,7 +69,7 @@ def authz(ns: str, name: str, action: str = "ALLOW", **meta: Any) -> dict[str, A
         "apiVersion": "security.istio.io/v1",
         "kind": "AuthorizationPolicy",
         "metadata": {"name": name, "namespace": ns, **meta},
-        "spec": {"action": action},
+        "spec": {"action": action, "rules": [{}]},  # a DENY without rules is refused, as by Istio
     }
 
 

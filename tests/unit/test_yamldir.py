@@ -38,6 +38,7 @@ metadata:
   namespace: shop
 spec:
   action: {action}
+  rules: [{{}}]
 """
 
 
@@ -129,7 +130,7 @@ def test_duplicate_keys_and_duplicate_objects_are_errors() -> None:
     assert dup_key.errors[0].line == 3
     dup_obj = parse_text(policy() + "---\n" + policy(action="DENY"), "d.yaml")
     assert [str(e) for e in dup_obj.errors] == [
-        "d.yaml:9: AuthorizationPolicy shop/p: duplicate object: already defined at line 1 of this file"
+        "d.yaml:10: AuthorizationPolicy shop/p: duplicate object: already defined at line 1 of this file"
     ]
 
 
