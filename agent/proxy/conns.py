@@ -5,7 +5,9 @@ tracker increments Istio's opened/closed counters, counts bytes as they are writ
 open/close/deny flow records, and keeps the authorization input of inbound connections so that a
 policy push can re-decide them and close the ones now denied (as ztunnel does). A refused
 connection is a `Tracked` too: one `deny` record and, when refused after ztunnel would have counted
-it, one open and one close in the counters, the close with the refusal's `response_flags`.
+it, one open and one close in the counters, the close with the refusal's `response_flags`. One that
+ends any other way before it opened (an unexpected error, cancelled while being set up) gets its
+`deny` record from `ConnTracker.unfinished`: each connection has exactly one outcome.
 """
 
 from __future__ import annotations
@@ -34,6 +36,14 @@ MAX_PENDING_HANDSHAKES_PER_IP = 256
 
 # flow-record reasons of the inbound side
 REASON_STRICT = "STRICT_MTLS_PLAINTEXT"  # plaintext to a port under PeerAuthentication STRICT
+# flow-record reasons of a connection that ended before it opened, other than refused (`unfinished`):
+# cancelled while being set up, because its client gave up (an inbound HBONE stream reset, or its
+# connection gone: docs/hbone.md "Abusive peers")...
+REASON_ABANDONED = "ABANDONED_BEFORE_ESTABLISHED"
+# ... or because the proxy is stopping (`ConnTracker.stopping`)
+REASON_PROXY_SHUTDOWN = "PROXY_SHUTDOWN"
+# an unexpected exception (a bug): logged with its traceback and counted (`stats()["internal_error"]`)
+REASON_INTERNAL_ERROR = "INTERNAL_ERROR"
 
 _ids = itertools.count(1)
 _id_prefix = "c"
@@ -72,6 +82,7 @@ class Tracked:
     closer: Callable[[], None] | None = None
     close_reason: str = ""
     deciding: Decision | None = None
+    recorded: bool = False  # its outcome is in the flow log: a deny, or an open (the close follows)
 
     reported_up: int = 0  # of bytes_up, what the Prometheus counters have
     reported_down: int = 0
@@ -164,6 +175,9 @@ class ConnTracker:
         self.max_connections = max_connections
         self.in_use = 0  # admitted sockets and streams, including those still being set up
         self.open: dict[str, Tracked] = {}
+        # the proxy is stopping (`NodeProxy.stop()`): what it cancels while still being set up is
+        # recorded PROXY_SHUTDOWN, not as abandoned by its client
+        self.stopping = False
         self._report_lock = threading.Lock()  # a scrape reports from the metrics server's thread
         self.stats: dict[str, int] = {
             "opened": 0,
@@ -173,6 +187,7 @@ class ConnTracker:
             "fail_closed": 0,
             "upstream_error": 0,
             "policy_closed": 0,
+            "internal_error": 0,
         }
 
     # -- admission --
@@ -220,6 +235,7 @@ class ConnTracker:
         return FlowRecord(**values)  # type: ignore[arg-type]
 
     def opened(self, t: Tracked) -> None:
+        t.recorded = True
         self.open[t.id] = t
         self.stats["opened"] += 1
         for s in t.series:
@@ -267,12 +283,27 @@ class ConnTracker:
         closed under these, the same label sets with the refusal's `response_flags`. Without them,
         an early refusal (ztunnel's `log_early_deny`), it is not in the metrics.
         """
+        t.recorded = True
         self.stats["denied"] += 1
         for s in t.series if closed else ():
             s.opened.inc()
         for s in closed:
             s.closed.inc()
         self.flows.add(self._record(t, FlowEvent.DENY, Verdict.DENIED, reason=reason))
+
+    def unfinished(self, t: Tracked, reason: str) -> None:
+        """A connection that ended before it opened without being refused (an unexpected error,
+        cancelled while being set up): one `deny` record, counted opened and closed with `-` under
+        `t.series` when it has them (ztunnel: a `ConnectionResult` dropped unrecorded is recorded
+        closed, no flag), not counted before. Nothing when its outcome is recorded already (refused,
+        or opened: `ProxyCore.pipe` records its close)."""
+        if not t.recorded:
+            self.denied(t, reason, t.series)
+
+    def cancelled(self, t: Tracked) -> None:
+        """`unfinished` for a connection cancelled while being set up: by the proxy stopping
+        (PROXY_SHUTDOWN), else because its client gave up (ABANDONED_BEFORE_ESTABLISHED)."""
+        self.unfinished(t, REASON_PROXY_SHUTDOWN if self.stopping else REASON_ABANDONED)
 
     # -- policy pushes and pod removal --
     def recheck(self, index: MeshIndex) -> list[Tracked]:

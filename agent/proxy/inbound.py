@@ -14,6 +14,10 @@ then bytes both ways. They differ in what they know about the peer:
   owning the peer IP labels its metrics and flow records (ztunnel's inbound passthrough does the
   same), never its authorization: a plaintext source address can be spoofed.
 - same node: the outbound side hands the connection over in-process with the source pod's identity.
+
+Each entry point (`_hbone_stream`, `plaintext`, and for the same node `Outbound.handle`) owns the
+connection's `Tracked` and records it if it ends before its outcome was (`ConnTracker.unfinished`:
+cancelled, an unexpected error), so every connection has exactly one outcome in the flow log.
 """
 
 from __future__ import annotations
@@ -28,15 +32,16 @@ from typing import Final
 from agent.admin.sources import ConnPath
 from agent.datapath.abi import PORT_INBOUND, PORT_OUTBOUND
 from agent.datapath.interface import EnrolledPod
-from agent.proxy.conns import REASON_STRICT, Tracked, new_connection_id, refusal
+from agent.proxy.conns import REASON_ABANDONED as REASON_ABANDONED  # (re-exported: tests name it)
+from agent.proxy.conns import REASON_INTERNAL_ERROR, REASON_STRICT, Tracked, new_connection_id, refusal
 from agent.proxy.core import ProxyCore, ProxyError
 from agent.proxy.hbone import ConnectTarget, IpAddress, Status, canonical_ip
 from agent.proxy.metrics import ResponseFlags, TcpPeers
 from agent.proxy.pipe import End, SocketEnd, StreamEnd
 from agent.proxy.tunnel import HboneServer, ServerStream
 from api.authz import MtlsMode
-from api.resources import Service, Workload
-from api.spiffe import SpiffeId
+from api.resources import Workload
+from api.spiffe import SpiffeId, SpiffeIdError
 
 log = logging.getLogger(__name__)
 
@@ -47,9 +52,6 @@ REASON_UNKNOWN_DST = "UNKNOWN_DESTINATION_WORKLOAD"
 REASON_POD_STOPPED = "DESTINATION_POD_STOPPED"
 # a connection to one of the proxy's own ports in the pod (15001/15006/15008): never an app's
 REASON_PROXY_PORT = "PROXY_PORT"
-# given up before the app answered: the HBONE stream was reset or its connection went away (or the
-# agent is stopping), so the dial was cancelled (docs/hbone.md "Abusive peers")
-REASON_ABANDONED = "ABANDONED_BEFORE_ESTABLISHED"
 
 
 # 15008 counters in NodeProxy.stats(); cut_off_*: connections ended for abusing HTTP/2
@@ -71,6 +73,9 @@ class Inbound:
     def __init__(self, core: ProxyCore) -> None:
         self.core = core
         self.hbone_stats: dict[str, int] = dict.fromkeys(HBONE_STATS, 0)
+        # handlers of the CONNECT streams being served (`HboneServer` starts them, not NodeProxy):
+        # what `NodeProxy.stop()` cancels along with its own connection tasks
+        self.stream_tasks: set[asyncio.Task[None]] = set()
 
     # -- 15008 --
     async def pick_identity(self, local_ip: IpAddress) -> ssl.SSLContext | None:
@@ -122,45 +127,58 @@ class Inbound:
         if not core.tracker.reserve():
             log.warning("event=overload side=inbound-hbone peer=%s", peer)
             return int(Status.SERVICE_UNAVAILABLE)
+        task = stream.task
+        if task is not None:
+            self.stream_tasks.add(task)
+        t = Tracked(
+            new_connection_id(), ConnPath.HBONE, (), src, (dst_ip, target.port), src_identity=str(peer)
+        )
         try:
             hit = core.local_workload(dst_ip)
             if hit is None:
-                t = Tracked(
-                    new_connection_id(),
-                    ConnPath.HBONE,
-                    (),
-                    src,
-                    (dst_ip, target.port),
-                    src_identity=str(peer),
-                )
                 core.tracker.denied(t, REASON_UNKNOWN_DST)
                 return int(Status.SERVICE_UNAVAILABLE)
             ep, dst_wl = hit
-            src_wl = core.index.workload_by_ip(src[0])
-            if src_wl is not None and core.index.identity(src_wl) != peer:
-                src_wl = None  # an IP is not an identity: only label what the certificate proves
+            # an IP is not an identity: only label what the certificate proves
+            t.src_workload = self._proven(core.index.workload_by_ip(src[0]), peer)
 
             def answer(status: int) -> None:
                 stream.respond(status)
 
             await self.deliver(
+                t,
                 ep=ep,
                 dst_workload=dst_wl,
                 port=target.port,
-                src=src,
                 src_identity=peer,
-                src_workload=src_wl,
-                service=None,
-                path=ConnPath.HBONE,
                 client=StreamEnd(stream),
                 answer=answer,
                 mtls=True,
             )
             return None
+        except asyncio.CancelledError:  # the stream was reset, its connection went away, or stop()
+            core.tracker.cancelled(t)
+            raise
+        except Exception as exc:
+            core.tracker.stats["internal_error"] += 1
+            log.exception("event=inbound_failed side=hbone conn=%s peer=%s error=%r", t.id, peer, exc)
+            core.tracker.unfinished(t, REASON_INTERNAL_ERROR)
+            return int(Status.SERVICE_UNAVAILABLE)
         finally:
             core.tracker.release()
+            if task is not None:
+                self.stream_tasks.discard(task)
             if stream.abandoned:  # counted now: a pooled connection may live for days
                 self.hbone_stats["streams_abandoned"] += 1
+
+    def _proven(self, workload: Workload | None, peer: SpiffeId) -> Workload | None:
+        """`workload` when its identity is the one `peer` proved, else None."""
+        if workload is None:
+            return None
+        try:
+            return workload if self.core.index.identity(workload) == peer else None
+        except SpiffeIdError:  # a stale entry whose identity cannot be formed: not the peer's
+            return None
 
     # -- 15006 --
     async def plaintext(self, ep: EnrolledPod, client: SocketEnd) -> None:
@@ -174,21 +192,15 @@ class Inbound:
             log.warning("event=overload side=inbound-plaintext pod=%s peer=%s:%d", ep.pod.uid, *peer)
             client.close()
             return
+        dst = (ep.pod.ip, local[1])
+        t = Tracked(new_connection_id(), ConnPath.PLAINTEXT_INBOUND, (ep.pod.uid,), peer, dst)
         try:
             dst_wl = core.workload_of(ep)  # its own workload, never another one with its IP
             # For metrics and flow records only, as ztunnel's inbound passthrough (the source
             # workload fetched by the connection's source address): whoever can send from that
             # address gets these labels, so it stays identity-less (`src_identity=None`) to policy.
-            src_wl = core.index.workload_by_ip(peer[0])
+            t.src_workload = core.index.workload_by_ip(peer[0])
             if dst_wl is None:
-                t = Tracked(
-                    new_connection_id(),
-                    ConnPath.PLAINTEXT_INBOUND,
-                    (ep.pod.uid,),
-                    peer,
-                    (ep.pod.ip, local[1]),
-                    src_workload=src_wl,
-                )
                 core.tracker.denied(t, REASON_UNKNOWN_DST)
                 client.close()
                 return
@@ -198,86 +210,90 @@ class Inbound:
                     client.close()
 
             await self.deliver(
+                t,
                 ep=ep,
                 dst_workload=dst_wl,
                 port=local[1],
-                src=peer,
                 src_identity=None,
-                src_workload=src_wl,
-                service=None,
-                path=ConnPath.PLAINTEXT_INBOUND,
                 client=client,
                 answer=answer,
                 mtls=False,
             )
+        except asyncio.CancelledError:
+            core.tracker.cancelled(t)
+            client.close()
+            raise
+        except Exception as exc:
+            core.tracker.stats["internal_error"] += 1
+            log.exception(
+                "event=inbound_failed side=plaintext conn=%s pod=%s peer=%s:%d error=%r",
+                t.id,
+                ep.pod.uid,
+                *peer,
+                exc,
+            )
+            core.tracker.unfinished(t, REASON_INTERNAL_ERROR)
+            client.close()
         finally:
             core.tracker.release()
 
     # -- shared --
     async def deliver(
         self,
+        t: Tracked,
         *,
         ep: EnrolledPod,
         dst_workload: Workload,
         port: int,
-        src: Addr,
         src_identity: SpiffeId | None,
-        src_workload: Workload | None,
-        service: Service | None,
-        path: ConnPath,
         client: End,
         answer: Callable[[int], None],
         mtls: bool,
-        extra_series: tuple[TcpPeers, ...] = (),
     ) -> None:
         """Refuse a proxy port, refuse plaintext under STRICT, authorize, connect to the app in the
         pod netns, answer (`answer(200|401|503)`), pipe.
+
+        `t` is the connection as its entry point knows it: its path, source (`src`, `src_workload`,
+        `src_identity`), the Service the client dialled when known (same node) and the series it is
+        already counted under (same node: the source side's). `deliver` completes it and records
+        its outcome, unless it raises: then the caller records it (`ConnTracker.unfinished`).
 
         Counted in the metrics as ztunnel's inbound counts (`inbound.rs` `serve_connect`,
         `inbound_passthrough.rs` `proxy_inbound_plaintext`): not when refused before it knows the
         connection well enough (a proxy port: its `log_early_deny`); from then on opened, with a
         refusal closing it under `response_flags` `DENY` (authorization, STRICT) or, over HBONE
         and same node, `CONNECT` (the app could not be connected to; the passthrough records that
-        without a flag), else `-`. A same-node connection's source side (`extra_series`) is
+        without a flag), else `-`. A same-node connection's source side (`t.series` on entry) is
         counted as ztunnel's outbound records a CONNECT the destination refused: closed with `-`.
         """
         core = self.core
         dst = (ep.pod.ip, port)
         index = core.index
-        if service is None:  # HBONE and 15006 do not carry the Service the client dialled
-            service = index.inbound_service(dst_workload, port)
+        src, src_workload = t.src, t.src_workload
+        if t.service is None:  # HBONE and 15006 do not carry the Service the client dialled
+            t.service = index.inbound_service(dst_workload, port)
         # a plaintext peer's workload is only its IP's: it must not tie the connection to that pod
         src_pods = self._src_pod(src_workload) if src_identity is not None else ()
-        t = Tracked(
-            new_connection_id(),
-            path,
-            tuple(dict.fromkeys(p for p in (ep.pod.uid, *src_pods) if p)),
-            src,
-            dst,
-            src_workload=src_workload,
-            dst_workload=dst_workload,
-            src_identity=str(src_identity) if src_identity is not None else "",
-            service=service,
-        )
-        src_side = tuple(core.metrics.series(p) for p in extra_series)
+        t.pod_uids = tuple(dict.fromkeys(p for p in (ep.pod.uid, *src_pods) if p))
+        t.dst, t.dst_workload = dst, dst_workload
+        src_side = t.series
         if port in (PORT_OUTBOUND, PORT_INBOUND, core.hbone_port):
             # Dialling it would be accepted by the proxy again (15006 listens on the pod IP), which
             # dials it again: one connection from anyone who reaches the pod took every slot.
-            t.series = src_side
             core.tracker.denied(t, REASON_PROXY_PORT, src_side)
             answer(Status.SERVICE_UNAVAILABLE)
             return
         peers = TcpPeers(
             reporter="destination",
             src_workload=src_workload,
-            src_principal=str(src_identity) if src_identity is not None else None,
+            src_principal=t.src_identity or None,
             dst_workload=dst_workload,
             dst_principal=str(index.identity(dst_workload)),
-            service=service,
+            service=t.service,
             mtls=mtls,
         )
         t.series = (*src_side, core.metrics.series(peers))
-        plaintext = path is ConnPath.PLAINTEXT_INBOUND
+        plaintext = t.path is ConnPath.PLAINTEXT_INBOUND
 
         def refuse(reason: str, status: int, flags: ResponseFlags) -> None:
             core.tracker.denied(t, reason, (*src_side, core.metrics.series(peers, flags)))
@@ -298,11 +314,6 @@ class Inbound:
             # from the peer's IP (the app sees who called); a pod calling itself already does
             source_ip = src[0] if ep.source_ip and src[0] != ep.pod.ip else None
             app = await core.dial(ep.pod.netns_path, dst, source_ip)
-        except asyncio.CancelledError:
-            # the record a dial that ran out would have left; closed unflagged, as ztunnel's
-            # ConnectionResult dropped unrecorded
-            core.tracker.denied(t, REASON_ABANDONED, t.series)
-            raise
         except ProxyError as exc:
             core.tracker.stats["upstream_error"] += 1
             log.warning(
@@ -319,20 +330,24 @@ class Inbound:
                 ResponseFlags.NONE if plaintext else ResponseFlags.CONNECT,
             )
             return
-        # The dial can take up to the connect timeout, and the connection is not open yet, so a push
-        # or a pod stop in the meantime could not reach it (`tracker.recheck`, `kill_pods`): it
-        # must not open on what no longer holds.
-        if core.served.get(ep.pod.ip) is not ep:
-            app.close()
-            refuse(REASON_POD_STOPPED, Status.SERVICE_UNAVAILABLE, ResponseFlags.NONE)
-            return
-        if core.index is not index:
-            reason = refusal(core.index, t)
-            if reason is not None:
+        try:
+            # The dial can take up to the connect timeout, and the connection is not open yet, so a
+            # push or a pod stop in the meantime could not reach it (`tracker.recheck`,
+            # `kill_pods`): it must not open on what no longer holds.
+            if core.served.get(ep.pod.ip) is not ep:
                 app.close()
-                refuse(reason, Status.UNAUTHORIZED, ResponseFlags.DENY)
+                refuse(REASON_POD_STOPPED, Status.SERVICE_UNAVAILABLE, ResponseFlags.NONE)
                 return
-        answer(Status.OK)
+            if core.index is not index:
+                reason = refusal(core.index, t)
+                if reason is not None:
+                    app.close()
+                    refuse(reason, Status.UNAUTHORIZED, ResponseFlags.DENY)
+                    return
+            answer(Status.OK)
+        except BaseException:  # nothing else would close the app's connection (pipe() has not begun)
+            app.close()
+            raise
         await core.pipe(t, client, app)
 
     def _src_pod(self, src_workload: Workload | None) -> tuple[str, ...]:

@@ -10,19 +10,21 @@ Metrics as ztunnel's outbound (`outbound.rs` `proxy_to`): a connection refused b
 (no original destination, no endpoint, no source workload: its `log_early_deny`) is not counted; one
 routed is counted opened, and closed with `response_flags` `-` whatever ends it, a failed dial or
 HBONE connection and a CONNECT the destination refused included (ztunnel records those with
-`record`, no flag).
+`record`, no flag), and so is one cut short by an unexpected error or cancelled while being set up
+(`ConnTracker.unfinished`: `INTERNAL_ERROR`, `PROXY_SHUTDOWN`).
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 
 from agent.admin.sources import ConnPath
 from agent.datapath.interface import EnrolledPod
-from agent.proxy.conns import Tracked, new_connection_id
+from agent.proxy.conns import REASON_INTERNAL_ERROR, Tracked, new_connection_id
 from agent.proxy.core import ProxyCore, ProxyError
 from agent.proxy.hbone import HboneError, Status
-from agent.proxy.inbound import Inbound
+from agent.proxy.inbound import REASON_UNKNOWN_DST, Inbound
 from agent.proxy.index import Route, RouteKind
 from agent.proxy.metrics import TcpPeers
 from agent.proxy.pipe import SocketEnd, StreamEnd
@@ -41,6 +43,7 @@ REASON_NO_ORIGINAL_DST = "NO_ORIGINAL_DESTINATION"
 REASON_NO_ENDPOINT = "NO_HEALTHY_UPSTREAM"
 REASON_UNKNOWN_SOURCE = "UNKNOWN_SOURCE_WORKLOAD"
 REASON_ANSWER_TIMEOUT = "HBONE_ANSWER_TIMEOUT"
+_NO_DST: Addr = ("0.0.0.0", 0)  # the destination of a connection before it is known
 
 
 class Outbound:
@@ -97,18 +100,27 @@ class Outbound:
             log.warning("event=overload side=outbound pod=%s peer=%s:%d", ep.pod.uid, *peer)
             client.close()
             return
+        # from here on it ends in one flow record outcome, whatever happens (`tracker.unfinished`);
+        # the source is the client's address as other pods see it: the pod IP, with the port it bound
+        t = Tracked(new_connection_id(), ConnPath.PASSTHROUGH, (ep.pod.uid,), (ep.pod.ip, peer[1]), _NO_DST)
         try:
-            await self._handle(ep, peer, client)
+            await self._handle(ep, peer, t, client)
+        except asyncio.CancelledError:
+            core.tracker.cancelled(t)
+            client.close()
+            raise
         except Exception as exc:  # never let one connection take the accept loop down
-            log.exception("event=outbound_failed pod=%s peer=%s:%d error=%r", ep.pod.uid, *peer, exc)
+            core.tracker.stats["internal_error"] += 1
+            log.exception(
+                "event=outbound_failed conn=%s pod=%s peer=%s:%d error=%r", t.id, ep.pod.uid, *peer, exc
+            )
+            core.tracker.unfinished(t, REASON_INTERNAL_ERROR)
             client.close()
         finally:
             core.tracker.release()
 
-    async def _handle(self, ep: EnrolledPod, peer: Addr, client: SocketEnd) -> None:
+    async def _handle(self, ep: EnrolledPod, peer: Addr, t: Tracked, client: SocketEnd) -> None:
         core = self.core
-        # the client's address as other pods see it: the pod IP, with the port it bound
-        src = (ep.pod.ip, peer[1])
         try:
             # one lookup in a BPF hash map: a syscall that never sleeps (a few µs), so on the loop; a
             # worker thread cost 20x that per connection (hand-over, wake-up, the GIL both ways)
@@ -116,51 +128,37 @@ class Outbound:
         except Exception as exc:
             log.warning("event=outbound_lookup_error pod=%s peer=%s:%d error=%r", ep.pod.uid, *peer, exc)
             orig = None
-        src_wl = core.workload_of(ep)  # its own workload, never another one with its IP
+        src_wl = t.src_workload = core.workload_of(ep)  # its own workload, never another one with its IP
         if orig is None:
             core.tracker.stats["fail_closed"] += 1
-            t = Tracked(
-                new_connection_id(),
-                ConnPath.PASSTHROUGH,
-                (ep.pod.uid,),
-                src,
-                ("0.0.0.0", 0),
-                src_workload=src_wl,
-            )
             core.tracker.denied(t, REASON_NO_ORIGINAL_DST)
             client.close()
             return
+        t.dst = orig
         route = core.index.route(orig, local_ips=core.local_ips)
-        path = {
+        t.path = {
             RouteKind.HBONE: ConnPath.HBONE,
             RouteKind.SAME_NODE: ConnPath.SAME_NODE,
         }.get(route.kind, ConnPath.PASSTHROUGH)
-        src_identity = core.index.identity(src_wl) if src_wl is not None else None
-        t = Tracked(
-            new_connection_id(),
-            path,
-            (ep.pod.uid,),
-            src,
-            route.dst,
-            src_workload=src_wl,
-            dst_workload=route.workload,
-            src_identity=str(src_identity) if src_identity is not None else "",
-            service=route.service,
-        )
+        t.dst, t.dst_workload, t.service = route.dst, route.workload, route.service
+        if src_wl is not None:
+            t.src_identity = str(core.index.identity(src_wl))
         if route.kind is RouteKind.NO_ENDPOINT:
             core.tracker.denied(t, REASON_NO_ENDPOINT)
             client.close()
             return
-        if route.kind is RouteKind.PASSTHROUGH:
-            await self._passthrough(ep, route, t, client)
-            return
-        if src_wl is None:
+        mtls = route.kind is not RouteKind.PASSTHROUGH
+        if mtls and src_wl is None:
             # without the source workload there is no identity to present: fail closed
             core.tracker.denied(t, REASON_UNKNOWN_SOURCE)
             client.close()
             return
-        if route.kind is RouteKind.SAME_NODE:
-            await self._same_node(route, src, src_wl, client)
+        # routed: counted from now on, whatever ends it (ztunnel's `ConnectionResult` exists)
+        t.series = (core.metrics.series(self._source_peers(route, src_wl, mtls)),)
+        if src_wl is None or route.kind is RouteKind.PASSTHROUGH:  # without a source: passthrough
+            await self._passthrough(ep, route, t, client)
+        elif route.kind is RouteKind.SAME_NODE:
+            await self._same_node(route, t, src_wl, client)
         else:
             await self._hbone(ep, route, t, src_wl, client)
 
@@ -181,7 +179,6 @@ class Outbound:
 
     async def _passthrough(self, ep: EnrolledPod, route: Route, t: Tracked, client: SocketEnd) -> None:
         core = self.core
-        t.series = (core.metrics.series(self._source_peers(route, t.src_workload, mtls=False)),)
         try:
             upstream = await core.dial(ep.pod.netns_path, route.dst)
         except ProxyError as exc:
@@ -206,7 +203,6 @@ class Outbound:
         src_id = core.index.identity(src_wl)
         dst_id = core.index.identity(route.workload)
         key = PoolKey(src_id, dst_id, (route.dst[0], core.hbone_port))
-        t.series = (core.metrics.series(self._source_peers(route, src_wl, mtls=True)),)
         try:
             stream = await self.pool(ep).open_stream(key, route.dst, t.src)
         except HboneError as exc:
@@ -236,11 +232,15 @@ class Outbound:
             return
         await core.pipe(t, client, StreamEnd(stream))
 
-    async def _same_node(self, route: Route, src: Addr, src_wl: Workload, client: SocketEnd) -> None:
+    async def _same_node(self, route: Route, t: Tracked, src_wl: Workload, client: SocketEnd) -> None:
         core = self.core
-        assert route.workload is not None
         hit = core.local_workload(route.dst[0])
-        if hit is None:  # the pod left between route() and now
+        if hit is None:
+            # route() found the IP among this node's pods, but the pod served there is not known as
+            # a workload with that IP and a valid identity (its workload gone from the config or
+            # moved, the pod about to be re-enrolled; a stale workload claiming the IP): refused as
+            # its 15008 would refuse it, counted as the source side of a refused CONNECT (`-`)
+            core.tracker.denied(t, REASON_UNKNOWN_DST, t.series)
             client.close()
             return
         dst_ep, dst_wl = hit
@@ -249,19 +249,17 @@ class Outbound:
             if status != Status.OK:
                 client.close()
 
+        # the destination side takes it from here, on the same `Tracked`: the connection's one
+        # record, and its series (this source side's, which `t.series` has, and the destination's)
         await self.inbound.deliver(
+            t,
             ep=dst_ep,
             dst_workload=dst_wl,
             port=route.dst[1],
-            src=src,
             src_identity=core.index.identity(src_wl),
-            src_workload=src_wl,
-            service=route.service,
-            path=ConnPath.SAME_NODE,
             client=client,
             answer=answer,
             mtls=True,
-            extra_series=(self._source_peers(route, src_wl, mtls=True),),
         )
 
     # -- dialling for the pool --

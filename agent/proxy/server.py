@@ -243,7 +243,13 @@ class NodeProxy:
                 self.tracker.release()
 
     async def stop(self, pod_uid: str | None = None) -> None:
-        """Stop serving one pod (close its listeners, connections and pooled tunnels), or all."""
+        """Stop serving one pod (close its listeners, connections and pooled tunnels), or all.
+
+        All: the proxy is stopping (final). What is still being set up is cancelled first and
+        recorded PROXY_SHUTDOWN; with a pod, it ends on the pod's removal (`DESTINATION_POD_STOPPED`,
+        its dial failing) as it would anyway."""
+        if pod_uid is None:
+            await self._cancel_connections()
         uids = [pod_uid] if pod_uid is not None else list(self._served)
         for uid in uids:
             served = self._served.pop(uid, None)
@@ -269,9 +275,28 @@ class NodeProxy:
             if self._reaper is not None:
                 self._reaper.cancel()
                 self._reaper = None
-            for t in list(self._tasks):
+            await self._cancel_connections()  # any accepted meanwhile
+
+    async def _cancel_connections(self) -> None:
+        """Stop accepting, close the open connections (`proxy_stopped`) and cancel those still being
+        set up, which the tracker then records as cut short by the shutdown (`stopping`): before any
+        pod, pool or netns socket stock goes away, or their dials would fail for it and be recorded
+        as failures of the pod or the peer. Each connection's task records it (the tracker's
+        `cancelled`, `ProxyCore.pipe`): all of them by the time this returns."""
+        self.tracker.stopping = True
+        for served in self._served.values():
+            for srv in served.servers:
+                srv.close()
+            if served.hbone_task is not None:
+                served.hbone_task.cancel()
+        self.tracker.kill_pods(None, "proxy_stopped")
+        # The CONNECT streams' handlers first (the HBONE servers start them: cancelling a 15008
+        # socket's task does not stop them), while their connections are up: each answers its peer
+        # (503) as it ends. Then the outbound and 15006 connections and the 15008 sockets.
+        for tasks in (list(self.inbound.stream_tasks), list(self._tasks)):
+            for t in tasks:
                 t.cancel()
-            await asyncio.gather(*self._tasks, return_exceptions=True)
+            await asyncio.gather(*tasks, return_exceptions=True)
 
     async def _reap(self) -> None:
         while True:

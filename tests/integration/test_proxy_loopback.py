@@ -652,6 +652,78 @@ async def test_a_pod_stopped_while_its_app_is_dialled_gets_no_connection(mesh: M
     w.close()
 
 
+async def test_connections_being_set_up_when_the_proxy_stops_are_recorded_as_its_shutdown(
+    mesh: Mesh,
+) -> None:
+    """stop() cancels what is still authorizing or dialling: recorded PROXY_SHUTDOWN (not as if the
+    client had given up, nor as whatever the teardown would have made the dial fail with) by the
+    time stop() returns, counted closed with `-`; the HBONE client gets its 503."""
+    b = mesh.pods["b"]
+    proxy = mesh.proxies["node2"]
+    started, go = hold_dials(mesh, "node2")
+    try:
+        r, w = await mesh.connect("a", (b.ip, APP_PORT))  # HBONE to node2
+        await asyncio.wait_for(started.wait(), 5)
+        started.clear()
+        r2, w2 = await plaintext_to(mesh, "b")  # 15006
+        await asyncio.wait_for(started.wait(), 5)
+        await proxy.stop()
+        deny = [f for f in mesh.flows("node2") if f.event is FlowEvent.DENY]
+        assert sorted((f.reason, f.src_identity) for f in deny) == [
+            ("PROXY_SHUTDOWN", ""),
+            ("PROXY_SHUTDOWN", str(mesh.pods["a"].identity)),
+        ]
+        assert not [f for f in mesh.flows("node2") if f.event is FlowEvent.OPEN]
+        assert by_flag(mesh, "node2", "istio_tcp_connections_closed_total", reporter="destination") == {
+            "-": 2.0
+        }
+        assert proxy.tracker.in_use == 0
+        assert await refused(r, w) and await refused(r2, w2)
+        await assert_eventually(
+            lambda: [f.reason for f in mesh.flows("node1") if f.event is FlowEvent.DENY] == ["HBONE_503"]
+        )
+        w.close()
+        w2.close()
+    finally:
+        go.set()
+
+
+async def test_outbound_being_set_up_when_the_proxy_stops_is_recorded_and_its_peer_sees_it_abandoned(
+    mesh: Mesh,
+) -> None:
+    """node1 stops while its CONNECT waits for node2's answer: node1 records PROXY_SHUTDOWN; node2,
+    whose client went away, still records ABANDONED_BEFORE_ESTABLISHED."""
+    b = mesh.pods["b"]
+    started, go = hold_dials(mesh, "node2")
+    try:
+        r, w = await mesh.connect("a", (b.ip, APP_PORT))
+        await asyncio.wait_for(started.wait(), 5)
+        await mesh.proxies["node1"].stop()
+        deny = [f for f in mesh.flows("node1") if f.event is FlowEvent.DENY]
+        assert [(f.reason, f.dst_ip) for f in deny] == [("PROXY_SHUTDOWN", b.ip)]
+        assert by_flag(mesh, "node1", "istio_tcp_connections_closed_total", reporter="source") == {"-": 1.0}
+        assert await refused(r, w)
+        await assert_eventually(lambda: any(f.event is FlowEvent.DENY for f in mesh.flows("node2")))
+        assert [f.reason for f in mesh.flows("node2")] == ["ABANDONED_BEFORE_ESTABLISHED"]
+        w.close()
+    finally:
+        go.set()
+
+
+async def test_same_node_connection_being_set_up_when_the_proxy_stops_is_recorded_once(mesh: Mesh) -> None:
+    started, go = hold_dials(mesh, "node1")
+    try:
+        r, w = await mesh.connect("a", (mesh.pods["c"].ip, APP_PORT))
+        await asyncio.wait_for(started.wait(), 5)
+        await mesh.proxies["node1"].stop()
+        assert [(f.event, f.reason) for f in mesh.flows("node1")] == [(FlowEvent.DENY, "PROXY_SHUTDOWN")]
+        assert by_flag(mesh, "node1", "istio_tcp_connections_closed_total") == {"-": 2.0}  # both sides
+        assert await refused(r, w)
+        w.close()
+    finally:
+        go.set()
+
+
 # --- plaintext inbound (15006) ------------------------------------------------------------------
 
 

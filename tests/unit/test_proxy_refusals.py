@@ -19,7 +19,7 @@ from agent.admin.flows import FlowEvent
 from agent.admin.sources import ConnPath
 from agent.datapath.interface import EnrolledPod, PodRef
 from agent.node import pod_key
-from agent.proxy.conns import ConnTracker, Tracked
+from agent.proxy.conns import ConnTracker, Tracked, new_connection_id
 from agent.proxy.core import ProxyCore, ProxyError
 from agent.proxy.flows import FlowLog, FlowRecord
 from agent.proxy.hbone import HboneError, Status
@@ -155,16 +155,22 @@ class Node:
     # -- connections --
     def hbone(self, port: int = APP_PORT) -> None:
         """A CONNECT from A (its certificate proves A_ID) to `B:port`, as `_hbone_stream` delivers it."""
+        t = Tracked(
+            new_connection_id(),
+            ConnPath.HBONE,
+            (),
+            (A.ips[0], 40000),
+            (B.ips[0], port),
+            src_workload=A,
+            src_identity=str(A_ID),
+        )
         asyncio.run(
             self.inbound.deliver(
+                t,
                 ep=self.eps["b"],
                 dst_workload=B,
                 port=port,
-                src=(A.ips[0], 40000),
                 src_identity=A_ID,
-                src_workload=A,
-                service=None,
-                path=ConnPath.HBONE,
                 client=cast(Any, None),
                 answer=self.answers.append,
                 mtls=True,
