@@ -19,6 +19,7 @@ from agent.main import (
     run,
     uninstall,
 )
+from agent.proxy.conns import DEFAULT_MAX_CONNECTIONS
 
 app = typer.Typer(help="The nodemesh node agent (eBPF datapath, pod enrollment, relay).",
                   no_args_is_help=True)
@@ -71,6 +72,18 @@ def run_command(
     worker_index: Annotated[
         int, typer.Option("--worker-index", hidden=True, min=0, help="Set by the main process for a worker")
     ] = 0,
+    max_connections: Annotated[
+        int, typer.Option(
+            "--max-connections", min=1,
+            help="Connections and HBONE streams each proxy process admits (docs/proxy.md: Limits)",
+        )
+    ] = DEFAULT_MAX_CONNECTIONS,
+    max_connections_per_source: Annotated[
+        int | None, typer.Option(
+            "--max-connections-per-source", min=1,
+            help="Of those, what one source IP may hold (default: half of --max-connections)",
+        )
+    ] = None,
     event_loop: Annotated[
         str, typer.Option(
             "--event-loop",
@@ -85,6 +98,11 @@ def run_command(
         factory = loop_factory(event_loop)
     except ValueError as exc:
         raise typer.BadParameter(str(exc), param_hint="--event-loop") from exc
+    if max_connections_per_source is not None and max_connections_per_source > max_connections:
+        raise typer.BadParameter(
+            f"{max_connections_per_source} is more than --max-connections ({max_connections})",
+            param_hint="--max-connections-per-source",
+        )
     if not pod_cgroup.is_dir():
         raise typer.BadParameter(f"{pod_cgroup} is not a directory", param_hint="--pod-cgroup")
     options = AgentOptions(
@@ -92,6 +110,7 @@ def run_command(
         trust_domain=trust_domain, metrics_listen=metrics_listen or None, admin_socket=admin_socket,
         flow_ring_size=flow_ring_size, preserve_source_ip=preserve_source_ip,
         proxy_workers=proxy_workers, worker_index=worker_index, event_loop=event_loop, log_level=log_level,
+        max_connections=max_connections, max_connections_per_source=max_connections_per_source,
     )  # fmt: skip
     try:
         with asyncio.Runner(loop_factory=factory) as runner:

@@ -282,6 +282,8 @@ class AgentOptions:
     worker_index: int = 0  # 0: the main process; >= 1: a proxy worker started by it
     event_loop: str = "auto"  # handed on to the workers
     log_level: str = "info"  # handed on to the workers
+    max_connections: int = conns.DEFAULT_MAX_CONNECTIONS  # per proxy process, as each worker's
+    max_connections_per_source: int | None = None  # one source IP's share of it; None: half
 
 
 def worker_argv(options: AgentOptions, index: int) -> list[str]:
@@ -294,7 +296,10 @@ def worker_argv(options: AgentOptions, index: int) -> list[str]:
         "--resync-interval", str(options.resync_interval), "--trust-domain", options.trust_domain,
         "--flow-ring-size", str(options.flow_ring_size), "--event-loop", options.event_loop,
         "--log-level", options.log_level, "--worker-index", str(index),
+        "--max-connections", str(options.max_connections),
     ]  # fmt: skip
+    if options.max_connections_per_source is not None:
+        argv += ["--max-connections-per-source", str(options.max_connections_per_source)]
     if options.server_name:
         argv += ["--server-name", options.server_name]
     if options.admin_socket is not None:
@@ -348,7 +353,8 @@ async def run(options: AgentOptions, stop: asyncio.Event | None = None) -> int:
     registry = CollectorRegistry(auto_describe=True)
     certs = CertificateManager(sign, lambda: ca_pem, options.trust_domain)
     proxy = NodeProxy(dp, certs, options.trust_domain, node=options.node, bundle=lambda: ca_pem,
-                      flow_ring=ring, metrics=ProxyMetrics(registry))
+                      flow_ring=ring, metrics=ProxyMetrics(registry), max_connections=options.max_connections,
+                      max_connections_per_source=options.max_connections_per_source)
     link = LinkState(options.controller, connected=lambda: client is not None and client.connected.is_set())
 
     def on_config(config: NodeConfig, update: ConfigUpdate) -> None:

@@ -103,6 +103,7 @@ class AgentSources:
                 source_ip_pods=stats.get("pods_source_ip", 0),
                 slots_in_use=stats.get("connection_slots_in_use", 0),
                 slots=stats.get("connection_slots", 0),
+                slots_per_source=stats.get("connection_slots_per_source", 0),
             ),
             datapath=DatapathStatus(
                 backend="bcc", programs=PROGRAMS, maps=(), counters=counters, pin_dir=self._pin_dir

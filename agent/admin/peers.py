@@ -129,7 +129,14 @@ def _proxy_counts(doc: Any) -> ProxyCounts | None:
         return None
     if isinstance(connections, bool) or isinstance(listeners, bool) or min(connections, listeners) < 0:
         return None
-    slots = [proxy.get(k, 0) for k in ("connection_slots_in_use", "connection_slots")]
+    keys = ("connection_slots_in_use", "connection_slots", "connection_slots_per_source")
+    slots = [proxy.get(k, 0) for k in keys]
     if any(not isinstance(n, int) or isinstance(n, bool) or n < 0 for n in slots):
         return None
-    return ProxyCounts(connections=connections, listeners=listeners, slots_in_use=slots[0], slots=slots[1])
+    return ProxyCounts(
+        connections=connections,
+        listeners=listeners,
+        slots_in_use=slots[0],
+        slots=slots[1],
+        slots_per_source=slots[2],
+    )

@@ -38,6 +38,7 @@ class ProxyStatus:
     source_ip_pods: int = 0  # of which apps see their callers' IPs (source-IP preservation set up)
     slots_in_use: int = 0  # of `max_connections`: open connections and those still being set up
     slots: int = 0  # `max_connections`
+    slots_per_source: int = 0  # `max_connections_per_source`: one source IP's share of `slots`
 
 
 @dataclass(frozen=True, slots=True)
@@ -198,6 +199,7 @@ class ProxyCounts:
     listeners: int
     slots_in_use: int = 0
     slots: int = 0
+    slots_per_source: int = 0
 
 
 Workers = Callable[[], Sequence[ProxyWorker]]  # the supervisor's `workers()`: their state now

@@ -102,6 +102,9 @@ def status_dict(
             # of `max_connections`, which each process has on its own: summed as the metric is
             "connection_slots_in_use": st.proxy.slots_in_use + sum(c.slots_in_use for c in answered),
             "connection_slots": st.proxy.slots + sum(c.slots for c in answered),
+            # a source may hold its share in each process (SO_REUSEPORT spreads its connections)
+            "connection_slots_per_source": st.proxy.slots_per_source
+            + sum(c.slots_per_source for c in answered),
             "detail": st.proxy.detail,
             "pods": st.proxy.pods,
             "source_ip_pods": st.proxy.source_ip_pods,

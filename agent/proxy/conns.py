@@ -12,6 +12,7 @@ ends any other way before it opened (an unexpected error, cancelled while being 
 
 from __future__ import annotations
 
+import enum
 import itertools
 import logging
 import threading
@@ -44,6 +45,12 @@ REASON_ABANDONED = "ABANDONED_BEFORE_ESTABLISHED"
 REASON_PROXY_SHUTDOWN = "PROXY_SHUTDOWN"
 # an unexpected exception (a bug): logged with its traceback and counted (`stats()["internal_error"]`)
 REASON_INTERNAL_ERROR = "INTERNAL_ERROR"
+
+
+def default_max_per_source(max_connections: int) -> int:
+    """One source's share of `max_connections` unless configured: half of it."""
+    return max(1, max_connections // 2)
+
 
 _ids = itertools.count(1)
 _id_prefix = "c"
@@ -167,13 +174,37 @@ class HandshakeBudget:
             del self._by_ip[ip]
 
 
+class Admission(enum.Enum):
+    """What `ConnTracker.reserve` decided; only `ADMITTED` is true, so `if not reserve(...)` refuses."""
+
+    ADMITTED = "admitted"
+    OVERLOAD = "overload"  # the proxy's cap (`max_connections`) is reached
+    SOURCE_OVERLOAD = "source_overload"  # the source's share (`max_per_source`) is reached
+
+    def __bool__(self) -> bool:
+        return self is Admission.ADMITTED
+
+
 class ConnTracker:
     """Open connections of one proxy, with the admission cap and the telemetry they produce."""
 
-    def __init__(self, flows: FlowLog, max_connections: int = DEFAULT_MAX_CONNECTIONS) -> None:
+    def __init__(
+        self,
+        flows: FlowLog,
+        max_connections: int = DEFAULT_MAX_CONNECTIONS,
+        max_per_source: int | None = None,
+    ) -> None:
         self.flows = flows
         self.max_connections = max_connections
+        # One source IP's share of the cap: the cap is shared by every pod of the node and every
+        # remote peer, and one of them (a retry storm, a client opening connections in a loop) must
+        # not take all of it and lock the others out.
+        self.max_per_source = (
+            default_max_per_source(max_connections) if max_per_source is None else max_per_source
+        )
         self.in_use = 0  # admitted sockets and streams, including those still being set up
+        self._by_source: dict[str, int] = {}  # source IP → its slots in `in_use`
+        self._refusing: dict[str, int] = {}  # source IP at its share → connections refused since
         self.open: dict[str, Tracked] = {}
         # the proxy is stopping (`NodeProxy.stop()`): what it cancels while still being set up is
         # recorded PROXY_SHUTDOWN, not as abandoned by its client
@@ -184,6 +215,7 @@ class ConnTracker:
             "closed": 0,
             "denied": 0,
             "overload": 0,
+            "source_overload": 0,
             "fail_closed": 0,
             "upstream_error": 0,
             "policy_closed": 0,
@@ -191,21 +223,58 @@ class ConnTracker:
         }
 
     # -- admission --
-    def reserve(self) -> bool:
-        """Take a slot for a new accepted socket or stream; False: over the cap, refuse it."""
+    def reserve(self, source: str) -> Admission:
+        """Take a slot for a new accepted socket or stream from `source` (an IP); refused (false)
+        when the proxy is at its cap or `source` at its share. Give it back with `release(source)`."""
         if self.in_use >= self.max_connections:
             self.stats["overload"] += 1
-            return False
+            return Admission.OVERLOAD
+        n = self._by_source.get(source, 0)
+        if n >= self.max_per_source:
+            self.stats["source_overload"] += 1
+            refused = self._refusing.get(source, 0)
+            if not refused:  # one line when refusing starts, one when it ends: never one per refusal
+                log.warning(
+                    "event=source_overload source=%s slots=%d per_source_cap=%d slots_in_use=%d",
+                    source,
+                    n,
+                    self.max_per_source,
+                    self.in_use,
+                )
+            self._refusing[source] = refused + 1
+            return Admission.SOURCE_OVERLOAD
         self.in_use += 1
-        return True
+        self._by_source[source] = n + 1
+        return Admission.ADMITTED
 
-    def release(self) -> None:
+    def release(self, source: str) -> None:
+        """Give back a slot `reserve(source)` admitted."""
         self.in_use -= 1
+        n = self._by_source[source] - 1
+        if n:
+            self._by_source[source] = n
+        else:
+            del self._by_source[source]
+        # Refusing ends once the source is back under 90% of its share, not at the first slot freed:
+        # a source churning at its share would otherwise log a start and an end per connection.
+        if self._refusing and source in self._refusing:
+            share = self.max_per_source
+            if n < share - share // 10:
+                refused = self._refusing.pop(source)
+                log.warning("event=source_overload_ended source=%s refused=%d", source, refused)
+
+    def source_slots(self, source: str) -> int:
+        """Slots `source` holds now."""
+        return self._by_source.get(source, 0)
 
     def gauges(self) -> dict[str, int]:
         """How full the admission cap is: slots taken (open connections and those still being set
-        up: authorizing, dialling) and slots in all."""
-        return {"connection_slots_in_use": self.in_use, "connection_slots": self.max_connections}
+        up: authorizing, dialling), slots in all, and one source's share of them."""
+        return {
+            "connection_slots_in_use": self.in_use,
+            "connection_slots": self.max_connections,
+            "connection_slots_per_source": self.max_per_source,
+        }
 
     # -- lifecycle --
     def _record(self, t: Tracked, event: FlowEvent, verdict: Verdict, **extra: object) -> FlowRecord:

@@ -33,7 +33,14 @@ from agent.admin.sources import ConnPath
 from agent.datapath.abi import PORT_INBOUND, PORT_OUTBOUND
 from agent.datapath.interface import EnrolledPod
 from agent.proxy.conns import REASON_ABANDONED as REASON_ABANDONED  # (re-exported: tests name it)
-from agent.proxy.conns import REASON_INTERNAL_ERROR, REASON_STRICT, Tracked, new_connection_id, refusal
+from agent.proxy.conns import (
+    REASON_INTERNAL_ERROR,
+    REASON_STRICT,
+    Admission,
+    Tracked,
+    new_connection_id,
+    refusal,
+)
 from agent.proxy.core import ProxyCore, ProxyError
 from agent.proxy.hbone import ConnectTarget, IpAddress, Status, canonical_ip
 from agent.proxy.metrics import ResponseFlags, TcpPeers
@@ -124,8 +131,12 @@ class Inbound:
         fwd = target.forwarded_for
         if fwd is not None and fwd[1] is not None and fwd[0] == canonical_ip(sock_peer[0]):
             src = (sock_peer[0], fwd[1])
-        if not core.tracker.reserve():
-            log.warning("event=overload side=inbound-hbone peer=%s", peer)
+        # its share of the cap is the TLS peer's IP: the source pod's, which dials from its own netns
+        source = sock_peer[0]
+        admission = core.tracker.reserve(source)
+        if not admission:
+            if admission is Admission.OVERLOAD:  # a source over its share: the tracker logs it, once
+                log.warning("event=overload side=inbound-hbone peer=%s", peer)
             return int(Status.SERVICE_UNAVAILABLE)
         task = stream.task
         if task is not None:
@@ -165,7 +176,7 @@ class Inbound:
             core.tracker.unfinished(t, REASON_INTERNAL_ERROR)
             return int(Status.SERVICE_UNAVAILABLE)
         finally:
-            core.tracker.release()
+            core.tracker.release(source)
             if task is not None:
                 self.stream_tasks.discard(task)
             if stream.abandoned:  # counted now: a pooled connection may live for days
@@ -188,8 +199,11 @@ class Inbound:
         if peer is None or local is None:
             client.close()
             return
-        if not core.tracker.reserve():
-            log.warning("event=overload side=inbound-plaintext pod=%s peer=%s:%d", ep.pod.uid, *peer)
+        source = peer[0]
+        admission = core.tracker.reserve(source)
+        if not admission:
+            if admission is Admission.OVERLOAD:  # a source over its share: the tracker logs it, once
+                log.warning("event=overload side=inbound-plaintext pod=%s peer=%s:%d", ep.pod.uid, *peer)
             client.close()
             return
         dst = (ep.pod.ip, local[1])
@@ -235,7 +249,7 @@ class Inbound:
             core.tracker.unfinished(t, REASON_INTERNAL_ERROR)
             client.close()
         finally:
-            core.tracker.release()
+            core.tracker.release(source)
 
     # -- shared --
     async def deliver(

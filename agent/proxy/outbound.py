@@ -21,7 +21,7 @@ import logging
 
 from agent.admin.sources import ConnPath
 from agent.datapath.interface import EnrolledPod
-from agent.proxy.conns import REASON_INTERNAL_ERROR, Tracked, new_connection_id
+from agent.proxy.conns import REASON_INTERNAL_ERROR, Admission, Tracked, new_connection_id
 from agent.proxy.core import ProxyCore, ProxyError
 from agent.proxy.hbone import HboneError, Status
 from agent.proxy.inbound import REASON_UNKNOWN_DST, Inbound
@@ -96,8 +96,11 @@ class Outbound:
         if peer is None:
             client.close()
             return
-        if not core.tracker.reserve():
-            log.warning("event=overload side=outbound pod=%s peer=%s:%d", ep.pod.uid, *peer)
+        source = ep.pod.ip  # its share of the cap is the source pod's
+        admission = core.tracker.reserve(source)
+        if not admission:
+            if admission is Admission.OVERLOAD:  # a source over its share: the tracker logs it, once
+                log.warning("event=overload side=outbound pod=%s peer=%s:%d", ep.pod.uid, *peer)
             client.close()
             return
         # from here on it ends in one flow record outcome, whatever happens (`tracker.unfinished`);
@@ -117,7 +120,7 @@ class Outbound:
             core.tracker.unfinished(t, REASON_INTERNAL_ERROR)
             client.close()
         finally:
-            core.tracker.release()
+            core.tracker.release(source)
 
     async def _handle(self, ep: EnrolledPod, peer: Addr, t: Tracked, client: SocketEnd) -> None:
         core = self.core

@@ -19,7 +19,7 @@ from typing import Any
 from agent.admin.sources import ConnectionInfo
 from agent.datapath.interface import Datapath, EnrolledPod
 from agent.identity import CertificateManager
-from agent.proxy.conns import DEFAULT_MAX_CONNECTIONS, ConnTracker, HandshakeBudget
+from agent.proxy.conns import DEFAULT_MAX_CONNECTIONS, Admission, ConnTracker, HandshakeBudget
 from agent.proxy.core import CONNECT_TIMEOUT, ProxyCore
 from agent.proxy.flows import FlowLog, FlowRing
 from agent.proxy.hbone import HBONE_PORT
@@ -61,6 +61,7 @@ class NodeProxy:
         metrics: ProxyMetrics | None = None,
         root_namespace: str = DEFAULT_ROOT_NAMESPACE,
         max_connections: int = DEFAULT_MAX_CONNECTIONS,
+        max_connections_per_source: int | None = None,  # None: half of max_connections
         hbone_port: int = HBONE_PORT,
         connect_timeout: float = CONNECT_TIMEOUT,
         manage_identities: bool = True,
@@ -68,7 +69,7 @@ class NodeProxy:
     ) -> None:
         self.flows = FlowLog(flow_ring)
         self.metrics = metrics or ProxyMetrics()
-        self.tracker = ConnTracker(self.flows, max_connections)
+        self.tracker = ConnTracker(self.flows, max_connections, max_connections_per_source)
         self.handshakes = HandshakeBudget()
         self._handshakes_refused = 0  # since the last accepted one: the log says when refusing starts, ends
         self.metrics.before_collect(self.tracker.report_bytes)
@@ -226,8 +227,9 @@ class NodeProxy:
             nonlocal handshaking, admitted
             handshaking = False
             self.handshakes.give_back(ip)
-            admitted = self.tracker.reserve()
-            if not admitted:
+            admission = self.tracker.reserve(ip)  # the TLS peer's: the source pod dials from its IP
+            admitted = bool(admission)
+            if admission is Admission.OVERLOAD:  # a source over its share: the tracker logs it, once
                 log.warning("event=overload side=hbone peer_ip=%s", ip)
             return admitted
 
@@ -240,7 +242,7 @@ class NodeProxy:
             if handshaking:
                 self.handshakes.give_back(ip)
             if admitted:
-                self.tracker.release()
+                self.tracker.release(ip)
 
     async def stop(self, pod_uid: str | None = None) -> None:
         """Stop serving one pod (close its listeners, connections and pooled tunnels), or all.

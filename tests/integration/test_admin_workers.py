@@ -74,7 +74,7 @@ class ProcessSources:
             version="0.1.0",
             started_at=time.time() - 60,
             proxy=ProxyStatus(ProxyState.RUNNING, listeners=3, active_connections=len(self.conns), pods=1,
-                              slots_in_use=len(self.conns) + 1, slots=100),
+                              slots_in_use=len(self.conns) + 1, slots=100, slots_per_source=50),
             datapath=DatapathStatus(backend="fake"),
             controller=ControllerLink("10.0.0.1:15012", True),
         )
@@ -265,6 +265,8 @@ async def test_status_lists_the_workers_and_counts_their_connections(run_dir: Pa
     assert doc["proxy"]["active_connections"] == 3
     # each process has its own cap: the node's is the sum of those that answered (worker 2 is down)
     assert (doc["proxy"]["connection_slots_in_use"], doc["proxy"]["connection_slots"]) == (2 + 3, 200)
+    # a source may hold its share in each process
+    assert doc["proxy"]["connection_slots_per_source"] == 100
     w = doc["workers"]
     assert [(x["index"], x["pid"], x["up"], x["restarts"], x["last_exit"], x["connections"]) for x in w] == [
         (1, 4241, True, 1, "signal 9", 2),

@@ -1175,6 +1175,66 @@ async def test_connection_cap_refuses_beyond_the_limit(mesh: Mesh) -> None:
     assert proxy.stats()["overload"] >= 1
 
 
+async def test_a_pod_at_its_share_of_the_cap_is_refused_while_another_pod_connects(mesh: Mesh) -> None:
+    """Outbound (15001): one pod of the node cannot take every slot of the node's proxy."""
+    proxy, a = mesh.proxies["node1"], mesh.pods["a"]
+    proxy.tracker.max_per_source = 1
+    r, w = await mesh.connect("a", (mesh.pods["b"].ip, APP_PORT))
+    assert await exchange(r, w, b"held", 6) == b"b:held"
+    assert proxy.tracker.source_slots(a.ip) == 1
+    r2, w2 = await mesh.connect("a", (mesh.pods["b"].ip, APP_PORT))
+    assert await refused(r2, w2)
+    r3, w3 = await mesh.connect("c", (mesh.pods["b"].ip, APP_PORT))
+    assert await exchange(r3, w3, b"other", 7) == b"b:other"
+    stats = proxy.stats()
+    assert stats["source_overload"] == 1 and stats["overload"] == 0
+    assert stats["connection_slots_per_source"] == 1
+    assert not any(f.src_ip == a.ip and f.event is FlowEvent.DENY for f in mesh.flows("node1"))
+    for writer in (w, w2, w3):
+        writer.close()
+    # every path gave its source's slots back
+    await assert_eventually(lambda: proxy.tracker.in_use == 0 and proxy.tracker._by_source == {})
+
+
+async def test_a_remote_peer_at_its_share_gets_503_on_new_streams_while_another_connects(mesh: Mesh) -> None:
+    """15008: the share is the TLS peer's IP (the source pod dials its HBONE connection from it):
+    its authenticated connection and each of its streams count."""
+    proxy, a = mesh.proxies["node2"], mesh.pods["a"]
+    proxy.tracker.max_per_source = 2  # a's pooled HBONE connection and one stream
+    r, w = await mesh.connect("a", (mesh.pods["b"].ip, APP_PORT))
+    assert await exchange(r, w, b"held", 6) == b"b:held"
+    assert proxy.tracker.source_slots(a.ip) == 2
+    r2, w2 = await mesh.connect("a", (mesh.pods["b"].ip, APP_PORT))
+    assert await refused(r2, w2)
+    assert any(f.reason == "HBONE_503" for f in mesh.flows("node1"))
+    r3, w3 = await mesh.connect("c", (mesh.pods["b"].ip, APP_PORT))
+    assert await exchange(r3, w3, b"other", 7) == b"b:other"
+    assert proxy.stats()["source_overload"] == 1 and proxy.stats()["overload"] == 0
+    for writer in (w, w2, w3):
+        writer.close()
+    # the streams gave their slots back; the pooled connections keep theirs
+    await assert_eventually(lambda: proxy.tracker.source_slots(a.ip) == 1)
+    await mesh.proxies["node1"].stop()
+    await assert_eventually(lambda: proxy.tracker.in_use == 0 and proxy.tracker._by_source == {})
+
+
+async def test_a_plaintext_source_at_its_share_is_refused_while_another_connects(mesh: Mesh) -> None:
+    """15006: the share is the peer's IP."""
+    proxy = mesh.proxies["node2"]
+    proxy.tracker.max_per_source = 1
+    noisy, quiet = mesh.net + "61", mesh.net + "62"
+    r, w = await plaintext_from(mesh, noisy, "b")
+    assert await exchange(r, w, b"held", 6) == b"b:held"
+    r2, w2 = await plaintext_from(mesh, noisy, "b")
+    assert await refused(r2, w2)
+    r3, w3 = await plaintext_from(mesh, quiet, "b")
+    assert await exchange(r3, w3, b"other", 7) == b"b:other"
+    assert proxy.stats()["source_overload"] == 1
+    for writer in (w, w2, w3):
+        writer.close()
+    await assert_eventually(lambda: proxy.tracker.in_use == 0 and proxy.tracker._by_source == {})
+
+
 async def idle_sockets(dst: tuple[str, int], src_ip: str, n: int) -> list[socket.socket]:
     """`n` TCP connections from `src_ip` that never start TLS (a peer holding handshake slots)."""
     loop = asyncio.get_running_loop()

@@ -209,7 +209,7 @@ def test_tracker_counts_bytes_and_closes_connections_a_push_denies() -> None:
     killed: list[str] = []
     conns = []
     for src_ip, identity in (("10.1.0.1", f"spiffe://{TD}/ns/front/sa/sa-a"), ("10.9.0.1", None)):
-        assert tracker.reserve()
+        assert tracker.reserve(src_ip)
         t = Tracked(
             f"c-{src_ip}",
             ConnPath.HBONE,
@@ -231,7 +231,7 @@ def test_tracker_counts_bytes_and_closes_connections_a_push_denies() -> None:
         t.closer = lambda t=t: killed.append(t.id)
         tracker.opened(t)
         conns.append(t)
-    assert not tracker.reserve() and tracker.stats["overload"] == 1
+    assert not tracker.reserve("10.1.0.2") and tracker.stats["overload"] == 1
     conns[0].count_up(5)
     conns[0].count_down(7)
     deny_front = policy(

@@ -167,7 +167,8 @@ def test_worker_command_line_is_accepted_by_agent_run(
     opts = AgentOptions("node1", "10.0.0.1:15012", tmp_path / "tok", tmp_path / "ca.pem", tmp_path / "cg",
                         tmp_path / "state", server_name="ctl.example", resync_interval=2.5,
                         trust_domain="example.org", admin_socket=tmp_path / "a.sock", flow_ring_size=77,
-                        proxy_workers=3, event_loop="asyncio", log_level="debug")
+                        proxy_workers=3, event_loop="asyncio", log_level="debug", max_connections=600,
+                        max_connections_per_source=150)
     seen: list[AgentOptions] = []
 
     async def fake_run(options: AgentOptions, stop: object = None) -> int:
@@ -185,8 +186,17 @@ def test_worker_command_line_is_accepted_by_agent_run(
     assert got.worker_index == 2 and got.proxy_workers == 1
     for field in ("node", "controller", "token_file", "ca_file", "pod_cgroup", "state_root",
                   "server_name", "resync_interval", "trust_domain", "admin_socket", "flow_ring_size",
-                  "event_loop", "log_level"):
+                  "event_loop", "log_level", "max_connections", "max_connections_per_source"):
         assert getattr(got, field) == getattr(opts, field), field
+
+
+def test_workers_get_the_default_share_when_none_is_set(tmp_path: Path) -> None:
+    """Without --max-connections-per-source a worker derives it from its --max-connections, as the
+    main process does."""
+    opts = AgentOptions("n", "c:1", tmp_path / "t", tmp_path / "ca", tmp_path, max_connections=600)
+    argv = worker_argv(opts, 1)
+    assert argv[argv.index("--max-connections") + 1] == "600"
+    assert "--max-connections-per-source" not in argv
 
 
 def test_worker_id_prefixes_differ_per_worker_and_start(monkeypatch: pytest.MonkeyPatch) -> None:
