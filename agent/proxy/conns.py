@@ -45,6 +45,10 @@ REASON_ABANDONED = "ABANDONED_BEFORE_ESTABLISHED"
 REASON_PROXY_SHUTDOWN = "PROXY_SHUTDOWN"
 # an unexpected exception (a bug): logged with its traceback and counted (`stats()["internal_error"]`)
 REASON_INTERNAL_ERROR = "INTERNAL_ERROR"
+# the source pod stopped being served (removed, opted out) while its connection was being set up (its
+# passthrough dial, its HBONE stream, the same-node destination's dial): `kill_pods` ran before it
+# was open, so nothing would close it with the pod (the destination side's: DESTINATION_POD_STOPPED)
+REASON_SOURCE_POD_STOPPED = "SOURCE_POD_STOPPED"
 
 
 def default_max_per_source(max_connections: int) -> int:
@@ -205,6 +209,7 @@ class ConnTracker:
         self.in_use = 0  # admitted sockets and streams, including those still being set up
         self._by_source: dict[str, int] = {}  # source IP → its slots in `in_use`
         self._refusing: dict[str, int] = {}  # source IP at its share → connections refused since
+        self._refused_at_cap = 0  # connections refused at `max_connections` since refusing started
         self.open: dict[str, Tracked] = {}
         # the proxy is stopping (`NodeProxy.stop()`): what it cancels while still being set up is
         # recorded PROXY_SHUTDOWN, not as abandoned by its client
@@ -228,6 +233,9 @@ class ConnTracker:
         when the proxy is at its cap or `source` at its share. Give it back with `release(source)`."""
         if self.in_use >= self.max_connections:
             self.stats["overload"] += 1
+            if not self._refused_at_cap:  # as a source's share below: one line as refusing starts
+                log.warning("event=overload slots_in_use=%d slots=%d", self.in_use, self.max_connections)
+            self._refused_at_cap += 1
             return Admission.OVERLOAD
         n = self._by_source.get(source, 0)
         if n >= self.max_per_source:
@@ -255,8 +263,14 @@ class ConnTracker:
             self._by_source[source] = n
         else:
             del self._by_source[source]
-        # Refusing ends once the source is back under 90% of its share, not at the first slot freed:
-        # a source churning at its share would otherwise log a start and an end per connection.
+        # Refusing ends once back under 90% of the cap (or of the source's share), not at the first
+        # slot freed: a proxy (a source) churning at it would otherwise log a start and an end per
+        # connection.
+        if self._refused_at_cap:
+            cap = self.max_connections
+            if self.in_use < cap - cap // 10:
+                log.warning("event=overload_ended refused=%d", self._refused_at_cap)
+                self._refused_at_cap = 0
         if self._refusing and source in self._refusing:
             share = self.max_per_source
             if n < share - share // 10:

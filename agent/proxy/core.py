@@ -19,7 +19,7 @@ from agent.datapath.interface import Datapath, EnrolledPod
 from agent.datapath.source_ip import transparent
 from agent.identity import CertificateManager, WorkloadCertificate
 from agent.proxy import tls
-from agent.proxy.conns import ConnTracker, Tracked
+from agent.proxy.conns import REASON_INTERNAL_ERROR, ConnTracker, Tracked
 from agent.proxy.index import MeshIndex
 from agent.proxy.metrics import ProxyMetrics
 from agent.proxy.netns_sockets import NetnsSockets, connect
@@ -195,10 +195,18 @@ class ProxyCore:
             upstream.close()
 
         t.closer = closer
-        self.tracker.opened(t)
         error = ""
+        # `opened` inside: whatever fails once it has recorded the connection open (its last steps,
+        # or what comes before the copy) still records the close and closes both ends, which
+        # nothing else would (the entry point only closes the client, and records nothing more)
         try:
+            self.tracker.opened(t)
             error = await splice(client, upstream, t.count_up, t.count_down)
+        except BaseException as exc:  # splice closes both ends itself; not what fails before it
+            if isinstance(exc, Exception):
+                error = REASON_INTERNAL_ERROR
+            closer()
+            raise
         finally:
             self.tracker.closed(t, error)
 

@@ -35,8 +35,8 @@ from agent.datapath.interface import EnrolledPod
 from agent.proxy.conns import REASON_ABANDONED as REASON_ABANDONED  # (re-exported: tests name it)
 from agent.proxy.conns import (
     REASON_INTERNAL_ERROR,
+    REASON_SOURCE_POD_STOPPED,
     REASON_STRICT,
-    Admission,
     Tracked,
     new_connection_id,
     refusal,
@@ -133,10 +133,7 @@ class Inbound:
             src = (sock_peer[0], fwd[1])
         # its share of the cap is the TLS peer's IP: the source pod's, which dials from its own netns
         source = sock_peer[0]
-        admission = core.tracker.reserve(source)
-        if not admission:
-            if admission is Admission.OVERLOAD:  # a source over its share: the tracker logs it, once
-                log.warning("event=overload side=inbound-hbone peer=%s", peer)
+        if not core.tracker.reserve(source):  # at the cap or its share: the tracker logs it, once
             return int(Status.SERVICE_UNAVAILABLE)
         task = stream.task
         if task is not None:
@@ -200,10 +197,7 @@ class Inbound:
             client.close()
             return
         source = peer[0]
-        admission = core.tracker.reserve(source)
-        if not admission:
-            if admission is Admission.OVERLOAD:  # a source over its share: the tracker logs it, once
-                log.warning("event=overload side=inbound-plaintext pod=%s peer=%s:%d", ep.pod.uid, *peer)
+        if not core.tracker.reserve(source):  # at the cap or its share: the tracker logs it, once
             client.close()
             return
         dst = (ep.pod.ip, local[1])
@@ -287,8 +281,9 @@ class Inbound:
         if t.service is None:  # HBONE and 15006 do not carry the Service the client dialled
             t.service = index.inbound_service(dst_workload, port)
         # a plaintext peer's workload is only its IP's: it must not tie the connection to that pod
-        src_pods = self._src_pod(src_workload) if src_identity is not None else ()
-        t.pod_uids = tuple(dict.fromkeys(p for p in (ep.pod.uid, *src_pods) if p))
+        src_ep = self._src_pod(src_workload) if src_identity is not None else None
+        src_uid = src_ep.pod.uid if src_ep is not None else ""
+        t.pod_uids = tuple(dict.fromkeys(p for p in (ep.pod.uid, src_uid) if p))
         t.dst, t.dst_workload = dst, dst_workload
         src_side = t.series
         if port in (PORT_OUTBOUND, PORT_INBOUND, core.hbone_port):
@@ -352,6 +347,11 @@ class Inbound:
                 app.close()
                 refuse(REASON_POD_STOPPED, Status.SERVICE_UNAVAILABLE, ResponseFlags.NONE)
                 return
+            # the same for a source pod of this node (same node): the connection is its too
+            if src_ep is not None and core.served.get(src_ep.pod.ip) is not src_ep:
+                app.close()
+                refuse(REASON_SOURCE_POD_STOPPED, Status.SERVICE_UNAVAILABLE, ResponseFlags.NONE)
+                return
             if core.index is not index:
                 reason = refusal(core.index, t)
                 if reason is not None:
@@ -364,8 +364,8 @@ class Inbound:
             raise
         await core.pipe(t, client, app)
 
-    def _src_pod(self, src_workload: Workload | None) -> tuple[str, ...]:
+    def _src_pod(self, src_workload: Workload | None) -> EnrolledPod | None:
+        """The pod this proxy serves for the (proven) source workload, if any (same node)."""
         if src_workload is None or not src_workload.ips:
-            return ()
-        ep = self.core.served.get(src_workload.ips[0])
-        return (ep.pod.uid,) if ep is not None else ()
+            return None
+        return self.core.served.get(src_workload.ips[0])

@@ -21,7 +21,7 @@ import logging
 
 from agent.admin.sources import ConnPath
 from agent.datapath.interface import EnrolledPod
-from agent.proxy.conns import REASON_INTERNAL_ERROR, Admission, Tracked, new_connection_id
+from agent.proxy.conns import REASON_INTERNAL_ERROR, REASON_SOURCE_POD_STOPPED, Tracked, new_connection_id
 from agent.proxy.core import ProxyCore, ProxyError
 from agent.proxy.hbone import HboneError, Status
 from agent.proxy.inbound import REASON_UNKNOWN_DST, Inbound
@@ -97,10 +97,7 @@ class Outbound:
             client.close()
             return
         source = ep.pod.ip  # its share of the cap is the source pod's
-        admission = core.tracker.reserve(source)
-        if not admission:
-            if admission is Admission.OVERLOAD:  # a source over its share: the tracker logs it, once
-                log.warning("event=overload side=outbound pod=%s peer=%s:%d", ep.pod.uid, *peer)
+        if not core.tracker.reserve(source):  # at the cap or its share: the tracker logs it, once
             client.close()
             return
         # from here on it ends in one flow record outcome, whatever happens (`tracker.unfinished`);
@@ -196,7 +193,19 @@ class Outbound:
             core.tracker.denied(t, exc.reason, t.series)
             client.close()
             return
+        # The dial can take up to the connect timeout and the connection is not open yet, so a stop
+        # of its pod meanwhile could not reach it (`kill_pods`): it must not open now. As the
+        # destination side's check after its dial (`Inbound.deliver`).
+        if core.served.get(ep.pod.ip) is not ep:
+            upstream.close()
+            self._refuse_source_stopped(t, client)
+            return
         await core.pipe(t, client, upstream)
+
+    def _refuse_source_stopped(self, t: Tracked, client: SocketEnd) -> None:
+        """Its source pod stopped being served while `t`'s upstream was set up (closed already)."""
+        self.core.tracker.denied(t, REASON_SOURCE_POD_STOPPED, t.series)
+        client.close()
 
     async def _hbone(
         self, ep: EnrolledPod, route: Route, t: Tracked, src_wl: Workload, client: SocketEnd
@@ -232,6 +241,11 @@ class Outbound:
             )
             core.tracker.denied(t, reason, t.series)
             client.close()
+            return
+        # the same after a CONNECT (a dial of the HBONE connection, then up to the answer timeout)
+        if core.served.get(ep.pod.ip) is not ep:
+            stream.close()  # RST_STREAM CANCEL: the peer closes the app's connection too
+            self._refuse_source_stopped(t, client)
             return
         await core.pipe(t, client, StreamEnd(stream))
 

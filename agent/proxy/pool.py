@@ -15,7 +15,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 from agent.proxy.hbone import IpAddress
-from agent.proxy.tunnel import HboneClient, Stream, TunnelError, accepted
+from agent.proxy.tunnel import HboneClient, Stream, StreamRefused, TunnelError, accepted
 from api.spiffe import SpiffeId
 
 log = logging.getLogger(__name__)
@@ -82,7 +82,28 @@ class HbonePool:
         traceparent: str | None = None,
     ) -> Stream:
         """A CONNECT stream to `target` over a pooled connection; HboneError unless answered 200,
-        TunnelError when the pool is (or gets) closed."""
+        TunnelError when the pool is (or gets) closed.
+
+        A CONNECT the peer's GOAWAY shows it never processed (StreamRefused: sent while the GOAWAY
+        was on its way, as when the peer's agent stops) is sent once more, on another connection:
+        the GOAWAY made its own connection unusable (RFC 9113 §8.7: such a request is safe to retry)."""
+        stream = await self._start(key, target, source, traceparent)
+        try:
+            await accepted(stream, self._answer_timeout)
+        except StreamRefused as exc:
+            log.info("event=hbone_pool_retry key=%s stream=%d error=%r", key, stream.stream_id, exc)
+            stream = await self._start(key, target, source, traceparent)
+            await accepted(stream, self._answer_timeout)
+        return stream
+
+    async def _start(
+        self,
+        key: PoolKey,
+        target: tuple[str | IpAddress, int],
+        source: tuple[str | IpAddress, int] | None,
+        traceparent: str | None,
+    ) -> Stream:
+        """Send the CONNECT on a usable connection of `key` with a free slot, dialling one if none."""
         if self._closed:
             raise TunnelError("pool closed")
         slot = self._slots.setdefault(key, _Slot())
@@ -104,7 +125,6 @@ class HbonePool:
             # taken synchronously, under the lock: the next waiter sees this slot as used
             stream = entry.client.start_stream(target, source, traceparent=traceparent)
             entry.idle_since = None
-        await accepted(stream, self._answer_timeout)
         return stream
 
     @staticmethod
@@ -149,7 +169,10 @@ class HbonePool:
         # detached before any await: a reap (or open_stream) running meanwhile cannot change what
         # is iterated, and a dial in flight sees its slot gone
         slots, self._slots = list(self._slots.values()), {}
+        entries = [e for slot in slots for e in slot.entries]
         for slot in slots:
-            entries, slot.entries = slot.entries, []
-            for entry in entries:
-                await entry.client.close()
+            slot.entries = []
+        # each close sends GOAWAY (NO_ERROR) and close_notify, then waits for the peer's end of the
+        # connection (up to tls_transport's linger): all at once, so a stopping proxy with many
+        # connections to peers gone silent does not wait for them one after the other
+        await asyncio.gather(*(e.client.close() for e in entries))

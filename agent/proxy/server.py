@@ -19,7 +19,7 @@ from typing import Any
 from agent.admin.sources import ConnectionInfo
 from agent.datapath.interface import Datapath, EnrolledPod
 from agent.identity import CertificateManager
-from agent.proxy.conns import DEFAULT_MAX_CONNECTIONS, Admission, ConnTracker, HandshakeBudget
+from agent.proxy.conns import DEFAULT_MAX_CONNECTIONS, ConnTracker, HandshakeBudget
 from agent.proxy.core import CONNECT_TIMEOUT, ProxyCore
 from agent.proxy.flows import FlowLog, FlowRing
 from agent.proxy.hbone import HBONE_PORT
@@ -227,10 +227,9 @@ class NodeProxy:
             nonlocal handshaking, admitted
             handshaking = False
             self.handshakes.give_back(ip)
-            admission = self.tracker.reserve(ip)  # the TLS peer's: the source pod dials from its IP
-            admitted = bool(admission)
-            if admission is Admission.OVERLOAD:  # a source over its share: the tracker logs it, once
-                log.warning("event=overload side=hbone peer_ip=%s", ip)
+            # the TLS peer's IP: the source pod dials from it; refused (at the cap or its share):
+            # the tracker logs it, once
+            admitted = bool(self.tracker.reserve(ip))
             return admitted
 
         try:

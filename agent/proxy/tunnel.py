@@ -48,6 +48,11 @@ class TunnelError(ConnectionError):
     """The HBONE connection failed or closed under a stream (handshake, identity, reset, GOAWAY)."""
 
 
+class StreamRefused(TunnelError):
+    """The peer did not process this stream: it was above the last stream ID of the peer's GOAWAY.
+    Safe to retry on another connection (RFC 9113 §8.7)."""
+
+
 class StreamLimitReached(TunnelError):
     """The connection already carries its maximum number of concurrent streams."""
 
@@ -376,7 +381,7 @@ class _H2Protocol(asyncio.Protocol):
             last = event.last_stream_id or 0
             for sid, stream in list(self.streams.items()):
                 if self.conn.config.client_side and sid > last:
-                    stream._fail(TunnelError(f"connection GOAWAY code={event.error_code}"))
+                    stream._fail(StreamRefused(f"connection GOAWAY code={event.error_code} last={last}"))
                     del self.streams[sid]
             if not self.streams and self.transport is not None:
                 self.transport.close()
@@ -699,17 +704,24 @@ async def accepted(stream: Stream, timeout: float | None = None) -> None:
 
     `timeout`: give up after that many seconds, reset the stream (RST_STREAM CANCEL, so the server
     stops working on it) and raise AnswerTimeout. A server answers within its own dial timeout
-    (503 when the app does not accept), so only a peer that is stuck or hostile runs into it."""
-    if timeout is None:
-        status = await stream._response
-    else:
-        try:
+    (503 when the app does not accept), so only a peer that is stuck or hostile runs into it.
+    Cancelled while waiting: the stream is reset the same way."""
+    try:
+        if timeout is None:
+            status = await stream._response
+        else:
             async with asyncio.timeout(timeout):
                 status = await stream._response
-        except TimeoutError:
-            stream.close()
-            sid = stream.stream_id
-            raise AnswerTimeout(f"no answer to CONNECT on stream {sid} in {timeout:g} s") from None
+    except TimeoutError:
+        stream.close()
+        sid = stream.stream_id
+        raise AnswerTimeout(f"no answer to CONNECT on stream {sid} in {timeout:g} s") from None
+    except asyncio.CancelledError:
+        # the caller gave up (its own client went away, the proxy stops): nobody will read this
+        # stream, so the server must stop working on it (it cancels the handler and counts the
+        # stream abandoned) and the stream slot is free again
+        stream.close()
+        raise
     if status != Status.OK:
         raise HboneError(status, "refused by the HBONE server")
 
@@ -872,9 +884,18 @@ class HboneServer:
             return
         self._conns.add(proto)
         try:
-            await proto.closed
+            # shielded: cancelling this task (the proxy stopping) must not cancel `closed`, which
+            # the connection's own end sets; the connection is ended below instead
+            await asyncio.shield(proto.closed)
             if proto.tasks:
                 await asyncio.gather(*proto.tasks, return_exceptions=True)
+        except asyncio.CancelledError:
+            # The proxy stops: GOAWAY NO_ERROR naming the last stream it took (RFC 9113 §6.8), then
+            # close_notify. Without it the connection stayed open until the process exited and the
+            # peer kept sending new CONNECTs into it, each waiting for its answer timeout; with it
+            # the peer's pool dials anew at once. The handlers were cancelled first (NodeProxy.stop).
+            proto.close()
+            raise
         finally:
             self._conns.discard(proto)
             if proto.abuse is not None:

@@ -1051,3 +1051,94 @@ async def test_a_stream_a_graceful_goaway_spares_completes_then_the_connection_c
     finally:
         server.close()
         await server.wait_closed()
+
+
+# -- a stopping server, a cancelled CONNECT ----------------------------------------------------------
+
+
+async def test_a_server_whose_connection_task_is_cancelled_sends_goaway_and_the_pool_redials(
+    server_svid: Svid, client_svid: Svid
+) -> None:
+    """The agent stopping cancels the tasks serving its 15008 sockets (NodeProxy.stop). Each of
+    their connections then ends with GOAWAY NO_ERROR and is closed, so the peer's pool stops using it
+    at once and dials a new one for its next stream (before: the connection stayed open without
+    GOAWAY until the process exited, and a new CONNECT on it waited for the answer timeout)."""
+    context = tls.server_context(server_svid.chain, server_svid.key, server_svid.bundle)
+
+    async def pick(ip: IpAddress) -> ssl.SSLContext | None:
+        return context
+
+    server = HboneServer(pick, echo, TD)
+    lsock = socket.socket()
+    lsock.bind(("127.0.0.1", 0))
+    lsock.listen(16)
+    lsock.setblocking(False)
+    loop = asyncio.get_running_loop()
+    serving: list[asyncio.Task[None]] = []
+
+    async def accept_loop() -> None:
+        while True:
+            conn, _ = await loop.sock_accept(lsock)
+            serving.append(loop.create_task(server.serve(conn)))
+
+    acceptor = loop.create_task(accept_loop())
+    made: list[HboneClient] = []
+    pool = HbonePool(pool_dialling(client_svid, made), answer_timeout=10)
+    key = PoolKey(CLIENT_ID, SERVER_ID, lsock.getsockname())
+    try:
+        first = await pool.open_stream(key, ("127.0.0.1", 1))
+        await first.write(b"one")
+        assert await first.read() == b"one"
+        first.close()
+        await assert_eventually(lambda: made[0].active_streams == 0)
+        old = made[0]
+        assert len(serving) == 1
+        stopped = time.monotonic()
+        serving[0].cancel()  # what NodeProxy.stop() does to the task serving a 15008 socket
+        await asyncio.gather(serving[0], return_exceptions=True)
+        async with asyncio.timeout(2):  # far under the 10 s answer timeout
+            await asyncio.shield(old.closed)
+        assert old._proto.goaway and not old.usable
+        assert time.monotonic() - stopped < 1.0
+        async with asyncio.timeout(2):
+            second = await pool.open_stream(key, ("127.0.0.1", 2))
+        assert len(made) == 2 and made[1] is not old  # a new connection, not the stopped one
+        await second.write(b"two")
+        assert await second.read() == b"two"
+        second.close()
+    finally:
+        await pool.close()
+        acceptor.cancel()
+        for t in serving:
+            t.cancel()
+        await asyncio.gather(acceptor, *serving, return_exceptions=True)
+        lsock.close()
+
+
+async def test_a_cancelled_connect_waiting_for_its_answer_resets_its_stream(
+    running: Callable[[Handler], Running], client_svid: Svid
+) -> None:
+    """A caller that gives up on `HbonePool.open_stream` (its own client went away, its task was
+    cancelled) while the CONNECT waits for the answer: the stream is reset (RST_STREAM CANCEL), so
+    the server cancels the handler still dialling (counted abandoned) instead of serving a stream
+    nobody reads; the connection serves the next stream."""
+    dials = StuckDials()
+    srv = running(dials)
+    made: list[HboneClient] = []
+    pool = HbonePool(pool_dialling(client_svid, made), answer_timeout=60)
+    key = PoolKey(CLIENT_ID, SERVER_ID, srv.addr)
+    opener = asyncio.create_task(pool.open_stream(key, ("127.0.0.1", 7)))
+    try:
+        await dials.wait_started(1)
+        opener.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await opener
+        await assert_eventually(lambda: dials.cancelled == 1 and dials.running == 0, timeout=2)
+        assert made[0].active_streams == 0  # its slot is free too
+        stream = await pool.open_stream(key, ("127.0.0.1", 8))
+        await stream.write(b"next")
+        assert await stream.read() == b"next"
+        assert len(made) == 1
+        stream.close()
+    finally:
+        await pool.close()

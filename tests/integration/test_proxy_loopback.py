@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import random
 import socket
@@ -710,6 +711,25 @@ async def test_outbound_being_set_up_when_the_proxy_stops_is_recorded_and_its_pe
         go.set()
 
 
+async def test_a_stopping_proxy_sends_goaway_on_its_inbound_hbone_connections(mesh: Mesh) -> None:
+    """node2's agent stops: its HBONE connection from node1's pool ends with GOAWAY at once, so
+    node1 stops using it (its next stream dials anew) instead of sending CONNECTs nobody answers
+    until the answer timeout (before: the connection stayed open until node2's process exited)."""
+    b = mesh.pods["b"]
+    r, w = await mesh.connect("a", (b.ip, APP_PORT))
+    assert await exchange(r, w, b"ping", 6) == b"b:ping"
+    w.close()
+    pool = mesh.proxies["node1"].outbound.pools["a"]
+    clients = [e.client for slot in pool._slots.values() for e in slot.entries]
+    assert len(clients) == 1 and clients[0].usable
+    stopped = time.monotonic()
+    await mesh.proxies["node2"].stop()
+    async with asyncio.timeout(2):  # the answer timeout is 10 s
+        await asyncio.shield(clients[0].closed)
+    assert clients[0]._proto.goaway and time.monotonic() - stopped < 2.0
+    assert not any(e.client.usable for slot in pool._slots.values() for e in slot.entries)
+
+
 async def test_same_node_connection_being_set_up_when_the_proxy_stops_is_recorded_once(mesh: Mesh) -> None:
     started, go = hold_dials(mesh, "node1")
     try:
@@ -1173,6 +1193,23 @@ async def test_connection_cap_refuses_beyond_the_limit(mesh: Mesh) -> None:
     r, w = await mesh.connect("a", (mesh.pods["c"].ip, APP_PORT))
     assert await refused(r, w)
     assert proxy.stats()["overload"] >= 1
+
+
+async def test_hbone_connections_refused_at_the_cap_are_logged_once(
+    mesh: Mesh, caplog: pytest.LogCaptureFixture
+) -> None:
+    """15008 at the cap: each authenticated HBONE connection is refused, one log line in all (the
+    tracker's, when refusing starts), not one per connection."""
+    proxy = mesh.proxies["node2"]
+    full = proxy.tracker.max_connections = proxy.tracker.in_use
+    caplog.set_level(logging.DEBUG, logger="agent.proxy")
+    for _ in range(3):
+        r, w = await mesh.connect("a", (mesh.pods["b"].ip, APP_PORT))
+        assert await refused(r, w)
+    # each connection, and the CONNECT that came with its handshake (its handler runs, and is refused)
+    assert proxy.stats()["overload"] >= 3
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("event=overload")]
+    assert lines == [f"event=overload slots_in_use={full} slots={full}"]
 
 
 async def test_a_pod_at_its_share_of_the_cap_is_refused_while_another_pod_connects(mesh: Mesh) -> None:

@@ -82,3 +82,31 @@ def test_refusing_a_source_is_logged_when_it_starts_and_ends_not_per_connection(
         f"event=source_overload_ended source={NOISY} refused=51",
     ]
     assert t.stats["source_overload"] == 51
+
+
+def test_refusing_at_the_cap_is_logged_when_it_starts_and_ends_not_per_connection(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """At `max_connections` a busy node refuses thousands of connections a second: one line when
+    refusing starts, one (with the count) when it is back under 90% of the cap, as a source's share."""
+    t = tracker(20, 20)
+    caplog.set_level(logging.WARNING, logger="agent.proxy.conns")
+    for i in range(20):
+        assert t.reserve(f"10.0.0.{i}")
+    for _ in range(50):
+        assert t.reserve(QUIET) is Admission.OVERLOAD
+    t.release("10.0.0.0")  # churning at the cap: admitted again, then refused, and no new line
+    assert t.reserve(QUIET) and t.reserve(NOISY) is Admission.OVERLOAD
+    t.release(QUIET)
+    t.release("10.0.0.1")  # 18 in use: 90% of the cap, still refusing
+    assert len(caplog.records) == 1
+    t.release("10.0.0.2")  # 17: under 90% of the cap, refusing has ended
+    assert t.reserve(NOISY)
+    lines = [r.getMessage() for r in caplog.records]
+    assert lines == ["event=overload slots_in_use=20 slots=20", "event=overload_ended refused=51"]
+    assert t.stats["overload"] == 51  # every refusal counted
+    assert t.stats["source_overload"] == 0
+    # refusing again later logs again
+    t.max_connections = t.in_use
+    assert not t.reserve(QUIET)
+    assert [r.getMessage() for r in caplog.records][2:] == ["event=overload slots_in_use=18 slots=18"]

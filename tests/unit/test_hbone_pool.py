@@ -9,7 +9,7 @@ from typing import Any, cast
 import pytest
 
 from agent.proxy.pool import HbonePool, PoolKey
-from agent.proxy.tunnel import HboneClient, StreamLimitReached, TunnelError
+from agent.proxy.tunnel import HboneClient, StreamLimitReached, StreamRefused, TunnelError
 from api.spiffe import SpiffeId
 
 KEY = PoolKey(
@@ -20,6 +20,7 @@ KEY = PoolKey(
 @dataclass
 class FakeStream:
     _response: asyncio.Future[int]
+    stream_id: int = 1
 
 
 @dataclass
@@ -31,6 +32,7 @@ class FakeClient:
     usable: bool = True
     closed_calls: int = 0
     close_gate: asyncio.Event | None = None  # close() waits for it (GOAWAY flushed, TLS shut down)
+    refuse: bool = False  # a GOAWAY arrives after its first CONNECT: the stream is above its last ID
 
     @property
     def active_streams(self) -> int:
@@ -44,7 +46,11 @@ class FakeClient:
         if self.available_streams <= 0:
             raise StreamLimitReached("full")
         fut: asyncio.Future[int] = asyncio.get_running_loop().create_future()
-        fut.set_result(200)
+        if self.refuse:  # as _H2Protocol on the GOAWAY: draining, the stream refused
+            self.usable = False
+            fut.set_exception(StreamRefused("connection GOAWAY code=0 last=0"))
+        else:
+            fut.set_result(200)
         stream = FakeStream(fut)
         self.streams.append(stream)
         return stream
@@ -62,12 +68,13 @@ class Dialer:
     made: list[FakeClient] = field(default_factory=list)
     gate: asyncio.Event | None = None  # a dial waits for it (a handshake under way)
     close_gate: asyncio.Event | None = None  # given to the clients it makes
+    refusing: int = 0  # the first this many clients it makes get GOAWAY after their first CONNECT
 
     async def __call__(self, key: PoolKey) -> HboneClient:
         await asyncio.sleep(0)  # let concurrent callers pile up on the pool's lock
         if self.gate is not None:
             await self.gate.wait()
-        client = FakeClient(self.limit, close_gate=self.close_gate)
+        client = FakeClient(self.limit, close_gate=self.close_gate, refuse=len(self.made) < self.refusing)
         self.made.append(client)
         return cast(HboneClient, client)
 
@@ -182,3 +189,40 @@ async def test_a_connection_dialled_while_the_pool_closes_is_closed_too() -> Non
     with pytest.raises(TunnelError, match="pool closed"):
         await pool.open_stream(KEY, ("10.0.0.2", 80))  # a later one does not dial at all
     assert len(dial.made) == 1
+
+
+async def test_a_connect_a_goaway_refused_is_sent_again_on_a_new_connection() -> None:
+    """The peer's agent stops (GOAWAY) while a CONNECT is on its way: the stream is above the
+    GOAWAY's last stream ID, never processed, so the pool sends it again on a new connection
+    (RFC 9113 §8.7) instead of failing the caller's connection."""
+    dial = Dialer(refusing=1)
+    pool = HbonePool(dial)
+    stream = await pool.open_stream(KEY, ("10.0.0.2", 80))
+    assert len(dial.made) == 2 and stream is dial.made[1].streams[0]
+    assert pool.connection_count(KEY) == 1
+
+
+async def test_a_connect_refused_twice_fails() -> None:
+    dial = Dialer(refusing=2)
+    pool = HbonePool(dial)
+    with pytest.raises(StreamRefused):
+        await pool.open_stream(KEY, ("10.0.0.2", 80))
+    assert len(dial.made) == 2  # one retry, not a loop
+
+
+async def test_closing_the_pool_closes_its_connections_at_once() -> None:
+    """A stopping proxy closes its pools: each connection's close (GOAWAY, close_notify, then up to
+    the linger for a silent peer) runs alongside the others, not after them."""
+    dial = Dialer(limit=1, close_gate=asyncio.Event())
+    pool = HbonePool(dial)
+    for port in (80, 81, 82):
+        await pool.open_stream(KEY, ("10.0.0.2", port))
+    assert len(dial.made) == 3
+    closing = asyncio.create_task(pool.close())
+    for _ in range(3):  # pool.close, then the closes it started
+        await asyncio.sleep(0)
+    assert [c.closed_calls for c in dial.made] == [1, 1, 1]
+    assert not closing.done()
+    assert dial.close_gate is not None
+    dial.close_gate.set()
+    await asyncio.wait_for(closing, 1)
