@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
+from collections.abc import Callable
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
@@ -110,12 +111,23 @@ def _check_not_empty(values: tuple[str, ...] | None) -> tuple[str, ...] | None:
     return values
 
 
-def _check_blocks(values: tuple[str, ...] | None) -> tuple[str, ...] | None:
-    for value in _check_not_empty(values) or ():
-        problem = _ip_or_cidr_problem(value)
-        if problem:
-            raise ValueError(problem)
-    return values
+_Values = tuple[str, ...] | None
+
+
+def _check_each(problem: Callable[[str], str | None]) -> Callable[[_Values], _Values]:
+    """A field validator refusing an empty value, or one for which `problem` says why."""
+
+    def check(values: _Values) -> _Values:
+        for value in _check_not_empty(values) or ():
+            why = problem(value)
+            if why:
+                raise ValueError(why)
+        return values
+
+    return check
+
+
+_check_blocks = _check_each(_ip_or_cidr_problem)
 
 
 def _check_ports(values: tuple[str, ...] | None) -> tuple[str, ...] | None:
@@ -176,12 +188,7 @@ def _path_template_problem(path: str) -> str | None:
     return None
 
 
-def _check_paths(values: tuple[str, ...] | None) -> tuple[str, ...] | None:
-    for value in _check_not_empty(values) or ():
-        problem = _path_template_problem(value)
-        if problem:
-            raise ValueError(problem)
-    return values
+_check_paths = _check_each(_path_template_problem)
 
 
 class Source(PolicyModel):
