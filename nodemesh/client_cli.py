@@ -90,13 +90,14 @@ def enter_lab_netns(controller: str | None, lab_state: Path = LAB_STATE) -> None
     )
 
 
-async def _call_apply(conn: Connection, filename: str, text: str) -> list[str]:
+async def _call_apply(conn: Connection, filename: str, text: str) -> tuple[list[str], list[str]]:
+    """Admin/Apply: (errors, warnings); no errors means the file was applied."""
     async with grpc.aio.secure_channel(conn.address, grpc.ssl_channel_credentials(conn.ca_pem)) as channel:
         response = await pb_grpc.AdminStub(channel).Apply(
             pb.ApplyRequest(filename=filename, yaml=text),
             metadata=(("authorization", f"Bearer {conn.token}"),),
         )
-    return list(response.errors)
+    return list(response.errors), list(response.warnings)
 
 
 async def _call_list(conn: Connection, kind: str) -> list[pb.Resource]:
@@ -127,11 +128,13 @@ def apply_command(
     except OSError as exc:
         raise typer.BadParameter(f"cannot read {file}: {exc.strerror}", param_hint="-f") from exc
     try:
-        errors = asyncio.run(_call_apply(conn, file.name, text))
+        errors, warnings = asyncio.run(_call_apply(conn, file.name, text))
     except grpc.aio.AioRpcError as exc:
         raise _rpc_error(exc) from exc
     for err in errors:
         typer.echo(f"error: {err}", err=True)
+    for warning in warnings:  # applied all the same: the exit status stays 0
+        typer.echo(f"warning: {warning}", err=True)
     if errors:
         raise typer.Exit(1)
     typer.echo(f"applied {file.name}")

@@ -320,11 +320,13 @@ def _selector(spec: dict[str, Any], obj: PolicyObject) -> tuple[tuple[str, str],
     return tuple(sorted(labels.items()))
 
 
-def compile_policy(obj: PolicyObject) -> CompiledPolicy | None:
+def compile_policy(obj: PolicyObject, *, log_notes: bool = True) -> CompiledPolicy | None:
     """Compile one AuthorizationPolicy; None when it does not apply at L4 (it has a targetRef).
 
     Raises PolicyCompileError when the object itself is unusable (wrong kind, bad action, bad
     selector); bad values inside a rule only affect that rule (see the module docstring).
+    `log_notes=False` leaves the rules' notes to the caller (the controller reports them as
+    warnings of its own instead of `authz.rule_degraded`).
     """
     if obj.kind != KIND:
         raise PolicyCompileError(obj.kind, obj.namespace, obj.name, "kind", f"expected {KIND}")
@@ -360,7 +362,7 @@ def compile_policy(obj: PolicyObject) -> CompiledPolicy | None:
     if not isinstance(rules, list):
         raise PolicyCompileError(KIND, obj.namespace, obj.name, "spec.rules", "must be a list")
     compiled = tuple(_compile_rule(r, i, action, obj.namespace) for i, r in enumerate(rules))
-    for rule in compiled:
+    for rule in compiled if log_notes else ():
         for note in rule.notes:
             log.warning("authz.rule_degraded policy=%s/%s note=%r", obj.namespace, obj.name, note)
     return CompiledPolicy(

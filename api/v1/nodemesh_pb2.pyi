@@ -454,16 +454,26 @@ class ApplyResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     ERRORS_FIELD_NUMBER: _builtins.int
+    WARNINGS_FIELD_NUMBER: _builtins.int
     @_builtins.property
-    def errors(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    def errors(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Why nothing was applied; empty = applied."""
+
+    @_builtins.property
+    def warnings(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """What was applied but will not be enforced as written (an AuthorizationPolicy with HTTP
+        attributes, or a rule that fails closed), worded like istiod's policy status.
+        """
+
     def __init__(
         self,
         *,
         errors: _abc.Iterable[_builtins.str] | None = ...,
+        warnings: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["errors", b"errors"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["errors", b"errors", "warnings", b"warnings"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

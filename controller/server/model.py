@@ -3,9 +3,18 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Protocol
 
 from api.resources import Resource
+
+
+@dataclass(frozen=True, slots=True)
+class ApplyResult:
+    """Admin/Apply's answer: human-readable errors (nothing applied), or warnings about what was."""
+
+    errors: tuple[str, ...] = ()
+    warnings: tuple[str, ...] = ()
 
 
 class MeshModel(Protocol):
@@ -27,6 +36,6 @@ class MeshModel(Protocol):
         """The whole mesh (for Admin List)."""
         ...
 
-    def apply(self, filename: str, yaml_text: str) -> list[str]:
-        """Write objects to the config source; returns human-readable errors (empty = accepted)."""
+    def apply(self, filename: str, yaml_text: str) -> ApplyResult:
+        """Write objects to the config source; no errors = accepted (warnings or not)."""
         ...

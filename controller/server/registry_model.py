@@ -6,6 +6,7 @@ from collections.abc import Mapping
 
 from api.resources import Resource
 from controller.registry import MeshState, identity_on_node, node_view
+from controller.server.model import ApplyResult
 from controller.sources.yamldir import YamlDirectorySource
 
 
@@ -34,5 +35,6 @@ class RegistryModel:
     def resources(self) -> Mapping[str, Resource]:
         return {**self.state.workloads, **self.state.services, **self.state.policies}
 
-    def apply(self, filename: str, yaml_text: str) -> list[str]:
-        return [str(err) for err in self._source.write_objects(filename, yaml_text)]
+    def apply(self, filename: str, yaml_text: str) -> ApplyResult:
+        result = self._source.write_objects(filename, yaml_text)
+        return ApplyResult(tuple(map(str, result.errors)), tuple(map(str, result.warnings)))

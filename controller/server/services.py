@@ -238,9 +238,11 @@ class AdminService(pb_grpc.AdminServicer):
             or not name.isprintable()  # a NUL or other control character: no file name of ours
         ):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"bad filename {name!r}: want NAME.yaml")
-        errors = self._model.apply(name, request.yaml)
-        log.info("admin.apply filename=%s errors=%d", name, len(errors))
-        return pb.ApplyResponse(errors=errors)
+        result = self._model.apply(name, request.yaml)
+        log.info(
+            "admin.apply filename=%s errors=%d warnings=%d", name, len(result.errors), len(result.warnings)
+        )
+        return pb.ApplyResponse(errors=result.errors, warnings=result.warnings)
 
     async def List(
         self, request: pb.ListRequest, context: grpc.aio.ServicerContext[pb.ListRequest, pb.ListResponse]

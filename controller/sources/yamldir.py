@@ -27,6 +27,7 @@ from typing import Any
 import yaml
 from watchfiles import awatch
 
+from api.authz.compile import KIND as AUTHORIZATION_POLICY
 from controller.registry import (
     SERVICE_IP_CLAIM,
     ConfigObject,
@@ -34,6 +35,7 @@ from controller.registry import (
     build_state,
     parse_config_object,
 )
+from controller.registry.authz_warnings import ConfigWarning, authz_warnings
 from controller.registry.errors import ConfigError, PathPart
 
 log = logging.getLogger("nodemesh.controller.yamldir")
@@ -173,6 +175,14 @@ def parse_text(text: str, file: str) -> ParsedFile:
     return ParsedFile(tuple(objects), tuple(errors))
 
 
+@dataclass(frozen=True, slots=True)
+class WriteResult:
+    """What Admin/Apply reports: the errors (nothing was written), or the warnings of what was."""
+
+    errors: tuple[ConfigError, ...] = ()
+    warnings: tuple[ConfigWarning, ...] = ()
+
+
 @dataclass(slots=True)
 class _FileState:
     digest: str
@@ -204,6 +214,7 @@ class YamlDirectorySource:
         self._errors: list[ConfigError] = []
         self._read_errors: list[ConfigError] = []
         self._stale = False
+        self._warned: dict[str, str] = {}  # object key -> content digest its warnings were logged for
 
     # --- public API -------------------------------------------------------------------------
 
@@ -232,11 +243,12 @@ class YamlDirectorySource:
             if not watcher.done():
                 await asyncio.wait({watcher}, timeout=5)
 
-    def write_objects(self, filename: str, yaml_text: str) -> list[ConfigError]:
+    def write_objects(self, filename: str, yaml_text: str) -> WriteResult:
         """Validate `yaml_text` as the new content of `filename`; write it atomically only if valid.
 
-        Used by Admin/Apply. Returns the errors (nothing is written then); on success the state
-        is refreshed at once, so `on_change` has run before this returns.
+        Used by Admin/Apply. Returns the errors (nothing is written then), or the warnings about
+        the objects written (`authz_warnings`); on success the state is refreshed at once, so
+        `on_change` has run before this returns.
         """
         if (
             not filename
@@ -246,12 +258,13 @@ class YamlDirectorySource:
             or not filename.endswith(SUFFIXES)
             or not filename.isprintable()  # NUL makes the OS calls raise; others only confuse
         ):
-            return [ConfigError("want a plain NAME.yaml (or NAME.yml) file name", file=filename)]
+            error = ConfigError("want a plain NAME.yaml (or NAME.yml) file name", file=filename)
+            return WriteResult((error,))
         if len(yaml_text.encode()) > MAX_FILE_BYTES:
-            return [ConfigError(f"larger than {MAX_FILE_BYTES} bytes", file=filename)]
+            return WriteResult((ConfigError(f"larger than {MAX_FILE_BYTES} bytes", file=filename),))
         parsed = parse_text(yaml_text, filename)
         if parsed.errors:
-            return list(parsed.errors)
+            return WriteResult(parsed.errors)
         with self._lock:
             # Judge against the files as they are now, not as last scanned: one written a moment
             # ago may wait for the watcher's debounce, or for the resync where inotify sees nothing.
@@ -272,10 +285,10 @@ class YamlDirectorySource:
         if errors:
             if rescanned:  # what that rescan found is news to `on_change` all the same
                 self._on_change(self._state)
-            return errors
+            return WriteResult(tuple(errors))
         log.info("config.written file=%s objects=%d", filename, len(parsed.objects))
         self._refresh(notify=True)
-        return []
+        return WriteResult(warnings=tuple(w for obj in parsed.objects for w in authz_warnings(obj)))
 
     # --- internals ----------------------------------------------------------------------------
 
@@ -403,8 +416,23 @@ class YamlDirectorySource:
             log.info("config.errors_cleared")
         if state != self._state:
             log.info("config.state_changed %s", state.summary())
+        self._log_warnings(objects)
         self._state, self._errors = state, errors
         return changed
+
+    def _log_warnings(self, objects: list[ConfigObject]) -> None:
+        """Log `authz_warnings` of the objects in force, once per object version. Caller holds the lock."""
+        warned: dict[str, str] = {}
+        for obj in objects:
+            if obj.kind != AUTHORIZATION_POLICY:
+                continue
+            digest = hashlib.sha256(json.dumps(obj.body, sort_keys=True).encode()).hexdigest()
+            warned[obj.key] = digest
+            if self._warned.get(obj.key) == digest:
+                continue
+            for warning in authz_warnings(obj):
+                log.warning("config.warning %s", warning)
+        self._warned = warned  # a removed object is forgotten: re-adding it warns again
 
     def _merge(self) -> tuple[list[ConfigObject], list[ConfigError]]:
         """Objects in force and errors, file by file in path order; the first definition of a key wins."""

@@ -35,6 +35,7 @@ from agent.main import uninstall
 from api.resources import Endpoint, Resource, Service, ServicePort, TunnelProtocol, Workload, resource_key
 from controller.ca import CertificateAuthority
 from controller.server.app import ControllerServer
+from controller.server.model import ApplyResult
 
 pytestmark = [
     pytest.mark.e2e,
@@ -73,8 +74,8 @@ class Mesh:
     def resources(self) -> Mapping[str, Resource]:
         return self.node_view(self.node)
 
-    def apply(self, filename: str, yaml_text: str) -> list[str]:
-        return ["read-only test model"]
+    def apply(self, filename: str, yaml_text: str) -> ApplyResult:
+        return ApplyResult(errors=("read-only test model",))
 
 
 class Controller:

@@ -8,6 +8,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 from api.resources import PolicyObject, Resource, Workload, resource_key
+from controller.server.model import ApplyResult
 
 
 @dataclass
@@ -43,9 +44,9 @@ class MemoryModel:
         items: list[Resource] = [*self.workloads, *self.policies]
         return {resource_key(r): r for r in items}
 
-    def apply(self, filename: str, yaml_text: str) -> list[str]:
+    def apply(self, filename: str, yaml_text: str) -> ApplyResult:
         self.applied.append((filename, yaml_text))
-        return [] if yaml_text.strip() else ["empty document"]
+        return ApplyResult() if yaml_text.strip() else ApplyResult(errors=("empty document",))
 
 
 def policy(ns: str, name: str, action: str = "ALLOW") -> PolicyObject:

@@ -39,9 +39,9 @@ async def test_apply_and_get_through_admin(model: MemoryModel, tmp_path: Path) -
     addrs = await srv.start("127.0.0.1:0", "127.0.0.1:0")
     try:
         conn = Connection(f"127.0.0.1:{addrs.grpc_port}", ca.trust_bundle_pem(), "admintok")
-        assert await _call_apply(conn, "extra.yaml", "kind: AuthorizationPolicy\n") == []
+        assert await _call_apply(conn, "extra.yaml", "kind: AuthorizationPolicy\n") == ([], [])
         assert model.applied == [("extra.yaml", "kind: AuthorizationPolicy\n")]
-        assert await _call_apply(conn, "empty.yaml", "") == ["empty document"]
+        assert await _call_apply(conn, "empty.yaml", "") == (["empty document"], [])
         listed = await _call_list(conn, "AuthorizationPolicy")
         assert [r.key for r in listed] == ["AuthorizationPolicy/shop/allow-web"]
         assert addrs.metrics_port is not None

@@ -275,18 +275,42 @@ async def test_signing_follows_where_the_yaml_puts_pods(controller: Controller) 
         await c2.close()
 
 
+async def test_admin_apply_warns_about_http_attributes_and_applies_all_the_same(
+    controller: Controller,
+) -> None:
+    conn = Connection(controller.address, controller.bundle, "admin-token")
+    http = policy_yaml("shop", "by-method", "DENY").replace(
+        "rules: [{}]", "rules: [{to: [{operation: {methods: [POST], ports: ['8080']}}]}]"
+    )
+    errors, warnings = await _call_apply(
+        conn, "http.yaml", http + "---\n" + policy_yaml("shop", "l4", "ALLOW")
+    )
+    assert errors == []
+    assert warnings == [
+        "http.yaml:1: AuthorizationPolicy shop/by-method: nodemesh enforces at L4 and does not support "
+        "HTTP attributes (found: methods). There is no waypoint proxy to enforce HTTP rules. DENY policy "
+        "with HTTP attributes is enforced without the HTTP rules. This will be more restrictive than "
+        "requested."
+    ]
+    assert (controller.config / "http.yaml").is_file()
+    listed = {r.key for r in await _call_list(conn, "AuthorizationPolicy")}
+    assert {"AuthorizationPolicy/shop/by-method", "AuthorizationPolicy/shop/l4"} <= listed
+    assert await _call_apply(conn, "l4.yaml", policy_yaml("shop", "l4-only", "ALLOW")) == ([], [])
+
+
 async def test_admin_apply_writes_the_file_and_reaches_agents(controller: Controller) -> None:
     rec = Recorder()
     client, task = await start_client(controller.address, TOK1, controller.bundle, rec)
     conn = Connection(controller.address, controller.bundle, "admin-token")
     try:
-        errors = await _call_apply(conn, "applied.yaml", policy_yaml("shop", "applied", "NOPE"))
+        errors, warnings = await _call_apply(conn, "applied.yaml", policy_yaml("shop", "applied", "NOPE"))
         assert errors == [
             "applied.yaml:4: AuthorizationPolicy shop/applied: spec.action: "
             "Input should be 'ALLOW', 'DENY', 'AUDIT' or 'CUSTOM' (got 'NOPE')"
         ]
+        assert warnings == []
         assert not (controller.config / "applied.yaml").exists()
-        assert await _call_apply(conn, "applied.yaml", policy_yaml("shop", "applied", "ALLOW")) == []
+        assert await _call_apply(conn, "applied.yaml", policy_yaml("shop", "applied", "ALLOW")) == ([], [])
         assert (controller.config / "applied.yaml").is_file()
         await assert_eventually(lambda: "AuthorizationPolicy/shop/applied" in rec.held, 1.0, "applied policy")
         listed = await _call_list(conn, "AuthorizationPolicy")

@@ -343,29 +343,29 @@ def test_unreadable_bytes_are_reported(tmp_path: Path) -> None:
 def test_write_objects_writes_valid_files_and_notifies(tmp_path: Path) -> None:
     src, changes = source(tmp_path, **{"pods.yaml": pod()})
     src.load()
-    assert src.write_objects("policy.yaml", policy()) == []
+    assert src.write_objects("policy.yaml", policy()).errors == ()
     assert (tmp_path / "policy.yaml").read_text() == policy()
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temp file left
     assert set(changes.states[-1].policies) == {"AuthorizationPolicy/shop/p"}
     # Replacing a file with the same objects is allowed (no duplicate with itself).
-    assert src.write_objects("policy.yaml", policy(action="DENY")) == []
+    assert src.write_objects("policy.yaml", policy(action="DENY")).errors == ()
     assert src.state.policies["AuthorizationPolicy/shop/p"].body["spec"]["action"] == "DENY"
 
 
 def test_write_objects_refuses_invalid_text_and_writes_nothing(tmp_path: Path) -> None:
     src, changes = source(tmp_path, **{"a.yaml": policy()})
     src.load()
-    errors = src.write_objects("new.yaml", policy(name="q", action="NOPE"))
+    errors = src.write_objects("new.yaml", policy(name="q", action="NOPE")).errors
     assert [(e.file, e.obj, e.field) for e in errors] == [
         ("new.yaml", "AuthorizationPolicy shop/q", "spec.action")
     ]
-    assert [str(e) for e in src.write_objects("dup.yaml", policy())] == [
+    assert [str(e) for e in src.write_objects("dup.yaml", policy()).errors] == [
         "dup.yaml:1: AuthorizationPolicy shop/p: duplicate object: already defined by "
         "AuthorizationPolicy shop/p in a.yaml:1"
     ]
-    assert "YAML" in str(src.write_objects("broken.yaml", "a: [")[0])
+    assert "YAML" in str(src.write_objects("broken.yaml", "a: [").errors[0])
     for bad_name in ("../x.yaml", ".hidden.yaml", "x.json", ""):
-        assert "NAME.yaml" in str(src.write_objects(bad_name, policy(name="z"))[0])
+        assert "NAME.yaml" in str(src.write_objects(bad_name, policy(name="z")).errors[0])
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.yaml"]
     assert changes.states == []
 
@@ -374,14 +374,14 @@ def test_write_objects_refuses_control_characters_in_the_file_name(tmp_path: Pat
     src, _ = source(tmp_path)
     src.load()
     for bad_name in ("a\x00.yaml", "a\n.yaml", "a\x7f.yaml"):  # a NUL used to raise ValueError
-        assert "NAME.yaml" in str(src.write_objects(bad_name, policy())[0])
+        assert "NAME.yaml" in str(src.write_objects(bad_name, policy()).errors[0])
     assert list(tmp_path.iterdir()) == []
 
 
 def test_write_objects_refuses_the_same_node_token_twice_in_one_file(tmp_path: Path) -> None:
     src, _ = source(tmp_path)
     src.load()
-    [error] = src.write_objects("nodes.yaml", TWO_NODES_ONE_TOKEN)
+    [error] = src.write_objects("nodes.yaml", TWO_NODES_ONE_TOKEN).errors
     assert error.line == 7 and "duplicate node token" in error.message and "sEcReT" not in str(error)
     assert list(tmp_path.iterdir()) == []
 
@@ -392,7 +392,7 @@ def test_write_objects_checks_duplicates_against_files_not_scanned_yet(tmp_path:
     src, changes = source(tmp_path)
     src.load()
     (tmp_path / "b.yaml").write_text(policy(action="DENY"))
-    [error] = src.write_objects("a.yaml", policy(action="ALLOW"))
+    [error] = src.write_objects("a.yaml", policy(action="ALLOW")).errors
     assert str(error) == (
         "a.yaml:1: AuthorizationPolicy shop/p: duplicate object: already defined by "
         "AuthorizationPolicy shop/p in b.yaml:1"
@@ -465,3 +465,58 @@ def test_alias_bombs_and_deep_nesting_are_errors() -> None:
     assert "aliases are expanded" in str(bomb.errors[0])
     deep = parse_text("[" * 5000 + "]" * 5000, "deep.yaml")
     assert deep.errors and deep.objects == ()
+
+
+# --- warnings (AuthorizationPolicy with HTTP attributes) ----------------------------------------
+
+HTTP_POLICY = """\
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {{name: {name}, namespace: shop}}
+spec:
+  action: {action}
+  rules: [{{to: [{{operation: {{methods: [GET]}}}}]}}]
+"""
+
+
+def config_warnings(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.getMessage().startswith("config.warning ")]
+
+
+def test_write_objects_returns_the_warnings_of_what_it_wrote(tmp_path: Path) -> None:
+    src, _ = source(tmp_path)
+    src.load()
+    result = src.write_objects("http.yaml", HTTP_POLICY.format(name="h", action="DENY") + "---\n" + policy())
+    assert result.errors == ()
+    assert [(w.file, w.obj) for w in result.warnings] == [("http.yaml", "AuthorizationPolicy shop/h")]
+    assert "(found: methods)" in str(result.warnings[0])
+    assert "DENY policy with HTTP attributes is enforced without the HTTP rules" in str(result.warnings[0])
+    assert src.write_objects("l4.yaml", policy(name="l4")).warnings == ()
+
+
+def test_a_policy_with_http_attributes_is_logged_once_per_version(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level("WARNING", logger="nodemesh")
+    src, _ = source(tmp_path, **{"a.yaml": HTTP_POLICY.format(name="h", action="ALLOW") + "---\n" + policy()})
+    src.load()
+    [line] = config_warnings(caplog)
+    assert line.startswith("config.warning a.yaml:1: AuthorizationPolicy shop/h: nodemesh enforces at L4")
+    assert "Within an ALLOW policy, rules matching HTTP attributes are omitted" in line
+    # Rescans (another file changes; the same file rewritten; the other object of its file edited)
+    # do not repeat it, nor does the agents' compile-time note appear in the controller's log.
+    (tmp_path / "b.yaml").write_text(pod())
+    src.load()
+    (tmp_path / "a.yaml").write_text(HTTP_POLICY.format(name="h", action="ALLOW") + "---\n" + policy())
+    src.load()
+    (tmp_path / "a.yaml").write_text(
+        HTTP_POLICY.format(name="h", action="ALLOW") + "---\n" + policy(action="DENY")
+    )
+    src.load()
+    assert len(config_warnings(caplog)) == 1
+    assert not [r for r in caplog.records if "authz.rule_degraded" in r.getMessage()]
+    # A new version of the policy is warned about again.
+    (tmp_path / "a.yaml").write_text(HTTP_POLICY.format(name="h", action="DENY"))
+    src.load()
+    assert len(config_warnings(caplog)) == 2
+    assert "DENY policy with HTTP attributes" in config_warnings(caplog)[1]
