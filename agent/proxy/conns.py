@@ -383,6 +383,12 @@ class ConnTracker:
         if not t.recorded:
             self.denied(t, reason, t.series)
 
+    def failed(self, t: Tracked) -> None:
+        """`unfinished` for a connection an unexpected exception ended (a bug): INTERNAL_ERROR,
+        counted in `stats()["internal_error"]`. The caller logs the traceback."""
+        self.stats["internal_error"] += 1
+        self.unfinished(t, REASON_INTERNAL_ERROR)
+
     def cancelled(self, t: Tracked) -> None:
         """`unfinished` for a connection cancelled while being set up: by the proxy stopping
         (PROXY_SHUTDOWN), else because its client gave up (ABANDONED_BEFORE_ESTABLISHED)."""

@@ -32,9 +32,7 @@ from typing import Final
 from agent.admin.sources import ConnPath
 from agent.datapath.abi import PORT_INBOUND, PORT_OUTBOUND
 from agent.datapath.interface import EnrolledPod
-from agent.proxy.conns import REASON_ABANDONED as REASON_ABANDONED  # (re-exported: tests name it)
 from agent.proxy.conns import (
-    REASON_INTERNAL_ERROR,
     REASON_SOURCE_POD_STOPPED,
     REASON_STRICT,
     Tracked,
@@ -168,9 +166,8 @@ class Inbound:
             core.tracker.cancelled(t)
             raise
         except Exception as exc:
-            core.tracker.stats["internal_error"] += 1
             log.exception("event=inbound_failed side=hbone conn=%s peer=%s error=%r", t.id, peer, exc)
-            core.tracker.unfinished(t, REASON_INTERNAL_ERROR)
+            core.tracker.failed(t)
             return int(Status.SERVICE_UNAVAILABLE)
         finally:
             core.tracker.release(source)
@@ -232,7 +229,6 @@ class Inbound:
             client.close()
             raise
         except Exception as exc:
-            core.tracker.stats["internal_error"] += 1
             log.exception(
                 "event=inbound_failed side=plaintext conn=%s pod=%s peer=%s:%d error=%r",
                 t.id,
@@ -240,7 +236,7 @@ class Inbound:
                 *peer,
                 exc,
             )
-            core.tracker.unfinished(t, REASON_INTERNAL_ERROR)
+            core.tracker.failed(t)
             client.close()
         finally:
             core.tracker.release(source)

@@ -21,7 +21,7 @@ import logging
 
 from agent.admin.sources import ConnPath
 from agent.datapath.interface import EnrolledPod
-from agent.proxy.conns import REASON_INTERNAL_ERROR, REASON_SOURCE_POD_STOPPED, Tracked, new_connection_id
+from agent.proxy.conns import REASON_SOURCE_POD_STOPPED, Tracked, new_connection_id
 from agent.proxy.core import ProxyCore, ProxyError
 from agent.proxy.hbone import HboneError, Status
 from agent.proxy.inbound import REASON_UNKNOWN_DST, Inbound
@@ -110,11 +110,10 @@ class Outbound:
             client.close()
             raise
         except Exception as exc:  # never let one connection take the accept loop down
-            core.tracker.stats["internal_error"] += 1
             log.exception(
                 "event=outbound_failed conn=%s pod=%s peer=%s:%d error=%r", t.id, ep.pod.uid, *peer, exc
             )
-            core.tracker.unfinished(t, REASON_INTERNAL_ERROR)
+            core.tracker.failed(t)
             client.close()
         finally:
             core.tracker.release(source)

@@ -190,6 +190,17 @@ def _path_template_problem(path: str) -> str | None:
 
 _check_paths = _check_each(_path_template_problem)
 
+# A source's identity fields: each list is checked for empty values (security.CheckEmptyValues),
+# and a CUSTOM policy may set none of them (with the service accounts, `_SOURCE_FIELDS_NOT_WITH_CUSTOM`).
+_SOURCE_IDENTITY_FIELDS = (
+    "principals",
+    "not_principals",
+    "request_principals",
+    "not_request_principals",
+    "namespaces",
+    "not_namespaces",
+)
+
 
 class Source(PolicyModel):
     """`from[].source`: who connects (identities, namespaces, addresses). Fields are AND-ed."""
@@ -212,14 +223,7 @@ class Source(PolicyModel):
     _blocks = field_validator("ip_blocks", "not_ip_blocks", "remote_ip_blocks", "not_remote_ip_blocks")(
         _check_blocks
     )
-    _not_empty = field_validator(
-        "principals",
-        "not_principals",
-        "request_principals",
-        "not_request_principals",
-        "namespaces",
-        "not_namespaces",
-    )(_check_not_empty)
+    _not_empty = field_validator(*_SOURCE_IDENTITY_FIELDS)(_check_not_empty)
 
     @field_validator("service_accounts", "not_service_accounts")
     @classmethod
@@ -313,16 +317,7 @@ _WHEN_NOT_WITH_CUSTOM = frozenset({"source.namespace", "source.principal", "sour
 _WHEN_NOT_WITH_CUSTOM_PREFIX = "request.auth."
 # Source fields a CUSTOM policy may not set (ValidateAuthorizationPolicy: "From.Principals is currently
 # not supported with CUSTOM action").
-_SOURCE_FIELDS_NOT_WITH_CUSTOM = (
-    "principals",
-    "not_principals",
-    "request_principals",
-    "not_request_principals",
-    "namespaces",
-    "not_namespaces",
-    "service_accounts",
-    "not_service_accounts",
-)
+_SOURCE_FIELDS_NOT_WITH_CUSTOM = (*_SOURCE_IDENTITY_FIELDS, "service_accounts", "not_service_accounts")
 
 
 def _when_key_problem(key: str) -> str | None:

@@ -16,6 +16,7 @@ from api.authz.compile import KIND, compile_policy
 from api.authz.model import Action, PolicyCompileError
 from api.resources import PolicyObject
 from controller.registry import ConfigObject
+from controller.registry.errors import describe
 
 _MORE_RESTRICTIVE = "This will be more restrictive than requested."
 
@@ -30,10 +31,7 @@ class ConfigWarning:
     obj: str = ""
 
     def __str__(self) -> str:
-        where = self.file
-        if where and self.line is not None:
-            where = f"{where}:{self.line}"
-        return ": ".join([*(p for p in (where, self.obj) if p), self.message])
+        return describe(self.message, file=self.file, line=self.line, obj=self.obj)
 
 
 def authz_warnings(obj: ConfigObject) -> list[ConfigWarning]:

@@ -20,6 +20,15 @@ def format_path(path: Sequence[PathPart]) -> str:
     return out
 
 
+def describe(message: str, *, file: str = "", line: int | None = None, obj: str = "", field: str = "") -> str:
+    """The one-line form of a problem shown to operators: `file:line: object: field: message`, the
+    parts that are known (errors and warnings alike)."""
+    where = file
+    if where and line is not None:
+        where = f"{where}:{line}"
+    return ": ".join([*(p for p in (where, obj, field) if p), message])
+
+
 class RegistryError(Exception):
     """Base of the registry's errors."""
 
@@ -73,11 +82,7 @@ class ConfigError(RegistryError):
         return hash(self._key())
 
     def __str__(self) -> str:
-        where = self.file
-        if where and self.line is not None:
-            where = f"{where}:{self.line}"
-        parts = [p for p in (where, self.obj, self.field) if p]
-        return ": ".join([*parts, self.message])
+        return describe(self.message, file=self.file, line=self.line, obj=self.obj, field=self.field)
 
     def __repr__(self) -> str:
         return f"ConfigError({str(self)!r})"

@@ -28,6 +28,7 @@ import yaml
 from watchfiles import awatch
 
 from api.authz.compile import KIND as AUTHORIZATION_POLICY
+from api.resources import resource_version
 from controller.registry import (
     SERVICE_IP_CLAIM,
     ConfigObject,
@@ -214,7 +215,7 @@ class YamlDirectorySource:
         self._errors: list[ConfigError] = []
         self._read_errors: list[ConfigError] = []
         self._stale = False
-        self._warned: dict[str, str] = {}  # object key -> content digest its warnings were logged for
+        self._warned: dict[str, str] = {}  # object key -> version its warnings were logged for
 
     # --- public API -------------------------------------------------------------------------
 
@@ -416,19 +417,21 @@ class YamlDirectorySource:
             log.info("config.errors_cleared")
         if state != self._state:
             log.info("config.state_changed %s", state.summary())
-        self._log_warnings(objects)
+        self._log_warnings(objects, state)
         self._state, self._errors = state, errors
         return changed
 
-    def _log_warnings(self, objects: list[ConfigObject]) -> None:
-        """Log `authz_warnings` of the objects in force, once per object version. Caller holds the lock."""
+    def _log_warnings(self, objects: list[ConfigObject], state: MeshState) -> None:
+        """Log `authz_warnings` of the objects in force, once per object version (the content hash
+        of the policy `state` holds for it). Caller holds the lock."""
         warned: dict[str, str] = {}
         for obj in objects:
-            if obj.kind != AUTHORIZATION_POLICY:
+            policy = state.policies.get(obj.key) if obj.kind == AUTHORIZATION_POLICY else None
+            if policy is None:
                 continue
-            digest = hashlib.sha256(json.dumps(obj.body, sort_keys=True).encode()).hexdigest()
-            warned[obj.key] = digest
-            if self._warned.get(obj.key) == digest:
+            version = resource_version(policy)
+            warned[obj.key] = version
+            if self._warned.get(obj.key) == version:
                 continue
             for warning in authz_warnings(obj):
                 log.warning("config.warning %s", warning)

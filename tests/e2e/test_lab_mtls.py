@@ -49,8 +49,7 @@ from meshlab import (
 )
 
 from agent.datapath.netns import in_netns
-from agent.proxy.conns import MAX_PENDING_HANDSHAKES_PER_IP
-from agent.proxy.inbound import REASON_ABANDONED
+from agent.proxy.conns import MAX_PENDING_HANDSHAKES_PER_IP, REASON_ABANDONED
 from controller.ca import CertificateAuthority
 
 HTTPBIN_ID = "spiffe://cluster.local/ns/default/sa/httpbin"

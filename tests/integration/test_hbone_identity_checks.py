@@ -43,9 +43,9 @@ class Svid:
     key: ec.EllipticCurvePrivateKey
 
 
-def issue(ca: CertificateAuthority, sid: SpiffeId) -> Svid:
+def issue(ca: CertificateAuthority, sid: SpiffeId, ttl: timedelta | None = None) -> Svid:
     key, csr = new_workload_csr(sid)
-    return Svid(ca.sign(ca.validate_csr(csr)).chain_pem, key)
+    return Svid(ca.sign(ca.validate_csr(csr), ttl).chain_pem, key)
 
 
 def pem(cert: x509.Certificate) -> bytes:

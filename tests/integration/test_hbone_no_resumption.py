@@ -19,24 +19,17 @@ import time
 from datetime import timedelta
 
 import pytest
-from test_hbone_identity_checks import Svid
+from test_hbone_identity_checks import issue
 
 from agent.proxy import tls
 from agent.proxy.hbone import IpAddress
 from agent.proxy.tunnel import HboneServer
-from api.csr import new_workload_csr
 from api.spiffe import SpiffeId
 from controller.ca.authority import CertificateAuthority
 
 TD = "cluster.local"
 SERVER_ID = SpiffeId.for_workload(TD, "ns1", "server")
 CLIENT_ID = SpiffeId.for_workload(TD, "ns2", "client")
-
-
-
-def issue(ca: CertificateAuthority, sid: SpiffeId, ttl: timedelta | None = None) -> Svid:
-    key, csr = new_workload_csr(sid)
-    return Svid(ca.sign(ca.validate_csr(csr), ttl).chain_pem, key)
 
 
 @pytest.fixture(scope="module")
