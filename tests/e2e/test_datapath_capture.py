@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import subprocess
 import threading
@@ -209,10 +210,22 @@ def _rss_kib() -> int:
     raise AssertionError("no VmRSS")
 
 
+def _open_fds() -> set[tuple[str, str]]:
+    """(fd, what it refers to) for this process. A descriptor left open shows as an entry that was
+    not there before, even when it got the number of one that something else (the collector
+    finalizing an earlier test's socket, another thread) closed meanwhile: counting them cannot tell
+    those apart, and failed when an unrelated descriptor closed during the loop."""
+    fds: set[tuple[str, str]] = set()
+    for fd in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):  # closed between listdir and readlink
+            fds.add((fd, os.readlink(f"/proc/self/fd/{fd}")))
+    return fds
+
+
 def test_enroll_unenroll_100_netns_leaks_nothing(lab: Lab) -> None:
     lab.dp.enroll(lab.ref("client"))  # warm up allocations once
     lab.dp.unenroll(lab.ref("client"))
-    fds0 = len(os.listdir("/proc/self/fd"))
+    fds0 = _open_fds()
     rss0 = _rss_kib()
     links0 = _node_state(lab)[1]
     for i in range(100):
@@ -226,7 +239,7 @@ def test_enroll_unenroll_100_netns_leaks_nothing(lab: Lab) -> None:
         finally:
             sh("ip", "netns", "del", ns)
     assert lab.dp.map_entries("pod_by_netns") == 0
-    assert len(os.listdir("/proc/self/fd")) == fds0
+    assert _open_fds() - fds0 == set()  # nothing opened by the churn is still open
     assert _node_state(lab)[1] == links0
     assert not list((lab.dp.node_dir(lab.net.node) / "links").glob("sk_lookup-*"))
     assert _rss_kib() - rss0 < 16 * 1024
