@@ -106,16 +106,18 @@ def _side(prefix: str, workload: Workload | None, principal: str | None) -> dict
             f"{prefix}_canonical_revision": UNKNOWN,
             f"{prefix}_cluster": UNKNOWN,
         }
-    labels = workload.label_map()
+    service, revision = canonical_service(workload), canonical_revision(workload)
     return {
         # Istio names the workload after its controller (Deployment...), not the pod
         f"{prefix}_workload": workload_name(workload),
         f"{prefix}_workload_namespace": workload.namespace,
         f"{prefix}_principal": principal or UNKNOWN,
-        f"{prefix}_app": labels.get("app") or UNKNOWN,
-        f"{prefix}_version": labels.get("version") or UNKNOWN,
-        f"{prefix}_canonical_service": canonical_service(workload),
-        f"{prefix}_canonical_revision": canonical_revision(workload),
+        # as ztunnel (`CommonTrafficLabels::with_source`/`with_destination`): app and version are
+        # the canonical service and revision, not the raw `app`/`version` labels a sidecar reports
+        f"{prefix}_app": service,
+        f"{prefix}_version": revision,
+        f"{prefix}_canonical_service": service,
+        f"{prefix}_canonical_revision": revision,
         f"{prefix}_cluster": DEFAULT_CLUSTER,
     }
 

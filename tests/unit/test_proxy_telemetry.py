@@ -50,7 +50,9 @@ def test_labels_of_an_outbound_hbone_connection_to_a_service() -> None:
         "source_cluster": "Kubernetes",
         "destination_workload": "b",
         "destination_principal": f"spiffe://{TD}/ns/back/sa/sa-b",
-        "destination_app": "unknown",
+        # ztunnel's app/version are the canonical service/revision, not the raw labels (B has none)
+        "destination_app": "api",
+        "destination_version": "1.4",
         "destination_canonical_service": "api",
         "destination_canonical_revision": "1.4",
         "destination_service": "api.back.svc.cluster.local",
@@ -75,6 +77,7 @@ def test_canonical_service_falls_back_to_the_workload_name() -> None:
         "y",
         "latest",
     )
+    assert (labels["destination_app"], labels["destination_version"]) == ("y", "latest")
     assert labels["destination_service_namespace"] == "x"
 
 
