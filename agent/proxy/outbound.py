@@ -214,6 +214,11 @@ class Outbound:
         src_id = core.index.identity(src_wl)
         dst_id = core.index.identity(route.workload)
         key = PoolKey(src_id, dst_id, (route.dst[0], core.hbone_port))
+        if core.served.get(ep.pod.ip) is not ep:
+            # stopped before this task got here (accepted just before `stop`): its pool was closed,
+            # and one made now would stay in `pools` until the proxy stops
+            self._refuse_source_stopped(t, client)
+            return
         try:
             stream = await self.pool(ep).open_stream(key, route.dst, t.src)
         except HboneError as exc:

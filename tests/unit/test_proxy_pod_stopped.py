@@ -108,3 +108,19 @@ async def test_a_source_pod_still_served_after_the_dial_opens() -> None:
     await asyncio.wait_for(task, 5)
     assert [f.event for f in node.flows()] == [FlowEvent.OPEN, FlowEvent.CLOSE]
     assert len(node.piped) == 1 and not gate.upstream.closed
+
+
+async def test_hbone_whose_source_pod_stopped_before_it_was_routed_makes_no_pool() -> None:
+    # accepted just before the pod's stop: `close_pool` has run, so a pool made now would stay in
+    # `Outbound.pools` (with its HBONE connection) until the proxy stops
+    node = Node()
+    node.datapath.orig[50000] = (A.ips[0], APP_PORT)
+    node.core.remove_pod(node.eps["c"].pod.uid)
+    client = Client(("127.0.0.1", 50000), ("127.0.0.1", 15001))
+    await asyncio.wait_for(node.outbound.handle(node.eps["c"], cast(SocketEnd, client)), 5)
+    assert outcomes(node) == [(FlowEvent.DENY, STOPPED)]
+    assert node.outbound.pools == {}
+    assert client.closed and node.piped == []
+    assert node.flags(OPENED, reporter="source") == {"-": 1.0}
+    assert node.flags(CLOSED, reporter="source") == {"-": 1.0}
+    assert node.core.tracker.in_use == 0 and node.core.tracker.open == {}
