@@ -791,6 +791,11 @@ class _ServerProtocol(_H2Protocol):
         try:
             if stream._error is not None:  # reset (or the connection gone) before it was handled
                 return
+            if self.transport is None or self.transport.is_closing():
+                # the connection is being closed (refused once authenticated: at the cap, or its
+                # source's share; or the proxy stopping): a stream that came with it is not handled,
+                # which would only refuse it once more and count that refusal twice
+                return
             status = await self.server.on_stream(self.peer, target, stream)
         except asyncio.CancelledError:
             task = asyncio.current_task()
