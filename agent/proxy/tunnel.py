@@ -786,15 +786,17 @@ class _ServerProtocol(_H2Protocol):
 
     async def _handle(self, stream: ServerStream, target: ConnectTarget) -> None:
         assert self.peer is not None
+        if self.transport is None or self.transport.is_closing():
+            # the connection is being closed (refused once authenticated: at the cap, or its
+            # source's share; or the proxy stopping): a stream that came with it is neither handled,
+            # which would only refuse it once more and count that refusal twice, nor answered (the
+            # connection's end does that: `_shutdown`)
+            self._reset_unhandled.discard(stream.stream_id)
+            return
         status: int | None = None
         stream.handling = True
         try:
             if stream._error is not None:  # reset (or the connection gone) before it was handled
-                return
-            if self.transport is None or self.transport.is_closing():
-                # the connection is being closed (refused once authenticated: at the cap, or its
-                # source's share; or the proxy stopping): a stream that came with it is not handled,
-                # which would only refuse it once more and count that refusal twice
                 return
             status = await self.server.on_stream(self.peer, target, stream)
         except asyncio.CancelledError:
