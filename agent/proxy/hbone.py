@@ -43,6 +43,12 @@ STREAM_WINDOW = 4 * 1024 * 1024
 CONNECTION_WINDOW = 16 * 1024 * 1024
 MAX_STREAMS_PER_CONNECTION = 100
 MAX_FRAME_SIZE = 1024 * 1024  # larger DATA frames: fewer frames (and Python calls) per byte on the hot path
+MAX_HEADER_LIST_SIZE = 64 * 1024  # SETTINGS_MAX_HEADER_LIST_SIZE we advertise (h2's default)
+# A header block (HEADERS or PUSH_PROMISE and its CONTINUATIONs, padding included) may be at most
+# this long: HPACK never encodes a header list in more bytes than its RFC 9113 size counts (32 more
+# per field), so beyond the advertised list size only padding (at most 256 bytes a frame), priority
+# fields and table size updates fit in the 1 KiB on top.
+MAX_HEADER_BLOCK = MAX_HEADER_LIST_SIZE + 1024
 
 IpAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 Header = tuple[bytes, bytes]
@@ -375,6 +381,9 @@ _SERVER_OPEN = h2.connection.ConnectionState.SERVER_OPEN
 _CAN_SEND = frozenset({h2.stream.StreamState.OPEN, h2.stream.StreamState.HALF_CLOSED_REMOTE})
 _CAN_RECEIVE = frozenset({h2.stream.StreamState.OPEN, h2.stream.StreamState.HALF_CLOSED_LOCAL})
 _INCOMPLETE = (0, -1)  # plain_data_head: wait for more bytes
+_HEADER_BLOCK_FRAMES = frozenset(
+    {hyperframe.frame.HeadersFrame, hyperframe.frame.PushPromiseFrame, hyperframe.frame.ContinuationFrame}
+)
 _FRAME_HEADER = struct.Struct(">HBBBL")  # RFC 9113 §4.1: 24-bit length, type, flags, stream id
 BY_REFERENCE = 4096  # DATA payloads from this size on are queued as the caller's object
 
@@ -502,6 +511,20 @@ class _FrameBuffer(h2.frame_buffer.FrameBuffer):
             pieces.append(b"".join(small))
         return pieces
 
+    def _check_header_block(self, frame: hyperframe.frame.Frame, length: int) -> None:
+        """Refuse a header block that grows past `MAX_HEADER_BLOCK`, at the frame that would take it
+        there (before it is parsed and kept; what waits in the buffer is at most one frame, as for
+        any frame). h2 keeps a block until END_HEADERS, up to 64 CONTINUATIONs of the frame size
+        each: 64 MiB per connection at our 1 MiB frames, for as long as the peer likes (the
+        CONTINUATION flood, CVE-2024-27316 and kin)."""
+        block = length
+        if type(frame) is hyperframe.frame.ContinuationFrame:
+            block += sum(len(f.data) for f in self._headers_buffer)  # (h2 refuses one outside a block)
+        if block > MAX_HEADER_BLOCK:
+            raise h2.exceptions.DenialOfServiceError(
+                f"header block of {block} bytes or more, over {MAX_HEADER_BLOCK}"
+            )
+
     def __next__(self) -> hyperframe.frame.Frame:
         while True:
             if self._size < 9:
@@ -511,6 +534,8 @@ class _FrameBuffer(h2.frame_buffer.FrameBuffer):
             except (hyperframe.exceptions.InvalidDataError, hyperframe.exceptions.InvalidFrameError) as err:
                 raise h2.exceptions.ProtocolError(f"Received frame with invalid header: {err!s}") from err
             self._validate_frame_length(length)  # before buffering it: an overlong frame fails at once
+            if type(frame) in _HEADER_BLOCK_FRAMES:
+                self._check_header_block(frame, length)
             if self._size < 9 + length:
                 raise StopIteration
             try:
@@ -793,7 +818,7 @@ def apply_settings(
             h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: max_streams,
             h2.settings.SettingCodes.MAX_FRAME_SIZE: MAX_FRAME_SIZE,
             h2.settings.SettingCodes.ENABLE_PUSH: 0,
-            h2.settings.SettingCodes.MAX_HEADER_LIST_SIZE: conn.DEFAULT_MAX_HEADER_LIST_SIZE,
+            h2.settings.SettingCodes.MAX_HEADER_LIST_SIZE: MAX_HEADER_LIST_SIZE,
         },
     )
     # replacing local_settings before the preface skips h2's ACK bookkeeping, so mirror the frame size

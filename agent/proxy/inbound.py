@@ -60,13 +60,14 @@ REASON_PROXY_PORT = "PROXY_PORT"
 
 
 # 15008 counters in NodeProxy.stats(); cut_off_*: connections ended for abusing HTTP/2
-# (tunnel.MAX_PENDING_RESETS, tunnel.MAX_OWED_WHILE_PAUSED)
+# (tunnel.MAX_PENDING_RESETS, tunnel.MAX_OWED_WHILE_PAUSED, hbone.MAX_HEADER_BLOCK)
 HBONE_STATS: Final = (
     "handshake_failures",
     "rejected_400",
     "connections",
     "cut_off_rapid_reset",
     "cut_off_control_flood",
+    "cut_off_header_flood",
     "handshake_overload",  # accepted sockets closed at once: too many handshakes pending (HandshakeBudget)
     "streams_abandoned",  # handlers stopped before their answer: the stream was reset or the peer left
 )

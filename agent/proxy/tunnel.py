@@ -308,6 +308,12 @@ class _H2Protocol(asyncio.Protocol):
             before = self._buffered()
         try:
             events = self.conn.receive_data(data)
+        except h2.exceptions.DenialOfServiceError as exc:
+            # a header block over the limit (hbone.MAX_HEADER_BLOCK: the CONTINUATION flood) or a
+            # header list over the advertised size: GOAWAY ENHANCE_YOUR_CALM is queued already
+            log.info("event=hbone_header_flood peer=%s error=%r", self.peer, exc)
+            self._cut_off("header_flood", goaway=True)
+            return
         except h2.exceptions.ProtocolError as exc:
             log.warning("event=hbone_protocol_error error=%r", exc)
             self._flush()

@@ -490,6 +490,46 @@ async def test_a_ping_flood_from_a_peer_that_does_not_read_is_cut_off(
     await assert_still_serving(srv, client_svid)
 
 
+
+def _continuation_flood(addr: tuple[str, int], ctx: ssl.SSLContext, frames: int) -> list[h2.events.Event]:
+    """A CONNECT's HEADERS without END_HEADERS, then `frames` CONTINUATIONs of 256 KiB, none ending
+    the block (64 MiB in all at h2's backlog); returns what the server said."""
+    s, conn = _flood_session(addr, ctx)
+    events: list[h2.events.Event] = []
+    block = conn.encoder.encode([(":method", "CONNECT"), (":authority", "127.0.0.1:9000")])
+    chunk = 256 * 1024
+    try:
+        s.sendall(conn.data_to_send())
+        s.sendall(len(block).to_bytes(3, "big") + b"\x01\x00" + (1).to_bytes(4, "big") + block)
+        continuation = chunk.to_bytes(3, "big") + b"\x09\x00" + (1).to_bytes(4, "big") + b"\x00" * chunk
+        for _ in range(frames):
+            s.sendall(continuation)
+        while not any(isinstance(e, h2.events.ConnectionTerminated) for e in events):
+            data = s.recv(65536)
+            if not data:
+                break
+            events += conn.receive_data(data)
+    except OSError:
+        pass
+    finally:
+        s.close()
+    return events
+
+
+async def test_a_continuation_flood_gets_goaway_enhance_your_calm(running: Start, client_svid: Svid) -> None:
+    """HEADERS, then CONTINUATIONs that never end the header block (CVE-2024-27316 and kin): h2 would
+    keep up to 64 of them, 1 MiB each at HBONE's frame size, per connection and for as long as the
+    peer likes. The block is refused once over `hbone.MAX_HEADER_BLOCK`: GOAWAY ENHANCE_YOUR_CALM,
+    the connection closed, no handler run, and the server keeps serving."""
+    srv = running(echo)
+    events = await asyncio.to_thread(_continuation_flood, srv.addr, client_ctx(client_svid), 60)
+    goaways = [e for e in events if isinstance(e, h2.events.ConnectionTerminated)]
+    assert goaways and goaways[0].error_code == h2.errors.ErrorCodes.ENHANCE_YOUR_CALM
+    assert srv.seen == []
+    await assert_eventually(lambda: srv.server.abuse == {"header_flood": 1})
+    await assert_still_serving(srv, client_svid)
+
+
 def _rapid_reset(addr: tuple[str, int], ctx: ssl.SSLContext, streams: int) -> list[h2.events.Event]:
     """CONNECT then RST_STREAM at once, `streams` times, 50 to a write; returns what the server said."""
     s, conn = _flood_session(addr, ctx)

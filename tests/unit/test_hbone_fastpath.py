@@ -371,6 +371,70 @@ def test_data_inside_a_header_block_is_a_protocol_error(fast: bool) -> None:
         server.receive_data(data)  # a separate read: the fast path sees this DATA first
 
 
+
+# -- header blocks: CONTINUATION flood (CVE-2024-27316 and kin) ------------------------------------
+
+
+def _settled() -> Conn:
+    """A server `HboneConnection` past the preface and settings exchange."""
+    client, server = _make(True, True), _make(True, False)
+    for _ in range(3):
+        server.receive_data(client.data_to_send())
+        client.receive_data(server.data_to_send())
+    return server
+
+
+def _frame(kind: int, flags: int, sid: int, payload: bytes) -> bytes:
+    return len(payload).to_bytes(3, "big") + bytes([kind, flags]) + sid.to_bytes(4, "big") + payload
+
+
+def _goaway_code(wire: bytes) -> int | None:
+    """The error code of the GOAWAY in `wire` (frames as a server wrote them), if any."""
+    while len(wire) >= 9:
+        length, kind = int.from_bytes(wire[:3], "big"), wire[3]
+        if kind == 0x7:
+            return int.from_bytes(wire[9 + 4 : 9 + 8], "big")
+        wire = wire[9 + length :]
+    return None
+
+
+def test_a_header_block_longer_than_the_header_list_size_ends_the_connection() -> None:
+    """h2 keeps a header block until END_HEADERS, up to 64 CONTINUATION frames of the frame size each:
+    64 MiB per connection at HBONE's 1 MiB frames, held for as long as the peer likes. A block is
+    refused as soon as it is longer than the header list size the connection advertises (with room
+    for padding): GOAWAY ENHANCE_YOUR_CALM, at the frame that would take it past that."""
+    server = _settled()
+    headers = hpack.Encoder().encode(hbone.connect_headers(("10.1.0.5", 8080), traceparent=TRACE))
+    assert server.receive_data(_frame(0x1, 0x0, 1, headers)) == []  # HEADERS, no END_HEADERS
+    server.data_to_send()
+    junk = _frame(0x9, 0x0, 1, b"\x00" * 16384)  # CONTINUATION, no END_HEADERS
+    block = len(headers)
+    with pytest.raises(h2.exceptions.DenialOfServiceError):
+        for _ in range(64):
+            server.receive_data(junk)
+            block += 16384
+    assert block <= hbone.MAX_HEADER_BLOCK  # refused at the frame that would have passed the limit
+    assert _goaway_code(server.data_to_send()) == h2.errors.ErrorCodes.ENHANCE_YOUR_CALM
+
+
+def test_one_header_frame_over_the_limit_is_refused() -> None:
+    """One HEADERS frame longer than the limit (the frame size allows up to 1 MiB) is refused whole,
+    with or without END_HEADERS: it is not kept as the start of a block, nor HPACK-decoded."""
+    for flags in (0x0, 0x4):
+        server = _settled()
+        with pytest.raises(h2.exceptions.DenialOfServiceError):
+            server.receive_data(_frame(0x1, flags, 1, b"\x00" * (hbone.MAX_HEADER_BLOCK + 1)))
+        assert _goaway_code(server.data_to_send()) == h2.errors.ErrorCodes.ENHANCE_YOUR_CALM
+
+
+def test_a_header_block_in_continuations_within_the_limit_still_opens_its_stream() -> None:
+    server = _settled()
+    headers = hpack.Encoder().encode(hbone.connect_headers(("10.1.0.5", 8080), traceparent=TRACE))
+    wire = _frame(0x1, 0x0, 1, headers[:10]) + _frame(0x9, 0x0, 1, headers[10:20])
+    events = server.receive_data(wire + _frame(0x9, 0x4, 1, headers[20:]))
+    assert [type(e).__name__ for e in events] == ["RequestReceived"]
+
+
 # -- the deliberate difference: a graceful GOAWAY received drains (RFC 9113 §6.8) -------------------
 
 
