@@ -60,7 +60,8 @@ REASON_PROXY_PORT = "PROXY_PORT"
 
 
 # 15008 counters in NodeProxy.stats(); cut_off_*: connections ended for abusing HTTP/2
-# (tunnel.MAX_PENDING_RESETS, tunnel.MAX_OWED_WHILE_PAUSED, hbone.MAX_HEADER_BLOCK)
+# (tunnel.MAX_PENDING_RESETS, MAX_OWED_WHILE_PAUSED, MAX_EMPTY_DATA_FRAMES, MAX_PRIORITY_FRAMES_PER_STREAM,
+# MAX_WINDOW_UPDATES_PER_DATA_FRAME_SENT; hbone.MAX_HEADER_BLOCK)
 HBONE_STATS: Final = (
     "handshake_failures",
     "rejected_400",
@@ -68,6 +69,9 @@ HBONE_STATS: Final = (
     "cut_off_rapid_reset",
     "cut_off_control_flood",
     "cut_off_header_flood",
+    "cut_off_empty_frames",
+    "cut_off_priority_flood",
+    "cut_off_window_update_flood",
     "handshake_overload",  # accepted sockets closed at once: too many handshakes pending (HandshakeBudget)
     "streams_abandoned",  # handlers stopped before their answer: the stream was reset or the peer left
 )

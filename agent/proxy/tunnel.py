@@ -42,6 +42,17 @@ MAX_OWED_WHILE_PAUSED = 1024 * 1024
 # ENHANCE_YOUR_CALM. The Rust h2 crate's limit on streams reset before the server accepted them,
 # with its default. A reset while the handler runs (a client giving up on a slow dial) is not counted.
 MAX_PENDING_RESETS = 20
+# Frames that cost the receiver work and the sender next to nothing (CVE-2019-9513 priority
+# shuffling, -9518 empty frames, and WINDOW_UPDATEs nothing was sent for), bounded as Envoy bounds
+# them with its defaults (`http2_protocol_options`): at most this many DATA frames in a row with an
+# empty payload and no END_STREAM (`max_consecutive_inbound_frames_with_empty_payload`); PRIORITY
+# frames up to this many per stream opened, plus one stream (`max_inbound_priority_frames_per_stream`);
+# WINDOW_UPDATE frames up to 5 + 2 * (streams opened + this many per DATA frame sent)
+# (`max_inbound_window_update_frames_per_data_frame_sent`). More end the connection with GOAWAY
+# ENHANCE_YOUR_CALM.
+MAX_EMPTY_DATA_FRAMES = 1
+MAX_PRIORITY_FRAMES_PER_STREAM = 100
+MAX_WINDOW_UPDATES_PER_DATA_FRAME_SENT = 10
 
 
 class TunnelError(ConnectionError):
@@ -276,6 +287,10 @@ class _H2Protocol(asyncio.Protocol):
         self._pings: dict[bytes, asyncio.Future[None]] = {}
         self._owed = 0  # bytes of answers written while writing was paused (reset on resume)
         self.abuse: str | None = None  # why the connection was cut off for abusing HTTP/2
+        self._empty_data = 0  # DATA frames in a row with an empty payload and no END_STREAM
+        self._priority_frames = 0  # PRIORITY frames received
+        self._window_updates = 0  # WINDOW_UPDATE frames received
+        self._data_frames_sent = 0
 
     # -- asyncio.Protocol --
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -347,8 +362,20 @@ class _H2Protocol(asyncio.Protocol):
             self.transport.abort()
         self._shutdown(TunnelError(f"connection cut off: {reason}"))
 
+    def _streams_opened(self) -> int:
+        """CONNECT streams opened on this connection so far (client-initiated: odd ids, no push)."""
+        conn = self.conn
+        return (max(conn.highest_inbound_stream_id, conn.highest_outbound_stream_id) + 1) // 2
+
     def _dispatch(self, event: h2.events.Event) -> None:
         if isinstance(event, h2.events.DataReceived):
+            if event.flow_controlled_length:
+                self._empty_data = 0
+            elif event.stream_ended is None:
+                self._empty_data += 1
+                if self._empty_data > MAX_EMPTY_DATA_FRAMES:
+                    self._cut_off("empty_frames", goaway=True)
+                    return
             stream = self.streams.get(event.stream_id)
             if stream is None:
                 self.conn.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
@@ -358,11 +385,22 @@ class _H2Protocol(asyncio.Protocol):
             if padding:
                 self.conn.acknowledge_received_data(padding, event.stream_id)
         elif isinstance(event, h2.events.WindowUpdated):
+            self._window_updates += 1
+            allowed = 5 + 2 * (
+                self._streams_opened() + MAX_WINDOW_UPDATES_PER_DATA_FRAME_SENT * self._data_frames_sent
+            )
+            if self._window_updates > allowed:
+                self._cut_off("window_update_flood", goaway=True)
+                return
             if event.stream_id == 0:
                 for stream in self.streams.values():
                     stream._writable.set()
             elif (stream := self.streams.get(event.stream_id)) is not None:
                 stream._writable.set()
+        elif isinstance(event, h2.events.PriorityUpdated):
+            self._priority_frames += 1
+            if self._priority_frames > MAX_PRIORITY_FRAMES_PER_STREAM * (1 + self._streams_opened()):
+                self._cut_off("priority_flood", goaway=True)
         elif isinstance(event, h2.events.PingAckReceived):
             waiter = self._pings.pop(event.ping_data, None)
             if waiter is not None and not waiter.done():
@@ -459,6 +497,7 @@ class _H2Protocol(asyncio.Protocol):
         # the common case (a read chunk that fits the window) goes out without a copy
         chunk = data if offset == 0 and size == len(data) else data[offset : offset + size]
         self.conn.send_data(stream_id, chunk)
+        self._data_frames_sent += 1
         # written at once: deferring to the end of the loop turn (to coalesce streams) cost a loop
         # iteration per crossing, 15% of keep-alive requests/s at 32 connections (bench_l4)
         self._flush()
@@ -469,6 +508,7 @@ class _H2Protocol(asyncio.Protocol):
             self.conn.end_stream(stream_id)
         except h2.exceptions.StreamClosedError:
             return
+        self._data_frames_sent += 1  # an empty DATA frame with END_STREAM
         self._flush()
         self._forget_if_done(stream_id)
 

@@ -394,6 +394,43 @@ def test_rapid_reset_gets_goaway_and_the_agent_keeps_serving(
     assert body["pod"] == "httpbin-v2"
 
 
+def test_continuation_flood_gets_goaway_and_the_agent_keeps_serving(
+    lab: LabHandle, lab_ca: CertificateAuthority, tmp_path: Path
+) -> None:
+    """A mesh identity sending a CONNECT's HEADERS and then CONTINUATION frames that never end the
+    header block (CVE-2024-27316 and kin): node2's agent stops it past 65 KiB, before h2 would have
+    kept 64 of those 256 KiB frames, with GOAWAY ENHANCE_YOUR_CALM; it counts it and goes on serving."""
+    v2 = lab.plan.pod("httpbin-v2")
+    before = proxy_stat(lab, "node2", "cut_off_header_flood")
+    ctx = client_tls(bundle(lab), issue(lab_ca, spiffe("default", "client")), tmp_path)
+    tls, _ = tls_to_hbone(lab, ctx, v2.ip)
+    with tls:
+        h2c = H2Tunnel(tls)
+        # a first stream settles the settings exchange, so nothing the client owes (a SETTINGS ACK)
+        # goes out inside the header block below: that alone would end the connection (a frame other
+        # than CONTINUATION there is a PROTOCOL_ERROR), with or without the limit
+        assert h2c.connect(f"{v2.ip}:8000")[1] == 200
+        block = h2c.conn.encoder.encode([(":method", "CONNECT"), (":authority", f"{v2.ip}:8000")])
+        sid = h2c.conn.get_next_available_stream_id()
+        chunk = 256 * 1024
+        tls.sendall(len(block).to_bytes(3, "big") + b"\x01\x00" + sid.to_bytes(4, "big") + block)
+        continuation = chunk.to_bytes(3, "big") + b"\x09\x00" + sid.to_bytes(4, "big") + b"\x00" * chunk
+        with contextlib.suppress(OSError):  # the agent may close while frames are still going out
+            for _ in range(8):
+                tls.sendall(continuation)
+        with pytest.raises(EOFError, match=f"GOAWAY {int(h2.errors.ErrorCodes.ENHANCE_YOUR_CALM)}"):
+            h2c._until(lambda: False, "the GOAWAY")
+    wait_for(
+        lambda: proxy_stat(lab, "node2", "cut_off_header_flood") == before + 1,
+        5,
+        "node2 counting the connection it cut off",
+    )
+    said = "event=hbone_abuse reason=header_flood peer=spiffe://cluster.local/ns/default/sa/client"
+    wait_for(lambda: said in lab.log("agent-node2"), 5, said)
+    body = request_ok(lab, "client", f"http://{v2.ip}:8000/after-continuation-flood")
+    assert body["pod"] == "httpbin-v2"
+
+
 PROXY_PORT_PROBE = r"""
 import socket, sys, time
 s = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=5)

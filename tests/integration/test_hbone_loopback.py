@@ -33,8 +33,10 @@ from agent.proxy.hbone import (
 from agent.proxy.pipe import SocketEnd, StreamEnd, splice
 from agent.proxy.pool import HbonePool, PoolKey
 from agent.proxy.tunnel import (
+    MAX_EMPTY_DATA_FRAMES,
     MAX_OWED_WHILE_PAUSED,
     MAX_PENDING_RESETS,
+    MAX_PRIORITY_FRAMES_PER_STREAM,
     AnswerTimeout,
     HboneClient,
     HboneServer,
@@ -528,6 +530,90 @@ async def test_a_continuation_flood_gets_goaway_enhance_your_calm(running: Start
     assert srv.seen == []
     await assert_eventually(lambda: srv.server.abuse == {"header_flood": 1})
     await assert_still_serving(srv, client_svid)
+
+
+
+def _cheap_frames(addr: tuple[str, int], ctx: ssl.SSLContext, frames: list[bytes]) -> list[h2.events.Event]:
+    """Open one CONNECT stream (to the echo handler's port 1), read its answer, then send `frames`
+    as they are, reading until the server ends the connection (or 1 s of silence); what it said."""
+    s, conn = _flood_session(addr, ctx)
+    events: list[h2.events.Event] = []
+    try:
+        conn.send_headers(1, [(":method", "CONNECT"), (":authority", "127.0.0.1:1")])
+        s.sendall(conn.data_to_send())
+        while not any(isinstance(e, h2.events.ResponseReceived) for e in events):
+            events += conn.receive_data(s.recv(65536))
+            s.sendall(conn.data_to_send())
+        s.sendall(b"".join(frames))
+        s.settimeout(1)
+        while not any(isinstance(e, h2.events.ConnectionTerminated) for e in events):
+            data = s.recv(65536)
+            if not data:
+                break
+            events += conn.receive_data(data)
+    except OSError:  # (the timeout too: the server kept the connection)
+        pass
+    finally:
+        s.close()
+    return events
+
+
+def _terminated(events: list[h2.events.Event]) -> int | None:
+    """The error code of the server's GOAWAY among `events`, if it sent one."""
+    goaways = [e for e in events if isinstance(e, h2.events.ConnectionTerminated)]
+    return goaways[0].error_code if goaways else None
+
+
+def _raw(kind: type[hyperframe.frame.Frame], sid: int, **fields: object) -> bytes:
+    frame = kind(sid)
+    for name, value in fields.items():
+        setattr(frame, name, value)
+    return frame.serialize()
+
+
+@pytest.mark.parametrize(
+    ("reason", "frames"),
+    [
+        # CVE-2019-9518: DATA frames with nothing in them (no window spent), one after another
+        ("empty_frames", [_raw(hyperframe.frame.DataFrame, 1)] * (MAX_EMPTY_DATA_FRAMES + 1)),
+        # CVE-2019-9513: PRIORITY frames, far more than streams opened (one here)
+        (
+            "priority_flood",
+            [_raw(hyperframe.frame.PriorityFrame, 3, depends_on=1, stream_weight=7)]
+            * (MAX_PRIORITY_FRAMES_PER_STREAM * 2 + 1),
+        ),
+        # WINDOW_UPDATEs for data the server never sent (it sent no DATA frame yet)
+        ("window_update_flood", [_raw(hyperframe.frame.WindowUpdateFrame, 0, window_increment=1)] * 12),
+    ],
+)
+async def test_frames_that_cost_the_sender_nothing_are_bounded(
+    running: Start, client_svid: Svid, reason: str, frames: list[bytes]
+) -> None:
+    """Frames that cost the server work and the sender next to nothing, bounded as Envoy's defaults
+    bound them: past the limit, GOAWAY ENHANCE_YOUR_CALM and the connection closed."""
+    srv = running(echo)
+    events = await asyncio.to_thread(_cheap_frames, srv.addr, client_ctx(client_svid), frames)
+    assert _terminated(events) == h2.errors.ErrorCodes.ENHANCE_YOUR_CALM
+    await assert_eventually(lambda: srv.server.abuse == {reason: 1})
+    await assert_still_serving(srv, client_svid)
+
+
+async def test_frames_within_those_limits_keep_the_connection(running: Start, client_svid: Svid) -> None:
+    """One empty DATA frame at a time between real ones, a PRIORITY frame per stream, a few
+    WINDOW_UPDATEs: a well-behaved client's share, and the connection stays."""
+    srv = running(echo)
+    frames = [
+        _raw(hyperframe.frame.DataFrame, 1),
+        _raw(hyperframe.frame.DataFrame, 1, data=b"x"),
+        _raw(hyperframe.frame.DataFrame, 1),
+        _raw(hyperframe.frame.PriorityFrame, 1, depends_on=0, stream_weight=15),
+        _raw(hyperframe.frame.WindowUpdateFrame, 0, window_increment=1000),
+        _raw(hyperframe.frame.WindowUpdateFrame, 1, window_increment=1000),
+    ]
+    events = await asyncio.to_thread(_cheap_frames, srv.addr, client_ctx(client_svid), frames)
+    assert _terminated(events) is None
+    assert srv.server.abuse == {}
+    assert any(isinstance(e, h2.events.DataReceived) and e.data == b"x" for e in events)  # echoed
 
 
 def _rapid_reset(addr: tuple[str, int], ctx: ssl.SSLContext, streams: int) -> list[h2.events.Event]:
