@@ -364,6 +364,21 @@ def proxy_stat(lab: LabHandle, node: str, stat: str) -> float:
     return metric_sum(samples, "nodemesh_proxy_stat", stat=stat)
 
 
+def assert_cut_off_and_serving(lab: LabHandle, reason: str, before: float) -> None:
+    """node2 counted one more connection cut off for `reason`, logged it with the client's identity,
+    and still serves the client's requests to httpbin-v2."""
+    wait_for(
+        lambda: proxy_stat(lab, "node2", f"cut_off_{reason}") == before + 1,
+        5,
+        "node2 counting the connection it cut off",
+    )
+    said = f"event=hbone_abuse reason={reason} peer=spiffe://cluster.local/ns/default/sa/client"
+    wait_for(lambda: said in lab.log("agent-node2"), 5, said)  # a worker's lines may come later
+    v2 = lab.plan.pod("httpbin-v2")
+    body = request_ok(lab, "client", f"http://{v2.ip}:8000/after-{reason}")
+    assert body["pod"] == "httpbin-v2"
+
+
 def test_rapid_reset_gets_goaway_and_the_agent_keeps_serving(
     lab: LabHandle, lab_ca: CertificateAuthority, tmp_path: Path
 ) -> None:
@@ -383,15 +398,7 @@ def test_rapid_reset_gets_goaway_and_the_agent_keeps_serving(
         h2c._flush()
         with pytest.raises(EOFError, match=f"GOAWAY {int(h2.errors.ErrorCodes.ENHANCE_YOUR_CALM)}"):
             h2c._until(lambda: False, "the GOAWAY")
-    wait_for(
-        lambda: proxy_stat(lab, "node2", "cut_off_rapid_reset") == before + 1,
-        5,
-        "node2 counting the connection it cut off",
-    )
-    said = "event=hbone_abuse reason=rapid_reset peer=spiffe://cluster.local/ns/default/sa/client"
-    wait_for(lambda: said in lab.log("agent-node2"), 5, said)  # a worker's lines may come later
-    body = request_ok(lab, "client", f"http://{v2.ip}:8000/after-rapid-reset")
-    assert body["pod"] == "httpbin-v2"
+    assert_cut_off_and_serving(lab, "rapid_reset", before)
 
 
 def test_continuation_flood_gets_goaway_and_the_agent_keeps_serving(
@@ -420,15 +427,7 @@ def test_continuation_flood_gets_goaway_and_the_agent_keeps_serving(
                 tls.sendall(continuation)
         with pytest.raises(EOFError, match=f"GOAWAY {int(h2.errors.ErrorCodes.ENHANCE_YOUR_CALM)}"):
             h2c._until(lambda: False, "the GOAWAY")
-    wait_for(
-        lambda: proxy_stat(lab, "node2", "cut_off_header_flood") == before + 1,
-        5,
-        "node2 counting the connection it cut off",
-    )
-    said = "event=hbone_abuse reason=header_flood peer=spiffe://cluster.local/ns/default/sa/client"
-    wait_for(lambda: said in lab.log("agent-node2"), 5, said)
-    body = request_ok(lab, "client", f"http://{v2.ip}:8000/after-continuation-flood")
-    assert body["pod"] == "httpbin-v2"
+    assert_cut_off_and_serving(lab, "header_flood", before)
 
 
 PROXY_PORT_PROBE = r"""

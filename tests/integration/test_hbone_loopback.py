@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 import ssl
 import time
@@ -497,21 +498,30 @@ def _continuation_flood(addr: tuple[str, int], ctx: ssl.SSLContext, frames: int)
     """A CONNECT's HEADERS without END_HEADERS, then `frames` CONTINUATIONs of 256 KiB, none ending
     the block (64 MiB in all at h2's backlog); returns what the server said."""
     s, conn = _flood_session(addr, ctx)
-    events: list[h2.events.Event] = []
     block = conn.encoder.encode([(":method", "CONNECT"), (":authority", "127.0.0.1:9000")])
     chunk = 256 * 1024
-    try:
+    with contextlib.suppress(OSError):  # the server may hang up while frames still go out
         s.sendall(conn.data_to_send())
         s.sendall(len(block).to_bytes(3, "big") + b"\x01\x00" + (1).to_bytes(4, "big") + block)
         continuation = chunk.to_bytes(3, "big") + b"\x09\x00" + (1).to_bytes(4, "big") + b"\x00" * chunk
         for _ in range(frames):
             s.sendall(continuation)
+    return _until_goaway(s, conn)
+
+
+def _until_goaway(
+    s: ssl.SSLSocket, conn: h2.connection.H2Connection, events: list[h2.events.Event] | None = None
+) -> list[h2.events.Event]:
+    """Read what the server says (after `events`) until its GOAWAY, its close, or the socket's
+    timeout; then close the socket. Returns the events."""
+    events = [] if events is None else events
+    try:
         while not any(isinstance(e, h2.events.ConnectionTerminated) for e in events):
             data = s.recv(65536)
             if not data:
                 break
             events += conn.receive_data(data)
-    except OSError:
+    except OSError:  # (the timeout too: the server kept the connection)
         pass
     finally:
         s.close()
@@ -538,7 +548,7 @@ def _cheap_frames(addr: tuple[str, int], ctx: ssl.SSLContext, frames: list[bytes
     as they are, reading until the server ends the connection (or 1 s of silence); what it said."""
     s, conn = _flood_session(addr, ctx)
     events: list[h2.events.Event] = []
-    try:
+    with contextlib.suppress(OSError):
         conn.send_headers(1, [(":method", "CONNECT"), (":authority", "127.0.0.1:1")])
         s.sendall(conn.data_to_send())
         while not any(isinstance(e, h2.events.ResponseReceived) for e in events):
@@ -546,16 +556,7 @@ def _cheap_frames(addr: tuple[str, int], ctx: ssl.SSLContext, frames: list[bytes
             s.sendall(conn.data_to_send())
         s.sendall(b"".join(frames))
         s.settimeout(1)
-        while not any(isinstance(e, h2.events.ConnectionTerminated) for e in events):
-            data = s.recv(65536)
-            if not data:
-                break
-            events += conn.receive_data(data)
-    except OSError:  # (the timeout too: the server kept the connection)
-        pass
-    finally:
-        s.close()
-    return events
+    return _until_goaway(s, conn, events)
 
 
 def _terminated(events: list[h2.events.Event]) -> int | None:
@@ -619,23 +620,13 @@ async def test_frames_within_those_limits_keep_the_connection(running: Start, cl
 def _rapid_reset(addr: tuple[str, int], ctx: ssl.SSLContext, streams: int) -> list[h2.events.Event]:
     """CONNECT then RST_STREAM at once, `streams` times, 50 to a write; returns what the server said."""
     s, conn = _flood_session(addr, ctx)
-    events: list[h2.events.Event] = []
-    try:
+    with contextlib.suppress(OSError):
         for first in range(1, 2 * streams, 100):
             for sid in range(first, min(first + 100, 2 * streams), 2):
                 conn.send_headers(sid, [(":method", "CONNECT"), (":authority", "127.0.0.1:9000")])
                 conn.reset_stream(sid, h2.errors.ErrorCodes.CANCEL)
             s.sendall(conn.data_to_send())
-        while not any(isinstance(e, h2.events.ConnectionTerminated) for e in events):
-            data = s.recv(65536)
-            if not data:
-                break
-            events += conn.receive_data(data)
-    except OSError:
-        pass
-    finally:
-        s.close()
-    return events
+    return _until_goaway(s, conn)
 
 
 async def test_rapid_reset_gets_goaway_enhance_your_calm(
