@@ -9,6 +9,9 @@ One deliberate difference from h2 is not the fast path's: a graceful GOAWAY rece
 connection draining, not closed (`hbone.DrainingH2Connection`, tested against plain h2 at the end
 of this file). The plain world has that rule too (h2's generic path plus only that override), so
 the random exchanges can include a peer's GOAWAY and still compare the fast path with h2's path.
+A second one is a limit only `HboneConnection` has: a header block longer than
+`hbone.MAX_HEADER_BLOCK` ends the connection (the header-block tests before the GOAWAY ones); the
+random exchanges stay far below it.
 """
 
 from __future__ import annotations
