@@ -20,6 +20,7 @@ from agent.main import (
     uninstall,
 )
 from agent.proxy.conns import DEFAULT_MAX_CONNECTIONS
+from agent.proxy.tunnel import DEFAULT_RECEIVE_BUDGET
 
 app = typer.Typer(help="The nodemesh node agent (eBPF datapath, pod enrollment, relay).",
                   no_args_is_help=True)
@@ -84,6 +85,13 @@ def run_command(
             help="Of those, what one source IP may hold (default: half of --max-connections)",
         )
     ] = None,
+    max_hbone_queued_mib: Annotated[
+        int, typer.Option(
+            "--max-hbone-queued-mib", min=16,
+            help="HBONE bytes received and not yet taken by slow apps, per proxy process, before the "
+            "connection queueing most is cut off (docs/hbone.md: Abusive peers)",
+        )
+    ] = DEFAULT_RECEIVE_BUDGET // (1024 * 1024),
     event_loop: Annotated[
         str, typer.Option(
             "--event-loop",
@@ -111,6 +119,7 @@ def run_command(
         flow_ring_size=flow_ring_size, preserve_source_ip=preserve_source_ip,
         proxy_workers=proxy_workers, worker_index=worker_index, event_loop=event_loop, log_level=log_level,
         max_connections=max_connections, max_connections_per_source=max_connections_per_source,
+        max_hbone_queued=max_hbone_queued_mib * 1024 * 1024,
     )  # fmt: skip
     try:
         with asyncio.Runner(loop_factory=factory) as runner:

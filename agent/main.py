@@ -36,7 +36,7 @@ from agent.enrolled_store import DEFAULT_STATE_ROOT, EnrolledStore
 from agent.heap import GcPauses, settle
 from agent.identity import CertificateManager
 from agent.node import Addr, NodeConfig, Plan, Reconciler, Skipped, desired_pods, vip_map
-from agent.proxy import conns
+from agent.proxy import conns, tunnel
 from agent.proxy.metrics import ProxyMetrics
 from agent.proxy.server import NodeProxy
 from agent.relay import Relay
@@ -284,6 +284,7 @@ class AgentOptions:
     log_level: str = "info"  # handed on to the workers
     max_connections: int = conns.DEFAULT_MAX_CONNECTIONS  # per proxy process, as each worker's
     max_connections_per_source: int | None = None  # one source IP's share of it; None: half
+    max_hbone_queued: int = tunnel.DEFAULT_RECEIVE_BUDGET  # bytes, per proxy process (tunnel.ReceiveBudget)
 
 
 def worker_argv(options: AgentOptions, index: int) -> list[str]:
@@ -297,6 +298,7 @@ def worker_argv(options: AgentOptions, index: int) -> list[str]:
         "--flow-ring-size", str(options.flow_ring_size), "--event-loop", options.event_loop,
         "--log-level", options.log_level, "--worker-index", str(index),
         "--max-connections", str(options.max_connections),
+        "--max-hbone-queued-mib", str(options.max_hbone_queued // (1024 * 1024)),
     ]  # fmt: skip
     if options.max_connections_per_source is not None:
         argv += ["--max-connections-per-source", str(options.max_connections_per_source)]
@@ -354,7 +356,8 @@ async def run(options: AgentOptions, stop: asyncio.Event | None = None) -> int:
     certs = CertificateManager(sign, lambda: ca_pem, options.trust_domain)
     proxy = NodeProxy(dp, certs, options.trust_domain, node=options.node, bundle=lambda: ca_pem,
                       flow_ring=ring, metrics=ProxyMetrics(registry), max_connections=options.max_connections,
-                      max_connections_per_source=options.max_connections_per_source)
+                      max_connections_per_source=options.max_connections_per_source,
+                      max_hbone_queued=options.max_hbone_queued)
     link = LinkState(options.controller, connected=lambda: client is not None and client.connected.is_set())
 
     def on_config(config: NodeConfig, update: ConfigUpdate) -> None:

@@ -72,6 +72,7 @@ HBONE_STATS: Final = (
     "cut_off_empty_frames",
     "cut_off_priority_flood",
     "cut_off_window_update_flood",
+    "cut_off_buffer_overflow",  # not abuse as such: the process's receive budget (tunnel.ReceiveBudget)
     "handshake_overload",  # accepted sockets closed at once: too many handshakes pending (HandshakeBudget)
     "streams_abandoned",  # handlers stopped before their answer: the stream was reset or the peer left
 )

@@ -19,6 +19,7 @@ from typing import Any
 from agent.admin.sources import ConnectionInfo
 from agent.datapath.interface import Datapath, EnrolledPod
 from agent.identity import CertificateManager
+from agent.proxy import tunnel
 from agent.proxy.conns import DEFAULT_MAX_CONNECTIONS, ConnTracker, HandshakeBudget
 from agent.proxy.core import CONNECT_TIMEOUT, ProxyCore
 from agent.proxy.flows import FlowLog, FlowRing
@@ -62,6 +63,7 @@ class NodeProxy:
         root_namespace: str = DEFAULT_ROOT_NAMESPACE,
         max_connections: int = DEFAULT_MAX_CONNECTIONS,
         max_connections_per_source: int | None = None,  # None: half of max_connections
+        max_hbone_queued: int | None = None,  # the process's HBONE receive budget; None: as it is
         hbone_port: int = HBONE_PORT,
         connect_timeout: float = CONNECT_TIMEOUT,
         manage_identities: bool = True,
@@ -70,6 +72,8 @@ class NodeProxy:
         self.flows = FlowLog(flow_ring)
         self.metrics = metrics or ProxyMetrics()
         self.tracker = ConnTracker(self.flows, max_connections, max_connections_per_source)
+        if max_hbone_queued is not None:  # one budget per process (tunnel.RECEIVE_BUDGET)
+            tunnel.RECEIVE_BUDGET.limit = max_hbone_queued
         self.handshakes = HandshakeBudget()
         self._handshakes_refused = 0  # since the last accepted one: the log says when refusing starts, ends
         self.metrics.before_collect(self.tracker.report_bytes)
@@ -323,4 +327,6 @@ class NodeProxy:
             "pods": len(self._served),
             "pods_source_ip": sum(1 for s in self._served.values() if s.ep.source_ip),
             "netns_sockets_idle": self.core.sockets.idle(),
+            # HBONE DATA received and queued for apps that have not taken it yet (tunnel.ReceiveBudget)
+            **tunnel.RECEIVE_BUDGET.stats(),
         }

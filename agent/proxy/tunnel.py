@@ -53,6 +53,48 @@ MAX_PENDING_RESETS = 20
 MAX_EMPTY_DATA_FRAMES = 1
 MAX_PRIORITY_FRAMES_PER_STREAM = 100
 MAX_WINDOW_UPDATES_PER_DATA_FRAME_SENT = 10
+# Received DATA queued for readers that have not taken it yet (an app that reads slowly or not at
+# all), over every HBONE connection of this process: the HTTP/2 windows bound one connection's share
+# (16 MiB), not how many connections a peer opens. Past it, the connection holding most is cut off.
+DEFAULT_RECEIVE_BUDGET = 1024 * 1024 * 1024
+
+
+class ReceiveBudget:
+    """Bytes received on HBONE streams and queued for their readers, over the process's connections.
+
+    A stream queues what its reader has not taken, up to its HTTP/2 window (4 MiB; 16 MiB per
+    connection): with an app that does not read, a peer can make each of its connections hold that
+    much, and with enough connections (its share of `max_connections`: thousands) exhaust the
+    agent's memory. Past `limit`, the live connection holding the most is cut off (GOAWAY
+    ENHANCE_YOUR_CALM, `buffer_overflow`): its queued bytes are dropped, the others keep theirs.
+    """
+
+    def __init__(self, limit: int = DEFAULT_RECEIVE_BUDGET) -> None:
+        self.limit = limit
+        self.used = 0
+        self.overflows = 0  # connections cut off for it
+        self._conns: set[_H2Protocol] = set()
+
+    def stats(self) -> dict[str, int]:
+        """For `NodeProxy.stats()`: what is queued now, and the limit."""
+        return {"hbone_queued_bytes": self.used, "hbone_queued_limit": self.limit}
+
+    def _over(self) -> None:
+        victim = max(self._conns, key=lambda proto: proto.held, default=None)
+        if victim is None or victim.held <= 0:
+            return  # what is queued belongs to streams of connections already gone, until read
+        self.overflows += 1
+        log.warning(
+            "event=hbone_buffer_overflow queued=%d limit=%d connection_queued=%d peer=%s",
+            self.used,
+            self.limit,
+            victim.held,
+            victim.peer,
+        )
+        victim._cut_off("buffer_overflow", goaway=True)
+
+
+RECEIVE_BUDGET = ReceiveBudget()  # the process's (the agent sets its limit: --max-hbone-buffer-mib)
 
 
 class TunnelError(ConnectionError):
@@ -147,18 +189,25 @@ class Stream:
             data = data[taken:]
         self._chunks.append(data if type(data) is bytes else bytes(data))
         self._readable.set()
+        self._proto._hold(len(data))  # last: it may cut this connection off (ReceiveBudget)
 
     def _feed_eof(self) -> None:
         self._eof = True
         self._readable.set()
 
+    def _discard_unread(self) -> None:
+        """Drop what is queued for the reader: it still holds connection window (given back) and
+        the process's receive budget."""
+        if self._chunks:
+            unread = sum(len(c) for c in self._chunks)
+            self._chunks.clear()
+            self._proto._release(unread)
+            self._proto._consumed(self.stream_id, unread)
+
     def _fail(self, exc: BaseException) -> None:
         if self._error is None:
             self._error = exc
-        if self._chunks:  # unread bytes still hold connection window: give it back
-            unread = sum(len(c) for c in self._chunks)
-            self._chunks.clear()
-            self._proto._consumed(self.stream_id, unread)
+        self._discard_unread()
         self._eof = True
         self._readable.set()
         self._writable.set()
@@ -180,6 +229,7 @@ class Stream:
         if 0 <= n < len(chunk):
             self._chunks.appendleft(chunk[n:])
             chunk = chunk[:n]
+        self._proto._release(len(chunk))
         self._proto._consumed(self.stream_id, len(chunk))
         return chunk
 
@@ -268,6 +318,9 @@ class ServerStream(Stream):
         self._proto._respond(self.stream_id, self.status, end_stream=self.status != Status.OK)
         if self.status != Status.OK:
             self._local_closed = True
+            # DATA the peer sent ahead of the answer is never read now: without this it kept its
+            # connection window (and receive budget) for as long as the connection lived
+            self._discard_unread()
 
 
 class _H2Protocol(asyncio.Protocol):
@@ -291,6 +344,9 @@ class _H2Protocol(asyncio.Protocol):
         self._priority_frames = 0  # PRIORITY frames received
         self._window_updates = 0  # WINDOW_UPDATE frames received
         self._data_frames_sent = 0
+        self.held = 0  # bytes its streams queued for their readers (ReceiveBudget)
+        self._ended = False  # `_shutdown` ran
+        self._budget = RECEIVE_BUDGET
 
     # -- asyncio.Protocol --
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -306,6 +362,7 @@ class _H2Protocol(asyncio.Protocol):
             return
         hbone.start(self.conn)
         self._flush()
+        self._budget._conns.add(self)
         if not self.ready.done():
             self.ready.set_result(None)
 
@@ -444,9 +501,12 @@ class _H2Protocol(asyncio.Protocol):
         self._shutdown(err)
 
     def _shutdown(self, err: BaseException) -> None:
+        self._ended = True  # no WINDOW_UPDATE for what its failing streams drop: the connection is over
         for stream in self.streams.values():
             stream._fail(err)
         self.streams.clear()
+        # what its ended streams still queue for their readers stays counted until they take it
+        self._budget._conns.discard(self)
         self.goaway = True
         # the failed streams woke their own writers; this also wakes anyone else parked in _drain
         # (the failed transport never calls resume_writing) and keeps later writes from parking
@@ -481,8 +541,19 @@ class _H2Protocol(asyncio.Protocol):
             stream._writable.clear()  # write() tries to send before it waits on it: nothing is lost
             await self._can_write.wait(stream._writable)
 
+    def _hold(self, n: int) -> None:
+        self.held += n
+        budget = self._budget
+        budget.used += n
+        if budget.used > budget.limit:
+            budget._over()
+
+    def _release(self, n: int) -> None:
+        self.held -= n
+        self._budget.used -= n
+
     def _consumed(self, stream_id: int, n: int, *, flush: bool = True) -> None:
-        if n and self.transport is not None and not self.transport.is_closing():
+        if n and not self._ended and self.transport is not None and not self.transport.is_closing():
             self.conn.acknowledge_received_data(
                 n, stream_id
             )  # a closed stream: h2 credits the connection only

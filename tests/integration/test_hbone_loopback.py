@@ -38,12 +38,14 @@ from agent.proxy.tunnel import (
     MAX_OWED_WHILE_PAUSED,
     MAX_PENDING_RESETS,
     MAX_PRIORITY_FRAMES_PER_STREAM,
+    RECEIVE_BUDGET,
     AnswerTimeout,
     HboneClient,
     HboneServer,
     ServerStream,
     Stream,
     TunnelError,
+    accepted,
 )
 from api.csr import new_workload_csr
 from api.spiffe import SpiffeId
@@ -615,6 +617,91 @@ async def test_frames_within_those_limits_keep_the_connection(running: Start, cl
     assert _terminated(events) is None
     assert srv.server.abuse == {}
     assert any(isinstance(e, h2.events.DataReceived) and e.data == b"x" for e in events)  # echoed
+
+
+
+async def test_the_connection_queueing_most_is_cut_off_past_the_receive_budget(
+    running: Start, client_svid: Svid, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An app that does not read: each stream queues up to its 4 MiB window (16 MiB a connection),
+    and a peer with many connections could queue any multiple of that in the agent. Past the
+    process's receive budget, the connection queueing most is cut off (GOAWAY ENHANCE_YOUR_CALM);
+    another connection's streams keep what they queued and keep working."""
+    monkeypatch.setattr(RECEIVE_BUDGET, "limit", 6 * 1024 * 1024)
+    base, overflows = RECEIVE_BUDGET.used, RECEIVE_BUDGET.overflows
+    stalled = asyncio.Event()
+
+    async def app_reads_late(peer: SpiffeId, target: ConnectTarget, stream: ServerStream) -> int | None:
+        stream.respond(Status.OK)
+        while target.port == 2 and not stalled.is_set() and not stream.at_eof:
+            await asyncio.sleep(0.01)  # the app does not read (until the test lets it, or the stream fails)
+        return await echo_rest(stream)
+
+    async def echo_rest(stream: ServerStream) -> None:
+        while chunk := await stream.read():
+            await stream.write(chunk)
+
+    srv = running(app_reads_late)
+    quiet = await HboneClient.connect(srv.addr, client_ctx(client_svid), SERVER_ID)
+    small = await quiet.open_stream(("127.0.0.1", 2))
+    await small.write(b"q" * 1024 * 1024)  # 1 MiB queued for the stalled app
+    await assert_eventually(lambda: RECEIVE_BUDGET.used - base >= 1024 * 1024)
+    greedy = await HboneClient.connect(srv.addr, client_ctx(client_svid), SERVER_ID)
+    streams = [await greedy.open_stream(("127.0.0.1", 2)) for _ in range(2)]
+    writes = [asyncio.create_task(st.write(b"g" * 4 * 1024 * 1024)) for st in streams]
+    await assert_eventually(lambda: srv.server.abuse == {"buffer_overflow": 1})
+    await asyncio.gather(*writes, return_exceptions=True)  # (they fail with the connection)
+    await assert_eventually(lambda: greedy.closed.done())
+    assert RECEIVE_BUDGET.overflows == overflows + 1
+    assert RECEIVE_BUDGET.used - base == 1024 * 1024  # the quiet connection's bytes are still queued
+    stalled.set()  # the app reads now: the quiet stream gets all of its bytes back
+    got = b""
+    while len(got) < 1024 * 1024:
+        got += await small.read()
+    assert got == b"q" * 1024 * 1024
+    await assert_echoes(quiet)
+    small.close()
+    await quiet.close()
+    await greedy.close()
+    await assert_eventually(lambda: RECEIVE_BUDGET.used == base)
+
+
+async def test_data_sent_ahead_of_a_refusal_gives_its_window_and_budget_back(
+    running: Start, client_svid: Svid
+) -> None:
+    """DATA a client sends before the answer to its CONNECT, which is then refused (401): nobody
+    reads it. It used to keep its connection window (16 MiB) for the connection's life, so enough
+    refused streams stalled the connection; now it is given back, and so is its receive budget."""
+    base = RECEIVE_BUDGET.used
+    early = asyncio.Event()
+
+    async def refuse_after_data(peer: SpiffeId, target: ConnectTarget, stream: ServerStream) -> int | None:
+        if target.port == 9:
+            await assert_eventually(lambda: stream.buffered >= 3 * 1024 * 1024)
+            early.set()
+            return int(Status.UNAUTHORIZED)
+        return await echo(peer, target, stream)
+
+    srv = running(refuse_after_data)
+    client = await HboneClient.connect(srv.addr, client_ctx(client_svid), SERVER_ID)
+    for _ in range(8):  # 8 x 3 MiB: more than the 16 MiB connection window, were it kept
+        early.clear()
+        stream = client.start_stream(("127.0.0.1", 9))
+        await asyncio.wait_for(stream.write(b"e" * 3 * 1024 * 1024), 5)  # sent before the answer
+        await asyncio.wait_for(early.wait(), 5)
+        with pytest.raises(HboneError):
+            await accepted(stream, 5)
+        stream.close()
+    await assert_eventually(lambda: RECEIVE_BUDGET.used == base)
+    # the connection window is intact: 4 MiB more go through (16 MiB would not fit, were 24 MiB kept)
+    stream = await client.open_stream(("127.0.0.1", 1))
+    writing = asyncio.create_task(stream.write(b"x" * 4 * 1024 * 1024))
+    got = 0
+    while got < 4 * 1024 * 1024:
+        got += len(await asyncio.wait_for(stream.read(), 5))
+    await writing
+    stream.close()
+    await client.close()
 
 
 def _rapid_reset(addr: tuple[str, int], ctx: ssl.SSLContext, streams: int) -> list[h2.events.Event]:

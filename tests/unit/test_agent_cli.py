@@ -46,9 +46,19 @@ def test_connection_caps_are_passed_to_the_agent(tmp_path: Path, seen: list[Agen
     assert (seen[0].max_connections, seen[0].max_connections_per_source) == (400, 400)
 
 
+def test_the_hbone_receive_budget_defaults_to_1_gib_and_is_passed_on(
+    tmp_path: Path, seen: list[AgentOptions]
+) -> None:
+    assert invoke(tmp_path)[0] == 0
+    assert invoke(tmp_path, "--max-hbone-queued-mib", "64")[0] == 0
+    assert [o.max_hbone_queued for o in seen] == [1024 * 1024 * 1024, 64 * 1024 * 1024]
+
+
 @pytest.mark.parametrize(
     ("extra", "complaint"),
     [
+        (("--max-hbone-queued-mib", "15"), "--max-hbone-queued-mib"),
+        (("--max-hbone-queued-mib", "lots"), "--max-hbone-queued-mib"),
         (("--max-connections", "0"), "--max-connections"),
         (("--max-connections", "-5"), "--max-connections"),
         (("--max-connections", "many"), "--max-connections"),

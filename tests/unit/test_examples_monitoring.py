@@ -12,6 +12,7 @@ from agent.heap import GcPauses
 from agent.proxy.conns import ConnTracker
 from agent.proxy.flows import FlowLog
 from agent.proxy.inbound import HBONE_STATS
+from agent.proxy.tunnel import RECEIVE_BUDGET
 from agent.telemetry import AgentCollector
 
 RULES = Path(__file__).resolve().parents[2] / "examples" / "monitoring" / "prometheus-rules.yaml"
@@ -33,7 +34,8 @@ def test_alert_rules_name_only_what_the_agent_exports() -> None:
     assert rules and all({"alert", "expr"} <= rule.keys() for rule in rules)
     exported = _exported_names()
     tracker = ConnTracker(FlowLog())
-    stats = set(tracker.stats) | set(tracker.gauges()) | set(HBONE_STATS)  # NodeProxy.stats() has these
+    # NodeProxy.stats() has these
+    stats = set(tracker.stats) | set(tracker.gauges()) | set(HBONE_STATS) | set(RECEIVE_BUDGET.stats())
     for rule in rules:
         names = _METRIC.findall(rule["expr"])
         assert names, rule["expr"]

@@ -13,6 +13,7 @@ from agent.admin.sources import ConnPath
 from agent.datapath.interface import Datapath, EnrolledPod, PodRef
 from agent.identity import CertificateManager
 from agent.node import pod_key
+from agent.proxy import tunnel
 from agent.proxy.conns import Tracked
 from agent.proxy.index import MeshIndex, RouteKind
 from agent.proxy.server import NodeProxy, _Served
@@ -307,3 +308,18 @@ async def test_a_workload_without_a_valid_identity_is_skipped_and_the_push_still
     # the bad pod is served as nothing: its connections fail closed (no workload, no certificate)
     assert proxy.core.workload_of(bad_ep) is None
     assert proxy.core.local_workload("10.1.0.8") is None
+
+
+async def test_the_hbone_receive_budget_is_set_by_the_proxy_and_shown_in_its_stats(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(tunnel.RECEIVE_BUDGET, "limit", tunnel.RECEIVE_BUDGET.limit)  # restored after
+    proxy = NodeProxy(
+        cast(Datapath, None), cast(CertificateManager, FakeCerts()), TD, node="n1", bundle=lambda: b"",
+        max_hbone_queued=64 * 1024 * 1024,
+    )  # fmt: skip
+    assert tunnel.RECEIVE_BUDGET.limit == 64 * 1024 * 1024  # one per process: the workers set theirs
+    stats = proxy.stats()
+    assert stats["hbone_queued_limit"] == 64 * 1024 * 1024
+    assert stats["hbone_queued_bytes"] == tunnel.RECEIVE_BUDGET.used
+    assert stats["cut_off_buffer_overflow"] == 0

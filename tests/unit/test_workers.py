@@ -168,7 +168,7 @@ def test_worker_command_line_is_accepted_by_agent_run(
                         tmp_path / "state", server_name="ctl.example", resync_interval=2.5,
                         trust_domain="example.org", admin_socket=tmp_path / "a.sock", flow_ring_size=77,
                         proxy_workers=3, event_loop="asyncio", log_level="debug", max_connections=600,
-                        max_connections_per_source=150)
+                        max_connections_per_source=150, max_hbone_queued=64 * 1024 * 1024)
     seen: list[AgentOptions] = []
 
     async def fake_run(options: AgentOptions, stop: object = None) -> int:
@@ -186,7 +186,8 @@ def test_worker_command_line_is_accepted_by_agent_run(
     assert got.worker_index == 2 and got.proxy_workers == 1
     for field in ("node", "controller", "token_file", "ca_file", "pod_cgroup", "state_root",
                   "server_name", "resync_interval", "trust_domain", "admin_socket", "flow_ring_size",
-                  "event_loop", "log_level", "max_connections", "max_connections_per_source"):
+                  "event_loop", "log_level", "max_connections", "max_connections_per_source",
+                  "max_hbone_queued"):
         assert getattr(got, field) == getattr(opts, field), field
 
 
