@@ -82,7 +82,7 @@ class ReceiveBudget:
     def _over(self) -> None:
         victim = max(self._conns, key=lambda proto: proto.held, default=None)
         if victim is None or victim.held <= 0:
-            return  # what is queued belongs to streams of connections already gone, until read
+            return  # what is queued belongs to ended streams whose readers still take it
         self.overflows += 1
         log.warning(
             "event=hbone_buffer_overflow queued=%d limit=%d connection_queued=%d peer=%s",
@@ -94,7 +94,7 @@ class ReceiveBudget:
         victim._cut_off("buffer_overflow", goaway=True)
 
 
-RECEIVE_BUDGET = ReceiveBudget()  # the process's (the agent sets its limit: --max-hbone-buffer-mib)
+RECEIVE_BUDGET = ReceiveBudget()  # the process's (the agent sets its limit: --max-hbone-queued-mib)
 
 
 class TunnelError(ConnectionError):
