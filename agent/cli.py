@@ -87,7 +87,7 @@ def run_command(
     ] = None,
     max_hbone_queued_mib: Annotated[
         int, typer.Option(
-            "--max-hbone-queued-mib", min=16,
+            "--max-hbone-queued-mib", min=16, envvar="NODEMESH_MAX_HBONE_QUEUED_MIB",
             help="HBONE bytes received and not yet taken by slow apps, per proxy process, before the "
             "connection queueing most is cut off (docs/hbone.md: Abusive peers)",
         )

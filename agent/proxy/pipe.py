@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import functools
 import logging
 from collections.abc import Callable
 from typing import Protocol, cast
@@ -213,6 +214,9 @@ class StreamEnd:
     def set_sink(self, sink: Sink | None) -> None:
         self.stream.set_sink(sink)
 
+    def on_failure(self, callback: Callable[[BaseException], None] | None) -> None:
+        self.stream.on_failure(callback)
+
     def write_nowait(self, data: bytes | memoryview) -> int:
         return self.stream.write_nowait(data)
 
@@ -279,6 +283,22 @@ async def splice(client: End, upstream: End, up: Counter, down: Counter) -> str:
             client.close()
             upstream.close()
 
+    def failed(name: str, exc: BaseException) -> None:
+        # an HBONE stream failed on its own (reset, its connection gone or cut off) while neither
+        # copy was reading it, e.g. one waiting for an app that does not read: end both now, as a
+        # copy that saw it would, rather than whenever that app reads or writes again
+        nonlocal error
+        if not error:
+            error = f"{name}: {exc!r}"
+        client.close()
+        upstream.close()
+
+    watched: list[Callable[[Callable[[BaseException], None] | None], None]] = []
+    for end, name in ((client, "client"), (upstream, "upstream")):
+        watch = getattr(end, "on_failure", None)
+        if watch is not None:
+            watch(functools.partial(failed, name))
+            watched.append(watch)
     clean = False
     # one direction in a new task, the other in this one (not gather: a task and a future fewer)
     other = asyncio.get_running_loop().create_task(direction(upstream, client, down, "upstream->client"))
@@ -287,6 +307,8 @@ async def splice(client: End, upstream: End, up: Counter, down: Counter) -> str:
         await other
         clean = not error
     finally:
+        for watch in watched:
+            watch(None)
         if not other.done():  # cancelled: take the other direction down too
             other.cancel()
         for end in (client, upstream):

@@ -172,6 +172,9 @@ class Stream:
         self.status: int | None = None
         self._response: asyncio.Future[int] = proto._loop.create_future()
         self._sink: Callable[[bytes | memoryview], int] | None = None
+        # called (on the next loop turn) when the stream fails on its own: reset by the peer, its
+        # connection gone or cut off; not when closed locally (`on_failure`)
+        self._on_fail: Callable[[BaseException], None] | None = None
 
     # -- fed by the protocol --
     def _feed(self, data: bytes | memoryview) -> None:
@@ -205,8 +208,11 @@ class Stream:
             self._proto._consumed(self.stream_id, unread)
 
     def _fail(self, exc: BaseException) -> None:
+        notify = None
         if self._error is None:
             self._error = exc
+            if not isinstance(exc, EOFError):  # not closed locally
+                notify = self._on_fail
         self._discard_unread()
         self._eof = True
         self._readable.set()
@@ -214,6 +220,8 @@ class Stream:
         if not self._response.done():
             self._response.set_exception(exc)
             self._response.exception()  # mark retrieved: nobody may be waiting
+        if notify is not None:  # after the wake-ups: a reader waiting on this stream sees it first
+            self._proto._loop.call_soon(notify, exc)
 
     # -- user API --
     async def read(self, n: int = -1) -> bytes:
@@ -232,6 +240,12 @@ class Stream:
         self._proto._release(len(chunk))
         self._proto._consumed(self.stream_id, len(chunk))
         return chunk
+
+    def on_failure(self, callback: Callable[[BaseException], None] | None) -> None:
+        """Call `callback(error)` once if the stream fails on its own (reset by the peer, its
+        connection gone): a copy blocked on the other end (an app that does not read) would not
+        see it otherwise."""
+        self._on_fail = callback
 
     def set_sink(self, sink: Callable[[bytes | memoryview], int] | None) -> None:
         """While the reader waits in `read()` with nothing queued, received DATA goes to `sink`

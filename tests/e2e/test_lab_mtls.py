@@ -589,3 +589,94 @@ def test_idle_sockets_on_15008_are_capped_per_source_ip_and_lock_nobody_out(lab:
             s.close()
     said = "event=hbone_handshake_overload pod=default_httpbin-v2"
     wait_for(lambda: said in lab.log("agent-node2"), 5, said)
+
+
+# An app that accepts and never reads: its small receive buffer fills at once, and what node2's
+# agent receives for it over HBONE queues in the agent.
+NON_READING_APP = """
+import socket, time
+s = socket.socket()
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+s.bind(("0.0.0.0", {port}))
+s.listen(16)
+held = []
+deadline = time.monotonic() + 60
+while time.monotonic() < deadline:
+    s.settimeout(1)
+    try:
+        held.append(s.accept()[0])
+    except OSError:
+        pass
+"""
+
+# Eight connections to host:port (eight streams of the pod's HBONE connection), sending up to 16 MiB
+# each for at most 10 s; prints how much went on each.
+SENDER = """
+import socket, time
+conns = [socket.create_connection(("{host}", {port}), timeout=5) for _ in range(8)]
+for c in conns:
+    c.setblocking(False)
+chunk, sent = b"s" * 65536, [0] * 8
+deadline = time.monotonic() + 10
+while min(sent) < 16 * 1024 * 1024 and time.monotonic() < deadline:
+    for i, c in enumerate(conns):
+        try:
+            sent[i] += c.send(chunk)
+        except BlockingIOError:
+            pass
+        except OSError:
+            sent[i] = 16 * 1024 * 1024  # cut off: nothing more to send on it
+    time.sleep(0.005)
+print(sent)
+"""
+
+
+def test_data_queued_for_an_app_that_does_not_read_is_bounded(lab: LabHandle) -> None:
+    """Two pods of node1 send to an app on node2 that never reads, each over its own HBONE
+    connection (pools are per source pod) with eight streams. Each connection can queue up to
+    16 MiB in node2's agent (4 MiB of window per stream, 16 MiB per connection; measured: 1.6 MiB a
+    stream, the rest waits with the copying task and the app's socket); with the receive budget at
+    16 MiB, the agent cuts the one queueing most off once both together pass it, and goes on
+    serving."""
+    if lab.proxy_workers > 1:
+        pytest.skip("the budget is per proxy process; the two connections may land in different ones")
+    v2 = lab.plan.pod("httpbin-v2")
+    port = 9300
+    app = lab.lab.popen("httpbin-v2", [sys.executable, "-c", NON_READING_APP.format(port=port)])
+    os.environ["NODEMESH_MAX_HBONE_QUEUED_MIB"] = "16"
+    try:
+        lab.lab.stop_agent("node2")
+        lab.lab.start_agent("node2")  # it inherits the budget from the environment
+        assert proxy_stat(lab, "node2", "hbone_queued_limit") == 16 * 1024 * 1024
+        before = proxy_stat(lab, "node2", "cut_off_buffer_overflow")
+        senders = [
+            lab.lab.popen(pod, [sys.executable, "-c", SENDER.format(host=v2.ip, port=port)])
+            for pod in ("client", "httpbin-v1")
+        ]
+        for proc in senders:
+            proc.wait(timeout=30)
+        wait_for(
+            lambda: proxy_stat(lab, "node2", "cut_off_buffer_overflow") == before + 1,
+            10,
+            "node2 cutting off the connection queueing most",
+        )
+        said = "event=hbone_buffer_overflow"
+        wait_for(lambda: said in lab.log("agent-node2"), 5, said)
+        # what stays queued is the other connection's, within the budget
+        assert proxy_stat(lab, "node2", "hbone_queued_bytes") <= 16 * 1024 * 1024
+        # Until its app reads, the other connection's window is spent on that app's streams, so a
+        # new stream of the same pooled connection waits too (HTTP/2 flow control, as in ztunnel).
+        # With the app gone its connections end, nothing stays queued, and both pods get through.
+        app.kill()
+        app.wait(timeout=10)
+        wait_for(lambda: proxy_stat(lab, "node2", "hbone_queued_bytes") == 0, 10, "node2's queue to empty")
+        for pod in ("client", "httpbin-v1"):
+            body = request_ok(lab, pod, f"http://{v2.ip}:8000/after-buffer-overflow")
+            assert body["pod"] == "httpbin-v2"
+    finally:
+        del os.environ["NODEMESH_MAX_HBONE_QUEUED_MIB"]
+        app.kill()
+        app.wait(timeout=10)
+        lab.lab.stop_agent("node2")
+        lab.lab.start_agent("node2")

@@ -1078,6 +1078,62 @@ async def test_the_pipe_of_a_stream_parked_on_a_lost_connection_ends(
         await freezer.hang_up(client)
 
 
+
+class StuckApp:
+    """The app side of a pipe for an app that neither reads nor writes: `write` never completes."""
+
+    def __init__(self) -> None:
+        self.closed = asyncio.Event()
+        self.written = 0
+
+    async def read(self) -> bytes:
+        await self.closed.wait()
+        return b""
+
+    async def write(self, data: bytes) -> None:
+        self.written += len(data)
+        await self.closed.wait()  # the app does not read: its socket stays full
+        raise ConnectionResetError("closed")
+
+    def write_eof(self) -> None:
+        pass
+
+    def close(self) -> None:
+        self.closed.set()
+
+    def finish(self) -> None:
+        self.closed.set()
+
+
+async def test_a_stream_reset_while_its_app_does_not_read_ends_the_pipe_and_the_app_connection(
+    running: Start, client_svid: Svid
+) -> None:
+    """The serving side of a stream whose app does not read: one copy waits for the app to take a
+    write, the other for the app to send, so neither reads the stream when the client resets it.
+    The pipe ends all the same (the stream reports its failure: `on_failure`) and closes the app's
+    connection, which otherwise stayed open until the app read or wrote again."""
+    apps: list[StuckApp] = []
+    results: list[str] = []
+
+    async def to_stuck_app(peer: SpiffeId, target: ConnectTarget, stream: ServerStream) -> int | None:
+        stream.respond(Status.OK)
+        app = StuckApp()
+        apps.append(app)
+        results.append(await splice(StreamEnd(stream), app, lambda n: None, lambda n: None))
+        return None
+
+    srv = running(to_stuck_app)
+    client = await HboneClient.connect(srv.addr, client_ctx(client_svid), SERVER_ID)
+    stream = await client.open_stream(("127.0.0.1", 9))
+    await stream.write(b"w" * 1000)
+    await assert_eventually(lambda: bool(apps) and apps[0].written == 1000)  # the copy waits on the app
+    stream.close()  # RST_STREAM CANCEL
+    await assert_eventually(lambda: apps[0].closed.is_set())
+    await assert_eventually(lambda: bool(results))
+    assert "reset by peer" in results[0]
+    await client.close()
+
+
 async def test_a_handler_parked_on_a_client_that_went_away_ends_and_serve_returns(
     running: Start, client_svid: Svid
 ) -> None:
