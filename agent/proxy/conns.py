@@ -178,6 +178,37 @@ class HandshakeBudget:
             del self._by_ip[ip]
 
 
+class Refusals:
+    """Refusals counted per key (a source IP; "" for one limit as a whole) while they last, and
+    logged once when they start and once when they end, never once each: a proxy at a limit
+    refuses thousands a second."""
+
+    __slots__ = ("_counts", "_log")
+
+    def __init__(self, logger: logging.Logger) -> None:
+        self._counts: dict[str, int] = {}
+        self._log = logger
+
+    def __bool__(self) -> bool:
+        return bool(self._counts)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._counts
+
+    def refused(self, key: str, start: str, *args: object) -> None:
+        """Count one refusal of `key`; the first of an episode logs `start % args`."""
+        n = self._counts.get(key, 0)
+        if not n:
+            self._log.warning(start, *args)
+        self._counts[key] = n + 1
+
+    def ended(self, key: str, end: str, *args: object) -> None:
+        """End `key`'s episode, if it has one: logs `end % (*args, refusals)`."""
+        n = self._counts.pop(key, 0)
+        if n:
+            self._log.warning(end, *args, n)
+
+
 class Admission(enum.Enum):
     """What `ConnTracker.reserve` decided; only `ADMITTED` is true, so `if not reserve(...)` refuses."""
 
@@ -208,8 +239,8 @@ class ConnTracker:
         )
         self.in_use = 0  # admitted sockets and streams, including those still being set up
         self._by_source: dict[str, int] = {}  # source IP → its slots in `in_use`
-        self._refusing: dict[str, int] = {}  # source IP at its share → connections refused since
-        self._refused_at_cap = 0  # connections refused at `max_connections` since refusing started
+        self._at_share = Refusals(log)  # sources refused at their share, by IP
+        self._at_cap = Refusals(log)  # refusals at `max_connections` (key "")
         self.open: dict[str, Tracked] = {}
         # the proxy is stopping (`NodeProxy.stop()`): what it cancels while still being set up is
         # recorded PROXY_SHUTDOWN, not as abandoned by its client
@@ -233,23 +264,21 @@ class ConnTracker:
         when the proxy is at its cap or `source` at its share. Give it back with `release(source)`."""
         if self.in_use >= self.max_connections:
             self.stats["overload"] += 1
-            if not self._refused_at_cap:  # as a source's share below: one line as refusing starts
-                log.warning("event=overload slots_in_use=%d slots=%d", self.in_use, self.max_connections)
-            self._refused_at_cap += 1
+            self._at_cap.refused(
+                "", "event=overload slots_in_use=%d slots=%d", self.in_use, self.max_connections
+            )
             return Admission.OVERLOAD
         n = self._by_source.get(source, 0)
         if n >= self.max_per_source:
             self.stats["source_overload"] += 1
-            refused = self._refusing.get(source, 0)
-            if not refused:  # one line when refusing starts, one when it ends: never one per refusal
-                log.warning(
-                    "event=source_overload source=%s slots=%d per_source_cap=%d slots_in_use=%d",
-                    source,
-                    n,
-                    self.max_per_source,
-                    self.in_use,
-                )
-            self._refusing[source] = refused + 1
+            self._at_share.refused(
+                source,
+                "event=source_overload source=%s slots=%d per_source_cap=%d slots_in_use=%d",
+                source,
+                n,
+                self.max_per_source,
+                self.in_use,
+            )
             return Admission.SOURCE_OVERLOAD
         self.in_use += 1
         self._by_source[source] = n + 1
@@ -266,16 +295,11 @@ class ConnTracker:
         # Refusing ends once back under 90% of the cap (or of the source's share), not at the first
         # slot freed: a proxy (a source) churning at it would otherwise log a start and an end per
         # connection.
-        if self._refused_at_cap:
-            cap = self.max_connections
-            if self.in_use < cap - cap // 10:
-                log.warning("event=overload_ended refused=%d", self._refused_at_cap)
-                self._refused_at_cap = 0
-        if self._refusing and source in self._refusing:
-            share = self.max_per_source
-            if n < share - share // 10:
-                refused = self._refusing.pop(source)
-                log.warning("event=source_overload_ended source=%s refused=%d", source, refused)
+        if self._at_cap and self.in_use < self.max_connections - self.max_connections // 10:
+            self._at_cap.ended("", "event=overload_ended refused=%d")
+        share = self.max_per_source
+        if self._at_share and source in self._at_share and n < share - share // 10:
+            self._at_share.ended(source, "event=source_overload_ended source=%s refused=%d", source)
 
     def source_slots(self, source: str) -> int:
         """Slots `source` holds now."""

@@ -88,6 +88,11 @@ class ProxyCore:
         self.served[ep.pod.ip] = ep
         self.local_ips.add(ep.pod.ip)
 
+    def serves(self, ep: EnrolledPod) -> bool:
+        """`ep` is still served as this enrollment: not stopped, not replaced by a new one with its IP
+        (checked after every await of a connection's set-up, which a pod stop cannot reach)."""
+        return self.served.get(ep.pod.ip) is ep
+
     def remove_pod(self, uid: str) -> EnrolledPod | None:
         for ip, ep in list(self.served.items()):
             if ep.pod.uid == uid:

@@ -345,12 +345,12 @@ class Inbound:
             # The dial can take up to the connect timeout, and the connection is not open yet, so a
             # push or a pod stop in the meantime could not reach it (`tracker.recheck`,
             # `kill_pods`): it must not open on what no longer holds.
-            if core.served.get(ep.pod.ip) is not ep:
+            if not core.serves(ep):
                 app.close()
                 refuse(REASON_POD_STOPPED, Status.SERVICE_UNAVAILABLE, ResponseFlags.NONE)
                 return
             # the same for a source pod of this node (same node): the connection is its too
-            if src_ep is not None and core.served.get(src_ep.pod.ip) is not src_ep:
+            if src_ep is not None and not core.serves(src_ep):
                 app.close()
                 refuse(REASON_SOURCE_POD_STOPPED, Status.SERVICE_UNAVAILABLE, ResponseFlags.NONE)
                 return

@@ -195,7 +195,7 @@ class Outbound:
         # The dial can take up to the connect timeout and the connection is not open yet, so a stop
         # of its pod meanwhile could not reach it (`kill_pods`): it must not open now. As the
         # destination side's check after its dial (`Inbound.deliver`).
-        if core.served.get(ep.pod.ip) is not ep:
+        if not core.serves(ep):
             upstream.close()
             self._refuse_source_stopped(t, client)
             return
@@ -214,7 +214,7 @@ class Outbound:
         src_id = core.index.identity(src_wl)
         dst_id = core.index.identity(route.workload)
         key = PoolKey(src_id, dst_id, (route.dst[0], core.hbone_port))
-        if core.served.get(ep.pod.ip) is not ep:
+        if not core.serves(ep):
             # stopped before this task got here (accepted just before `stop`): its pool was closed,
             # and one made now would stay in `pools` until the proxy stops
             self._refuse_source_stopped(t, client)
@@ -247,7 +247,7 @@ class Outbound:
             client.close()
             return
         # the same after a CONNECT (a dial of the HBONE connection, then up to the answer timeout)
-        if core.served.get(ep.pod.ip) is not ep:
+        if not core.serves(ep):
             stream.close()  # RST_STREAM CANCEL: the peer closes the app's connection too
             self._refuse_source_stopped(t, client)
             return

@@ -20,7 +20,7 @@ from agent.admin.sources import ConnectionInfo
 from agent.datapath.interface import Datapath, EnrolledPod
 from agent.identity import CertificateManager
 from agent.proxy import tunnel
-from agent.proxy.conns import DEFAULT_MAX_CONNECTIONS, ConnTracker, HandshakeBudget
+from agent.proxy.conns import DEFAULT_MAX_CONNECTIONS, ConnTracker, HandshakeBudget, Refusals
 from agent.proxy.core import CONNECT_TIMEOUT, ProxyCore
 from agent.proxy.flows import FlowLog, FlowRing
 from agent.proxy.hbone import HBONE_PORT
@@ -75,7 +75,7 @@ class NodeProxy:
         if max_hbone_queued is not None:  # one budget per process (tunnel.RECEIVE_BUDGET)
             tunnel.RECEIVE_BUDGET.limit = max_hbone_queued
         self.handshakes = HandshakeBudget()
-        self._handshakes_refused = 0  # since the last accepted one: the log says when refusing starts, ends
+        self._handshake_refusals = Refusals(log)  # until the next accepted one (key "")
         self.metrics.before_collect(self.tracker.report_bytes)
         self.certs = certs
         self.core = ProxyCore(
@@ -206,20 +206,18 @@ class NodeProxy:
             ip = addr[0]
             if not self.handshakes.take(ip):
                 self.inbound.hbone_stats["handshake_overload"] += 1
-                if not self._handshakes_refused:
-                    log.warning(
-                        "event=hbone_handshake_overload pod=%s peer_ip=%s pending=%d pending_from_ip_cap=%d",
-                        ep.pod.uid,
-                        ip,
-                        self.handshakes.pending,
-                        self.handshakes.per_ip,
-                    )
-                self._handshakes_refused += 1
+                self._handshake_refusals.refused(
+                    "",
+                    "event=hbone_handshake_overload pod=%s peer_ip=%s pending=%d pending_from_ip_cap=%d",
+                    ep.pod.uid,
+                    ip,
+                    self.handshakes.pending,
+                    self.handshakes.per_ip,
+                )
                 conn.close()
                 continue
-            if self._handshakes_refused:
-                log.warning("event=hbone_handshake_overload_ended refused=%d", self._handshakes_refused)
-                self._handshakes_refused = 0
+            if self._handshake_refusals:
+                self._handshake_refusals.ended("", "event=hbone_handshake_overload_ended refused=%d")
             self._spawn(self._serve_hbone(conn, ip))
 
     async def _serve_hbone(self, conn: socket.socket, ip: str) -> None:
