@@ -269,6 +269,14 @@ def tls_to_hbone(lab: LabHandle, ctx: ssl.SSLContext, ip: str) -> tuple[ssl.SSLS
     return tls, port
 
 
+def client_to_hbone(
+    lab: LabHandle, lab_ca: CertificateAuthority, tmp_path: Path, ip: str
+) -> tuple[ssl.SSLSocket, int]:
+    """`tls_to_hbone` with a fresh certificate of the `client` identity (default/client)."""
+    ctx = client_tls(bundle(lab), issue(lab_ca, spiffe("default", "client")), tmp_path)
+    return tls_to_hbone(lab, ctx, ip)
+
+
 @pytest.mark.parametrize("client_cert", ["other-ca", "none"])
 def test_hbone_refuses_a_foreign_or_missing_client_certificate(
     lab: LabHandle, tmp_path: Path, client_cert: str
@@ -313,8 +321,7 @@ def test_hbone_answers_400_when_the_authority_is_not_the_tls_destination(
     lab: LabHandle, lab_ca: CertificateAuthority, tmp_path: Path
 ) -> None:
     v1, v2 = lab.plan.pod("httpbin-v1"), lab.plan.pod("httpbin-v2")
-    ctx = client_tls(bundle(lab), issue(lab_ca, spiffe("default", "client")), tmp_path)
-    tls, _ = tls_to_hbone(lab, ctx, v2.ip)
+    tls, _ = client_to_hbone(lab, lab_ca, tmp_path, v2.ip)
     with tls:
         h2c = H2Tunnel(tls)
         # a certificate accepted at httpbin-v2 cannot be used to reach httpbin-v1 (another pod)
@@ -333,8 +340,7 @@ def test_an_independent_h2_client_tunnels_http11_to_the_app(
     lab: LabHandle, lab_ca: CertificateAuthority, tmp_path: Path
 ) -> None:
     v2, outsider = lab.plan.pod("httpbin-v2"), lab.plan.pod("outsider")
-    ctx = client_tls(bundle(lab), issue(lab_ca, spiffe("default", "client")), tmp_path)
-    tls, port = tls_to_hbone(lab, ctx, v2.ip)
+    tls, port = client_to_hbone(lab, lab_ca, tmp_path, v2.ip)
     with tls:
         h2c = H2Tunnel(tls)
         sid, status = h2c.connect(f"{v2.ip}:8000")
@@ -387,8 +393,7 @@ def test_rapid_reset_gets_goaway_and_the_agent_keeps_serving(
     it, and goes on serving everyone else."""
     v2 = lab.plan.pod("httpbin-v2")
     before = proxy_stat(lab, "node2", "cut_off_rapid_reset")
-    ctx = client_tls(bundle(lab), issue(lab_ca, spiffe("default", "client")), tmp_path)
-    tls, _ = tls_to_hbone(lab, ctx, v2.ip)
+    tls, _ = client_to_hbone(lab, lab_ca, tmp_path, v2.ip)
     with tls:
         h2c = H2Tunnel(tls)
         for _ in range(200):
@@ -409,8 +414,7 @@ def test_continuation_flood_gets_goaway_and_the_agent_keeps_serving(
     kept 64 of those 256 KiB frames, with GOAWAY ENHANCE_YOUR_CALM; it counts it and goes on serving."""
     v2 = lab.plan.pod("httpbin-v2")
     before = proxy_stat(lab, "node2", "cut_off_header_flood")
-    ctx = client_tls(bundle(lab), issue(lab_ca, spiffe("default", "client")), tmp_path)
-    tls, _ = tls_to_hbone(lab, ctx, v2.ip)
+    tls, _ = client_to_hbone(lab, lab_ca, tmp_path, v2.ip)
     with tls:
         h2c = H2Tunnel(tls)
         # a first stream settles the settings exchange, so nothing the client owes (a SETTINGS ACK)
@@ -530,8 +534,7 @@ def test_connects_reset_while_they_dial_a_stuck_app_are_cancelled(
         filler = connect_from(v2.netns_path, (v2.ip, STUCK_PORT))  # SYNs to it are dropped from now on
         stats = ("streams_abandoned", "upstream_error", "connection_slots_in_use")
         before = {stat: proxy_stat(lab, "node2", stat) for stat in stats}
-        ctx = client_tls(bundle(lab), issue(lab_ca, spiffe("default", "client")), tmp_path)
-        with filler, tls_to_hbone(lab, ctx, v2.ip)[0] as tls:
+        with filler, client_to_hbone(lab, lab_ca, tmp_path, v2.ip)[0] as tls:
             h2c = H2Tunnel(tls)
             for _ in range(3):
                 sids = []

@@ -7,22 +7,8 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-import agent.cli as cli
 from agent.main import AgentOptions
 from nodemesh.cli import app
-
-
-@pytest.fixture
-def seen(monkeypatch: pytest.MonkeyPatch) -> list[AgentOptions]:
-    got: list[AgentOptions] = []
-
-    async def fake_run(options: AgentOptions, stop: object = None) -> int:
-        got.append(options)
-        return 0
-
-    monkeypatch.setattr(cli, "run", fake_run)
-    monkeypatch.setattr(cli, "configure_logging", lambda *a: None)
-    return got
 
 
 def invoke(tmp_path: Path, *extra: str) -> tuple[int, str]:

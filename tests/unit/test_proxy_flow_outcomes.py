@@ -269,6 +269,14 @@ def test_a_source_ip_claimed_by_a_workload_without_a_valid_identity_is_just_not_
 # --- cancelled while being set up: the client gone, or the proxy stopping ----------------------------
 
 
+def connect_from_c(node: Node, dst: tuple[str, int]) -> tuple[Client, asyncio.Task[None]]:
+    """Pod c's app connects to `dst` (its original destination) through 15001: the client end, and
+    the outbound side's task handling it."""
+    node.datapath.orig[50000] = dst
+    client = Client(("127.0.0.1", 50000), ("127.0.0.1", 15001))
+    return client, asyncio.create_task(node.outbound.handle(node.eps["c"], cast(SocketEnd, client)))
+
+
 async def cancel_when(task: asyncio.Task[Any], started: asyncio.Event) -> None:
     await asyncio.wait_for(started.wait(), 5)
     task.cancel()
@@ -284,9 +292,7 @@ async def test_outbound_cancelled_while_its_hbone_stream_opens_is_recorded(
     node.core.tracker.stopping = stopping
     pool = HeldPool()
     node.outbound.pool = lambda ep: cast(Any, pool)  # type: ignore[method-assign]
-    node.datapath.orig[50000] = (A.ips[0], APP_PORT)
-    client = Client(("127.0.0.1", 50000), ("127.0.0.1", 15001))
-    task = asyncio.create_task(node.outbound.handle(node.eps["c"], cast(SocketEnd, client)))
+    client, task = connect_from_c(node, (A.ips[0], APP_PORT))
     await cancel_when(task, pool.started)
     assert outcomes(node) == [(FlowEvent.DENY, reason)]
     assert client.closed
@@ -302,9 +308,7 @@ async def test_outbound_cancelled_while_its_passthrough_dials_is_recorded(
     node = Node()
     node.core.tracker.stopping = stopping
     started = hold_dials(node)
-    node.datapath.orig[50000] = (LEGACY.ips[0], 80)
-    client = Client(("127.0.0.1", 50000), ("127.0.0.1", 15001))
-    task = asyncio.create_task(node.outbound.handle(node.eps["c"], cast(SocketEnd, client)))
+    client, task = connect_from_c(node, (LEGACY.ips[0], 80))
     await cancel_when(task, started)
     assert outcomes(node) == [(FlowEvent.DENY, reason)]
     assert client.closed
@@ -319,9 +323,7 @@ async def test_same_node_cancelled_while_the_app_is_dialled_is_recorded_once(
     node = Node()
     node.core.tracker.stopping = stopping
     started = hold_dials(node)
-    node.datapath.orig[50000] = (B.ips[0], APP_PORT)
-    client = Client(("127.0.0.1", 50000), ("127.0.0.1", 15001))
-    task = asyncio.create_task(node.outbound.handle(node.eps["c"], cast(SocketEnd, client)))
+    client, task = connect_from_c(node, (B.ips[0], APP_PORT))
     await cancel_when(task, started)
     assert outcomes(node) == [(FlowEvent.DENY, reason)]
     assert client.closed

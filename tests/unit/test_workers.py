@@ -156,11 +156,8 @@ def test_one_process_means_no_workers(tmp_path: Path) -> None:
         WorkerSupervisor(tmp_path / "admin.sock", 0, lambda i: ["true"])
 
 
-def test_worker_command_line_is_accepted_by_agent_run(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_worker_command_line_is_accepted_by_agent_run(tmp_path: Path, seen: list[AgentOptions]) -> None:
     """The argv the main process builds parses into the same options plus the worker index."""
-    import agent.cli as cli
     from nodemesh.cli import app
 
     (tmp_path / "cg").mkdir()
@@ -169,14 +166,6 @@ def test_worker_command_line_is_accepted_by_agent_run(
                         trust_domain="example.org", admin_socket=tmp_path / "a.sock", flow_ring_size=77,
                         proxy_workers=3, event_loop="asyncio", log_level="debug", max_connections=600,
                         max_connections_per_source=150, max_hbone_queued=64 * 1024 * 1024)
-    seen: list[AgentOptions] = []
-
-    async def fake_run(options: AgentOptions, stop: object = None) -> int:
-        seen.append(options)
-        return 0
-
-    monkeypatch.setattr(cli, "run", fake_run)
-    monkeypatch.setattr(cli, "configure_logging", lambda *a: None)
     argv = worker_argv(opts, 2)
     assert argv[:3] == [sys.executable, "-m", "nodemesh.cli"]
     assert argv[3:5] == ["agent", "run"]
