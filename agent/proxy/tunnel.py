@@ -612,7 +612,10 @@ class _H2Protocol(asyncio.Protocol):
             self.conn.send_headers(stream_id, hbone.response_headers(status), end_stream=end_stream)
         except (h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError) as exc:
             log.info("event=hbone_respond_failed stream=%d status=%d error=%r", stream_id, status, exc)
-            self.streams.pop(stream_id, None)
+            # failed, not only forgotten: its handler may go on to read or write it (a pipe to the
+            # app), and a stream nobody fails wakes nobody, not even when the connection ends
+            if (stream := self.streams.pop(stream_id, None)) is not None:
+                stream._fail(TunnelError(f"stream {stream_id} could not be answered: {exc!r}"))
             self._close_if_drained()
             return
         self._flush()
@@ -950,7 +953,13 @@ class _ServerProtocol(_H2Protocol):
                 stream.respond(status if status is not None else Status.SERVICE_UNAVAILABLE)
             elif stream.status == Status.OK and not self.closed.done():
                 stream.write_eof()
-                self._forget_if_done(stream.stream_id)
+                if stream.at_eof:
+                    self._forget_if_done(stream.stream_id)
+                else:
+                    # the handler is done and left data unread, or the peer still sends: nobody
+                    # reads this stream now. Without the reset, what it queued stayed counted
+                    # in the receive budget for good once the peer ended its side
+                    stream.close()
 
 
 class HboneServer:

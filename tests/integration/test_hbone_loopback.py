@@ -1134,6 +1134,43 @@ async def test_a_stream_reset_while_its_app_does_not_read_ends_the_pipe_and_the_
     await client.close()
 
 
+async def test_a_connect_that_cannot_be_answered_ends_the_pipe_and_the_app_connection(
+    running: Start, client_svid: Svid
+) -> None:
+    """A client sends a CONNECT and, before the answer, GOAWAY with an error code: h2 takes no more
+    frames from the server, so the 200 cannot be sent once the handler has dialled the app. The
+    stream now fails, so the pipe ends and closes the app's connection. Before, the stream was only
+    forgotten: the pipe waited on it for ever, holding the app's connection (and, in the proxy, a
+    connection slot), even after the client had gone."""
+    apps: list[StuckApp] = []
+    results: list[str] = []
+
+    async def dial_then_pipe(peer: SpiffeId, target: ConnectTarget, stream: ServerStream) -> int | None:
+        await asyncio.sleep(0.2)  # the dial to the app
+        app = StuckApp()
+        apps.append(app)
+        stream.respond(Status.OK)
+        results.append(await splice(StreamEnd(stream), app, lambda n: None, lambda n: None))
+        return None
+
+    srv = running(dial_then_pipe)
+
+    def connect_then_goaway() -> ssl.SSLSocket:
+        s, conn = _flood_session(srv.addr, client_ctx(client_svid))
+        conn.send_headers(1, [(":method", "CONNECT"), (":authority", "127.0.0.1:9")])
+        conn.close_connection(error_code=h2.errors.ErrorCodes.INTERNAL_ERROR)
+        s.sendall(conn.data_to_send())
+        return s
+
+    s = await asyncio.to_thread(connect_then_goaway)
+    try:
+        await assert_eventually(lambda: bool(apps) and apps[0].closed.is_set())  # the client is still there
+        await assert_eventually(lambda: bool(results))
+        assert "could not be answered" in results[0]
+    finally:
+        s.close()
+
+
 async def test_a_handler_parked_on_a_client_that_went_away_ends_and_serve_returns(
     running: Start, client_svid: Svid
 ) -> None:
