@@ -81,8 +81,9 @@ HBONE_STATS: Final = (
 class Inbound:
     """Accepts connections for the pods this proxy serves."""
 
-    def __init__(self, core: ProxyCore) -> None:
+    def __init__(self, core: ProxyCore, keepalive: tuple[float, float] | None = None) -> None:
         self.core = core
+        self.keepalive = keepalive  # PINGs on each 15008 connection (interval, timeout), as the pool's
         self.hbone_stats: dict[str, int] = dict.fromkeys(HBONE_STATS, 0)
         # handlers of the CONNECT streams being served (`HboneServer` starts them, not NodeProxy):
         # what `NodeProxy.stop()` cancels along with its own connection tasks
@@ -111,7 +112,8 @@ class Inbound:
         async def on_stream(peer: SpiffeId, target: ConnectTarget, stream: ServerStream) -> int | None:
             return await self._hbone_stream(sock_peer, peer, target, stream)
 
-        server = HboneServer(self.pick_identity, on_stream, self.core.index.trust_domain)
+        trust_domain = self.core.index.trust_domain
+        server = HboneServer(self.pick_identity, on_stream, trust_domain, keepalive=self.keepalive)
         self.hbone_stats["connections"] += 1
         try:
             await server.serve(sock, established)

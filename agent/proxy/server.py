@@ -88,7 +88,7 @@ class NodeProxy:
             hbone_port=hbone_port,
             connect_timeout=connect_timeout,
         )
-        self.inbound = Inbound(self.core)
+        self.inbound = Inbound(self.core, keepalive=hbone_keepalive)
         self.outbound = Outbound(self.core, self.inbound, keepalive=hbone_keepalive)
         self._manage_identities = manage_identities
         self._identities: dict[str, SpiffeId] = {}  # pod uid → identity ensured for it

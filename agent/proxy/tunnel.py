@@ -361,6 +361,8 @@ class _H2Protocol(asyncio.Protocol):
         self.held = 0  # bytes its streams queued for their readers (ReceiveBudget)
         self._ended = False  # `_shutdown` ran
         self._budget = RECEIVE_BUDGET
+        self.pings_acked = 0  # keepalive PINGs answered
+        self._keepalive: asyncio.Task[None] | None = None
 
     # -- asyncio.Protocol --
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -522,6 +524,12 @@ class _H2Protocol(asyncio.Protocol):
         # what its ended streams still queue for their readers stays counted until they take it
         self._budget._conns.discard(self)
         self.goaway = True
+        for waiter in self._pings.values():  # nobody answers them now
+            if not waiter.done():
+                waiter.set_exception(TunnelError("connection closed"))
+                waiter.exception()
+        if self._keepalive is not None and self._keepalive is not asyncio.current_task():
+            self._keepalive.cancel()
         # the failed streams woke their own writers; this also wakes anyone else parked in _drain
         # (the failed transport never calls resume_writing) and keeps later writes from parking
         self._can_write.set()
@@ -651,9 +659,39 @@ class _H2Protocol(asyncio.Protocol):
         finally:
             self._pings.pop(opaque, None)
 
+    def start_keepalive(self, interval: float, timeout: float) -> None:
+        """PING every `interval` s; a PING unanswered within `timeout` s ends the connection.
+
+        Besides a peer gone silent (a node lost without FIN or RST), this is what notices a peer's
+        reset on a connection that writes nothing meanwhile under uvloop: its poll handle drops an
+        fd that reports an error (POLLERR) without calling the reader, so the reset is seen only
+        when the connection next writes, and the PING is that write."""
+        if self._keepalive is None and not self.closed.done():
+            self._keepalive = self._loop.create_task(self._run_keepalive(interval, timeout))
+
+    async def _run_keepalive(self, interval: float, timeout: float) -> None:
+        # until closed, not only while usable: a draining connection (GOAWAY received) still
+        # carries streams, and a peer gone silent must not leave them hanging
+        while not self.closed.done():
+            await asyncio.sleep(interval)
+            if self.closed.done():
+                return
+            try:
+                await self.ping(timeout)
+            except TunnelError:  # the connection ended meanwhile (the PING's write may have ended it)
+                return
+            except (TimeoutError, h2.exceptions.ProtocolError) as exc:
+                addr = self.transport.get_extra_info("peername") if self.transport is not None else None
+                log.warning("event=hbone_keepalive_failed peer=%s addr=%s error=%r", self.peer, addr, exc)
+                self._shutdown(TunnelError(f"keepalive PING unanswered for {timeout}s"))
+                return
+            self.pings_acked += 1
+
     def close(self) -> None:
         # draining from now on, not from connection_lost: a pool must not hand it out meanwhile
         self.goaway = True
+        if self._keepalive is not None:
+            self._keepalive.cancel()
         if self.transport is not None and not self.transport.is_closing():
             self.conn.close_connection()
             self._flush()
@@ -692,8 +730,6 @@ class HboneClient:
     def __init__(self, proto: _ClientProtocol, dst: tuple[str, int]) -> None:
         self._proto = proto
         self.dst = dst
-        self.pings_acked = 0
-        self._keepalive: asyncio.Task[None] | None = None
 
     @classmethod
     async def connect(
@@ -803,28 +839,14 @@ class HboneClient:
 
     def start_keepalive(self, interval: float, timeout: float) -> None:
         """PING every `interval` s; a PING unanswered within `timeout` s closes the connection (the pool
-        then drops it)."""
-        if self._keepalive is None:
-            self._keepalive = asyncio.get_running_loop().create_task(self._run_keepalive(interval, timeout))
+        then drops it). See `_H2Protocol.start_keepalive`."""
+        self._proto.start_keepalive(interval, timeout)
 
-    async def _run_keepalive(self, interval: float, timeout: float) -> None:
-        # until closed, not only while usable: a draining connection (GOAWAY received) still
-        # carries streams, and a peer gone silent must not leave them hanging
-        while not self._proto.closed.done():
-            await asyncio.sleep(interval)
-            if self._proto.closed.done():
-                return
-            try:
-                await self._proto.ping(timeout)
-            except (TimeoutError, h2.exceptions.ProtocolError) as exc:
-                log.warning("event=hbone_keepalive_failed dst=%s:%s error=%r", self.dst[0], self.dst[1], exc)
-                self._proto._shutdown(TunnelError(f"keepalive PING unanswered for {timeout}s"))
-                return
-            self.pings_acked += 1
+    @property
+    def pings_acked(self) -> int:
+        return self._proto.pings_acked
 
     async def close(self) -> None:
-        if self._keepalive is not None:
-            self._keepalive.cancel()
         self._proto.close()
         await asyncio.shield(self._proto.closed)
 
@@ -967,7 +989,8 @@ class HboneServer:
 
     `await pick_identity(local_ip)` gives the server context of the workload owning `local_ip` (None: refuse).
     `on_stream(peer, target, stream)` answers with `stream.respond(200|401|503)` then pipes bytes; if it
-    returns without answering, its return value (or 503) is sent.
+    returns without answering, its return value (or 503) is sent. `keepalive`: (interval, timeout) of
+    the PINGs each connection sends once established (`_H2Protocol.start_keepalive`), or None.
     """
 
     def __init__(
@@ -978,8 +1001,10 @@ class HboneServer:
         *,
         max_streams: int = hbone.MAX_STREAMS_PER_CONNECTION,
         handshake_timeout: float = HANDSHAKE_TIMEOUT,
+        keepalive: tuple[float, float] | None = None,
     ) -> None:
         self.pick_identity = pick_identity
+        self.keepalive = keepalive
         self.on_stream = on_stream
         self.trust_domain = trust_domain
         self.max_streams = max_streams
@@ -1029,6 +1054,8 @@ class HboneServer:
         if established is not None and not established():
             proto.close()
             return
+        if self.keepalive is not None:
+            proto.start_keepalive(*self.keepalive)
         self._conns.add(proto)
         try:
             # shielded: cancelling this task (the proxy stopping) must not cancel `closed`, which

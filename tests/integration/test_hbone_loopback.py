@@ -104,7 +104,7 @@ class Running:
 
 
 Handler = Callable[[SpiffeId, ConnectTarget, ServerStream], Awaitable[int | None]]
-Start = Callable[..., Running]  # start(handler, sndbuf=0, rcvbuf=0)
+Start = Callable[..., Running]  # start(handler, sndbuf=0, rcvbuf=0, keepalive=None)
 
 
 @pytest.fixture
@@ -113,7 +113,9 @@ async def running(server_svid: Svid) -> AsyncIterator[Start]:
     tasks: set[asyncio.Task[None]] = set()
     context = tls.server_context(server_svid.chain, server_svid.key, server_svid.bundle)
 
-    def start(handler: Handler, sndbuf: int = 0, rcvbuf: int = 0) -> Running:
+    def start(
+        handler: Handler, sndbuf: int = 0, rcvbuf: int = 0, keepalive: tuple[float, float] | None = None
+    ) -> Running:
         seen: list[tuple[SpiffeId, ConnectTarget]] = []
 
         async def recording(peer: SpiffeId, target: ConnectTarget, stream: ServerStream) -> int | None:
@@ -123,7 +125,7 @@ async def running(server_svid: Svid) -> AsyncIterator[Start]:
         async def pick(ip: IpAddress) -> ssl.SSLContext | None:
             return context if ip == canonical_ip("127.0.0.1") else None
 
-        server = HboneServer(pick, recording, TD)
+        server = HboneServer(pick, recording, TD, keepalive=keepalive)
         lsock = socket.socket()
         if sndbuf:  # accepted sockets inherit it
             lsock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, sndbuf)
@@ -388,6 +390,31 @@ async def test_an_unanswered_ping_closes_the_connection(server_svid: Svid, clien
     finally:
         server.close()
         await server.wait_closed()
+
+
+async def test_the_server_pings_and_keeps_a_client_that_answers(running: Start, client_svid: Svid) -> None:
+    srv = running(echo, keepalive=(0.01, 5))
+    client = await HboneClient.connect(srv.addr, client_ctx(client_svid), SERVER_ID)
+    await assert_eventually(lambda: len(srv.server._conns) == 1)
+    (proto,) = srv.server._conns
+    await assert_eventually(lambda: proto.pings_acked >= 3)
+    await assert_echoes(client, b"still here")
+    await client.close()
+
+
+async def test_the_server_closes_a_connection_whose_client_went_silent(
+    running: Start, client_svid: Svid
+) -> None:
+    """The serving side PINGs too (NodeProxy gives 15008 the pool's keepalive): a source node gone
+    without FIN or RST, or whose reset uvloop's poll dropped, does not hold the connection, its
+    streams and their app connections for ever."""
+    srv = running(echo, keepalive=(0.02, 0.2))
+    s, _conn = await asyncio.to_thread(_flood_session, srv.addr, client_ctx(client_svid))  # then silence
+    try:
+        await assert_eventually(lambda: len(srv.server._conns) == 1)
+        await assert_eventually(lambda: not srv.server._conns, timeout=3)
+    finally:
+        s.close()
 
 
 async def test_single_stream_throughput_64_mib(

@@ -24,6 +24,9 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
+import h2.config
+import h2.connection
+import h2.events
 import pytest
 from h2client import h2_connect
 
@@ -409,6 +412,35 @@ async def test_pooled_hbone_connections_are_kept_alive_with_pings(mesh: Mesh) ->
     await assert_eventually(lambda: clients[0].pings_acked >= 3)  # answered by node2's 15008
     assert await exchange(r, w, b"again", len(b"again")) == b"again"  # the stream is unaffected
     w.close()
+
+
+def _pinged_by(addr: tuple[str, int], ctx: ssl.SSLContext, within: float) -> bool:
+    """Connect to a 15008 as a bare h2 client and wait up to `within` s for the server's PING."""
+    raw = socket.create_connection(addr, timeout=within)
+    with raw, ctx.wrap_socket(raw, server_hostname=None) as s:
+        conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+        conn.initiate_connection()
+        s.sendall(conn.data_to_send())
+        deadline = time.monotonic() + within
+        while time.monotonic() < deadline:
+            data = s.recv(65536)
+            if not data:
+                return False
+            if any(isinstance(e, h2.events.PingReceived) for e in conn.receive_data(data)):
+                return True
+            s.sendall(conn.data_to_send())
+    return False
+
+
+async def test_inbound_hbone_connections_are_kept_alive_with_pings_too(mesh: Mesh) -> None:
+    """15008 PINGs its connections as the pool does: a source node gone silent, or whose reset
+    uvloop's poll dropped, does not hold a connection and its streams' app connections for ever."""
+    proxy = mesh.proxies["node2"]
+    assert proxy.inbound.keepalive == proxy.outbound.keepalive  # on by default (10 s / 20 s)
+    proxy.inbound.keepalive = (0.02, 2.0)
+    b = mesh.pods["b"]
+    ctx = svid_context(mesh.ca, SpiffeId.for_workload(TD, "ops", "tester"), mesh.ca.trust_bundle_pem())
+    assert await asyncio.to_thread(_pinged_by, (b.ip, mesh.hbone_port), ctx, 3.0)
 
 
 # --- refusals at 15008 ----------------------------------------------------------------------------
