@@ -193,6 +193,9 @@ class TlsTransport(asyncio.Transport):
 
     # -- reading --
     def _on_readable(self) -> None:
+        # Under uvloop a reset queued behind the bytes read here is never reported to this callback
+        # (the poll handle is closed on the POLLERR): the protocol's keepalive PING finds it
+        # (`tunnel._H2Protocol.start_keepalive`)
         bufs = _claim_buffers()
         try:
             try:

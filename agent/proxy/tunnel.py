@@ -663,9 +663,11 @@ class _H2Protocol(asyncio.Protocol):
         """PING every `interval` s; a PING unanswered within `timeout` s ends the connection.
 
         Besides a peer gone silent (a node lost without FIN or RST), this is what notices a peer's
-        reset on a connection that writes nothing meanwhile under uvloop: its poll handle drops an
-        fd that reports an error (POLLERR) without calling the reader, so the reset is seen only
-        when the connection next writes, and the PING is that write."""
+        reset on a connection that writes nothing meanwhile under uvloop: when the reset is already
+        queued as a read callback returns (it came with the last bytes read), libuv reports the next
+        poll as an error (POLLERR) and uvloop closes the poll handle without calling the reader, so
+        the reset is seen only when the connection next writes; the PING is that write. Reading
+        until EAGAIN in every callback would see it at once, for one more recv(2) per wake-up."""
         if self._keepalive is None and not self.closed.done():
             self._keepalive = self._loop.create_task(self._run_keepalive(interval, timeout))
 
