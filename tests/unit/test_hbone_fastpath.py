@@ -29,6 +29,7 @@ import h2.exceptions
 import hpack
 import hyperframe.frame
 import pytest
+from h2frames import frame
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -387,10 +388,6 @@ def _settled() -> Conn:
     return server
 
 
-def _frame(kind: int, flags: int, sid: int, payload: bytes) -> bytes:
-    return len(payload).to_bytes(3, "big") + bytes([kind, flags]) + sid.to_bytes(4, "big") + payload
-
-
 def _goaway_code(wire: bytes) -> int | None:
     """The error code of the GOAWAY in `wire` (frames as a server wrote them), if any."""
     while len(wire) >= 9:
@@ -408,9 +405,9 @@ def test_a_header_block_longer_than_the_header_list_size_ends_the_connection() -
     for padding): GOAWAY ENHANCE_YOUR_CALM, at the frame that would take it past that."""
     server = _settled()
     headers = hpack.Encoder().encode(hbone.connect_headers(("10.1.0.5", 8080), traceparent=TRACE))
-    assert server.receive_data(_frame(0x1, 0x0, 1, headers)) == []  # HEADERS, no END_HEADERS
+    assert server.receive_data(frame(0x1, 0x0, 1, headers)) == []  # HEADERS, no END_HEADERS
     server.data_to_send()
-    junk = _frame(0x9, 0x0, 1, b"\x00" * 16384)  # CONTINUATION, no END_HEADERS
+    junk = frame(0x9, 0x0, 1, b"\x00" * 16384)  # CONTINUATION, no END_HEADERS
     block = len(headers)
     with pytest.raises(h2.exceptions.DenialOfServiceError):
         for _ in range(64):
@@ -426,15 +423,15 @@ def test_one_header_frame_over_the_limit_is_refused() -> None:
     for flags in (0x0, 0x4):
         server = _settled()
         with pytest.raises(h2.exceptions.DenialOfServiceError):
-            server.receive_data(_frame(0x1, flags, 1, b"\x00" * (hbone.MAX_HEADER_BLOCK + 1)))
+            server.receive_data(frame(0x1, flags, 1, b"\x00" * (hbone.MAX_HEADER_BLOCK + 1)))
         assert _goaway_code(server.data_to_send()) == h2.errors.ErrorCodes.ENHANCE_YOUR_CALM
 
 
 def test_a_header_block_in_continuations_within_the_limit_still_opens_its_stream() -> None:
     server = _settled()
     headers = hpack.Encoder().encode(hbone.connect_headers(("10.1.0.5", 8080), traceparent=TRACE))
-    wire = _frame(0x1, 0x0, 1, headers[:10]) + _frame(0x9, 0x0, 1, headers[10:20])
-    events = server.receive_data(wire + _frame(0x9, 0x4, 1, headers[20:]))
+    wire = frame(0x1, 0x0, 1, headers[:10]) + frame(0x9, 0x0, 1, headers[10:20])
+    events = server.receive_data(wire + frame(0x9, 0x4, 1, headers[20:]))
     assert [type(e).__name__ for e in events] == ["RequestReceived"]
 
 

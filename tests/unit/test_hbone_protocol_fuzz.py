@@ -25,6 +25,7 @@ from typing import Any
 import hpack
 import hyperframe.frame
 import pytest
+from h2frames import frame
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -108,12 +109,6 @@ class FakeTransport(asyncio.Transport):
 stream_ids = st.sampled_from([1, 1, 1, 1, 1, 3, 3, 0, 2, 5, 2**31 - 1])  # mostly the streams opened
 
 
-def _raw(kind: int, flags: int, stream_id: int, payload: bytes) -> bytes:
-    """A frame as bytes, whatever its content (hyperframe would refuse to build some)."""
-    n = len(payload)
-    return struct.pack(">HBBBL", n >> 8, n & 0xFF, kind, flags, stream_id & 0x7FFFFFFF) + payload
-
-
 @st.composite
 def header_blocks(draw: st.DrawFn) -> list[tuple[bytes, bytes]]:
     """Mostly CONNECTs to this node (some valid), some with headers no CONNECT may have."""
@@ -194,9 +189,9 @@ def frames(draw: st.DrawFn, encoder: hpack.Encoder, client: bool = False) -> byt
             block = bytes([3]) + block + b"\0\0\0"
         if flags & 0x20:
             block = b"\0\0\0\0\x10" + block
-        return _raw(0x1, flags, sid, block)
+        return frame(0x1, flags, sid, block)
     if kind == "continuation":
-        return _raw(0x9, draw(st.sampled_from([0, 0x4])), sid, draw(st.binary(max_size=40)))
+        return frame(0x9, draw(st.sampled_from([0, 0x4])), sid, draw(st.binary(max_size=40)))
     if kind == "data":
         size = draw(st.sampled_from([0, 1, 100, 5000, 70000]))
         payload = bytes(size)
@@ -204,17 +199,17 @@ def frames(draw: st.DrawFn, encoder: hpack.Encoder, client: bool = False) -> byt
         if flags & 0x8:
             pad = draw(st.integers(0, 20))
             payload = bytes([pad]) + payload + bytes(pad)
-        return _raw(0x0, flags, sid, payload)
+        return frame(0x0, flags, sid, payload)
     if kind == "rst":
-        return _raw(0x3, 0, sid, struct.pack(">L", draw(st.sampled_from([0, 1, 2, 7, 8, 99]))))
+        return frame(0x3, 0, sid, struct.pack(">L", draw(st.sampled_from([0, 1, 2, 7, 8, 99]))))
     if kind == "window":
         increment = draw(st.sampled_from([0, 1, 65535, 2**20, 2**31 - 1]))
-        return _raw(0x8, 0, sid, struct.pack(">L", increment))
+        return frame(0x8, 0, sid, struct.pack(">L", increment))
     if kind == "priority":
-        return _raw(0x2, 0, sid, struct.pack(">LB", draw(st.sampled_from([0, 1, 3])), 16))
+        return frame(0x2, 0, sid, struct.pack(">LB", draw(st.sampled_from([0, 1, 3])), 16))
     if kind == "settings":
         if draw(st.booleans()):
-            return _raw(0x4, 0x1, 0, b"")  # ACK
+            return frame(0x4, 0x1, 0, b"")  # ACK
         pairs = draw(
             st.lists(
                 st.tuples(
@@ -224,22 +219,22 @@ def frames(draw: st.DrawFn, encoder: hpack.Encoder, client: bool = False) -> byt
                 max_size=3,
             )
         )
-        return _raw(
+        return frame(
             0x4,
             0,
             sid if draw(st.integers(0, 5)) == 0 else 0,
             b"".join(struct.pack(">HL", k, v) for k, v in pairs),
         )
     if kind == "ping":
-        return _raw(0x6, draw(st.sampled_from([0, 1])), 0, draw(st.sampled_from([bytes(8), bytes(7)])))
+        return frame(0x6, draw(st.sampled_from([0, 1])), 0, draw(st.sampled_from([bytes(8), bytes(7)])))
     if kind == "goaway":
         last, code = draw(st.sampled_from([0, 1, 9])), draw(st.sampled_from([0, 2]))
-        return _raw(0x7, 0, 0, struct.pack(">LL", last, code))
+        return frame(0x7, 0, 0, struct.pack(">LL", last, code))
     if kind == "push":  # PUSH_PROMISE: HBONE has no server push (and a server cannot push at all)
         block = encoder.encode(draw(header_blocks()))
-        return _raw(0x5, 0x4, sid, struct.pack(">L", draw(st.sampled_from([2, 4]))) + block)
+        return frame(0x5, 0x4, sid, struct.pack(">L", draw(st.sampled_from([2, 4]))) + block)
     if kind == "unknown":
-        return _raw(0x42, draw(st.integers(0, 255)), sid, draw(st.binary(max_size=16)))
+        return frame(0x42, draw(st.integers(0, 255)), sid, draw(st.binary(max_size=16)))
     return draw(st.binary(min_size=1, max_size=30))
 
 
@@ -247,11 +242,11 @@ def frames(draw: st.DrawFn, encoder: hpack.Encoder, client: bool = False) -> byt
 def sessions(draw: st.DrawFn) -> tuple[bytes, list[int]]:
     """The bytes a peer sends (preface and SETTINGS first, mostly) and where the reads end."""
     encoder = hpack.Encoder()
-    settings_frame = _raw(0x4, 0, 0, b"")
+    settings_frame = frame(0x4, 0, 0, b"")
     head = draw(st.sampled_from([PREFACE + settings_frame, PREFACE + settings_frame, PREFACE, b""]))
     if head and draw(st.booleans()):  # half of them open a valid stream first, then anything goes
         connect = connect_headers((LOCAL_IP, 8080), ("10.0.0.1", 40000), traceparent=TRACE)
-        head += _raw(0x1, 0x4, 1, encoder.encode(connect))
+        head += frame(0x1, 0x4, 1, encoder.encode(connect))
     body = b"".join(draw(st.lists(frames(encoder), min_size=1, max_size=14)))
     data = head + body
     cuts = sorted(set(draw(st.lists(st.integers(1, max(1, len(data) - 1)), max_size=6))))
@@ -350,9 +345,9 @@ def _check_given_back(proto: _H2Protocol, baseline: int) -> None:
 def client_sessions(draw: st.DrawFn) -> tuple[bytes, list[int]]:
     """What a destination node sends a client that opened streams 1 and 3 (its SETTINGS first, mostly)."""
     encoder = hpack.Encoder()
-    head = draw(st.sampled_from([_raw(0x4, 0, 0, b""), _raw(0x4, 0, 0, b""), b""]))
+    head = draw(st.sampled_from([frame(0x4, 0, 0, b""), frame(0x4, 0, 0, b""), b""]))
     if head and draw(st.booleans()):  # half of them answer stream 1 first, then anything goes
-        head += _raw(0x1, 0x4, 1, encoder.encode([(b":status", b"200")]))
+        head += frame(0x1, 0x4, 1, encoder.encode([(b":status", b"200")]))
     body = b"".join(draw(st.lists(frames(encoder, client=True), min_size=1, max_size=14)))
     data = head + body
     cuts = sorted(set(draw(st.lists(st.integers(1, max(1, len(data) - 1)), max_size=6))))
@@ -412,9 +407,9 @@ def _check_frames(out: bytes) -> None:
     pos = 0
     while pos < len(out):
         assert len(out) - pos >= 9, "a partial frame header"
-        frame, length = hyperframe.frame.Frame.parse_frame_header(memoryview(out[pos : pos + 9]))
+        parsed, length = hyperframe.frame.Frame.parse_frame_header(memoryview(out[pos : pos + 9]))
         assert pos + 9 + length <= len(out), "a partial frame"
-        frame.parse_body(memoryview(out[pos + 9 : pos + 9 + length]))
+        parsed.parse_body(memoryview(out[pos + 9 : pos + 9 + length]))
         pos += 9 + length
 
 
@@ -444,9 +439,9 @@ def test_a_stream_that_cannot_be_answered_fails_for_its_handler() -> None:
     block = encoder.encode(connect_headers((LOCAL_IP, 8080), ("10.0.0.1", 40000), traceparent=TRACE))
     data = (
         PREFACE
-        + _raw(0x4, 0, 0, b"")
-        + _raw(0x1, 0x4, 1, block)
-        + _raw(0x7, 0, 0, struct.pack(">LL", 0, 2))  # GOAWAY INTERNAL_ERROR
+        + frame(0x4, 0, 0, b"")
+        + frame(0x1, 0x4, 1, block)
+        + frame(0x7, 0, 0, struct.pack(">LL", 0, 2))  # GOAWAY INTERNAL_ERROR
     )
     asyncio.run(_run(data, [], HANDLERS.index(pipe_back)))
 
@@ -459,17 +454,17 @@ def test_data_after_a_connect_is_given_back_whatever_the_handler_does(handler_in
     block3 = encoder.encode(connect_headers((LOCAL_IP, 8080), ("10.0.0.1", 40001), traceparent=TRACE))
     data = (
         PREFACE
-        + _raw(0x4, 0, 0, b"")
-        + _raw(0x1, 0x4, 1, block)
-        + _raw(0x0, 0, 1, bytes(5000))
-        + _raw(0x0, 0x1, 1, bytes(3000))
-        + _raw(0x1, 0x4, 3, block3)
-        + _raw(0x0, 0, 3, bytes(70000))
+        + frame(0x4, 0, 0, b"")
+        + frame(0x1, 0x4, 1, block)
+        + frame(0x0, 0, 1, bytes(5000))
+        + frame(0x0, 0x1, 1, bytes(3000))
+        + frame(0x1, 0x4, 3, block3)
+        + frame(0x0, 0, 3, bytes(70000))
     )
     asyncio.run(_run(data, [len(data) - 70009], handler_index))
 
 
 def test_the_frame_writer_check_catches_a_partial_frame() -> None:
     with pytest.raises(AssertionError):
-        _check_frames(_raw(0x6, 0, 0, bytes(8))[:-1])
-    _check_frames(_raw(0x6, 0, 0, bytes(8)) + _raw(0x4, 1, 0, b""))
+        _check_frames(frame(0x6, 0, 0, bytes(8))[:-1])
+    _check_frames(frame(0x6, 0, 0, bytes(8)) + frame(0x4, 1, 0, b""))
